@@ -1,0 +1,105 @@
+"""Decoding multilabel probabilities into label sets. numpy only: no torch, pandas, I/O or globals.
+
+The default is the reference solution's cascade: for each row, try thresholds 0.55, 0.50, ..., 0.20 in
+order and take every class with probability strictly greater than the first threshold that selects at
+least one class; if none does, predict the fallback class (19, "no meaning" in the DLS data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+DEFAULT_START, DEFAULT_STOP, DEFAULT_STEP, DEFAULT_FALLBACK = 0.55, 0.20, 0.05, 19
+
+
+def cascade_steps(start: float = DEFAULT_START, stop: float = DEFAULT_STOP, step: float = DEFAULT_STEP) -> tuple:
+    """Thresholds start, start-step, ... down to stop (inclusive, to within rounding)."""
+    if step <= 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    if stop > start:
+        raise ValueError(f"stop ({stop}) must be <= start ({start})")
+    n = int(np.floor((start - stop) / step + 1e-9)) + 1
+    # Round so that 0.55 - 7 * 0.05 is 0.2, as in the reference loop's literal values.
+    return tuple(round(start - i * step, 10) for i in range(n))
+
+
+def cascade(probs: np.ndarray, steps: Sequence[float] | None = None, fallback: int | None = DEFAULT_FALLBACK,
+            class_offsets: np.ndarray | None = None) -> np.ndarray:
+    """Vectorised cascade decoding.
+
+    Args:
+        probs: N x L probabilities.
+        steps: strictly decreasing thresholds (default 0.55 .. 0.20 by 0.05).
+        fallback: class predicted for rows that no threshold selects; ``None`` leaves them empty.
+        class_offsets: optional per-class additive offsets to every threshold (length L), e.g. tuned ones.
+
+    Returns:
+        N x L int8 array of 0/1 predictions.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be 2-D (rows x classes), got shape {probs.shape}")
+    steps = cascade_steps() if steps is None else tuple(float(s) for s in steps)
+    if not steps or any(b >= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"steps must be a non-empty strictly decreasing sequence, got {steps}")
+    n, n_labels = probs.shape
+    if fallback is not None and not 0 <= fallback < n_labels:
+        raise ValueError(f"fallback class {fallback} is out of range for {n_labels} classes")
+    offsets = np.zeros(n_labels) if class_offsets is None else np.asarray(class_offsets, dtype=np.float64)
+    if offsets.shape != (n_labels,):
+        raise ValueError(f"class_offsets must have length {n_labels}, got shape {offsets.shape}")
+    preds = np.zeros((n, n_labels), dtype=np.int8)
+    undecided = np.ones(n, dtype=bool)
+    for t in steps:
+        hit = probs > (t + offsets)  # S x L over all rows; cheap for the few steps of a cascade
+        chosen = undecided & hit.any(axis=1)
+        preds[chosen] = hit[chosen]
+        undecided &= ~chosen
+        if not undecided.any():
+            break
+    if fallback is not None:
+        preds[undecided, fallback] = 1
+    return preds
+
+
+def threshold(probs: np.ndarray, t: float = 0.5) -> np.ndarray:
+    """Plain thresholding (probability strictly greater than ``t``), no fallback."""
+    return (np.asarray(probs) > t).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """A decoding rule that travels with predictions (saved as ``thresholds.json``)."""
+
+    label_names: tuple[str, ...]
+    start: float = DEFAULT_START
+    stop: float = DEFAULT_STOP
+    step: float = DEFAULT_STEP
+    fallback: int | None = DEFAULT_FALLBACK
+    class_offsets: tuple[float, ...] | None = None
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def steps(self) -> tuple:
+        return cascade_steps(self.start, self.stop, self.step)
+
+    def decode(self, probs: np.ndarray) -> np.ndarray:
+        offsets = None if self.class_offsets is None else np.asarray(self.class_offsets)
+        return cascade(probs, self.steps, self.fallback, offsets)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["label_names"] = list(self.label_names)
+        d["class_offsets"] = None if self.class_offsets is None else list(self.class_offsets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ThresholdSpec:
+        d = dict(d)
+        d["label_names"] = tuple(d["label_names"])
+        if d.get("class_offsets") is not None:
+            d["class_offsets"] = tuple(float(x) for x in d["class_offsets"])
+        return cls(**d)

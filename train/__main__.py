@@ -1,0 +1,74 @@
+"""Config-driven QLoRA multilabel training with cross-validation.
+
+Usage:
+    python -m train --config configs/gemma-3-270m/qlora.yaml [--set train.lr=1e-4 --set cv.folds=[0]] [--resume]
+    torchrun --nproc_per_node 2 -m train --config configs/gemma-2-9b/qlora.yaml      # DDP, one 4-bit copy per GPU
+    python -m train --config configs/gemma-3-270m/qlora.yaml --print-config          # resolved config, no training
+    python -m train trim-vocab ...    # shrink the embedding matrix to the corpus (python -m train trim-vocab -h)
+    python -m train dapt ...          # domain-adaptive pretraining on unlabelled text (python -m train dapt -h)
+
+Exit status: 0 on success, 2 on bad input (config, data, paths), 1 when training fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from infer.io import InputError
+from train.config import ConfigError, RunConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see configs/); defaults to the embedded Gemma 3 270M setup")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.num_epochs=1 (repeatable)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="hub:USER/NAME",
+                   help="continue the run in output_dir (or pull its checkpoints from the Hub first)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+SUBCOMMANDS = {"trim-vocab": "train.vocab", "dapt": "train.dapt"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = RunConfig.from_yaml(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml())
+            return 0
+        resume = args.resume
+        if isinstance(resume, str):
+            if not resume.startswith("hub:"):
+                raise InputError(f"--resume takes no value or hub:USER/NAME, got {resume!r}")
+            from infer.hub import pull_run
+
+            pull_run(resume.removeprefix("hub:"), cfg.output_dir)
+            resume = True
+        from train.run import main as run_main
+
+        run_main(cfg, resume=bool(resume))
+    except (ConfigError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - TrainingError and friends: one clear line, traceback on demand
+        from train.loop import TrainingError
+
+        if isinstance(e, TrainingError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

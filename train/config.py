@@ -1,0 +1,289 @@
+"""Typed run configuration, loaded from YAML with dotted ``key=value`` overrides.
+
+Only stdlib + PyYAML are imported here so that ``infer`` and the CPU tests can load configs cheaply.
+Unknown keys, wrong types and inconsistent values raise :class:`ConfigError`, which names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_TEMPLATE = "user assesment: {assessment}\n\nTags: {tags}\n\nReview: {text}"
+EMBEDDED_MODEL = "embedded:gemma-3-270m"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key(s) and, where known, the file."""
+
+
+@dataclass
+class ModelArgs:
+    name_or_path: str = EMBEDDED_MODEL
+    """A local folder, a Hub id already in the local cache, or ``embedded:gemma-3-270m`` (the registry GGUF)."""
+    gguf_file: str | None = None
+    """GGUF file inside ``name_or_path`` (or an absolute path); converted once to a cached HF folder."""
+    num_labels: int | None = None
+    """Number of classes; ``None`` takes it from the data's label columns."""
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+    """``auto``: eager for Gemma-2 (attention logit soft-capping), SDPA otherwise."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Compute dtype. ``auto``: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    cache_dir: str | None = None
+    """Where converted GGUF models are cached; default ``$QLML_CACHE`` or ``~/.cache/qlora-multilabel``."""
+
+
+@dataclass
+class QuantizationArgs:
+    load_in_4bit: bool = True
+    """bitsandbytes 4-bit weights for the linear layers (QLoRA). Embeddings and norms stay in the compute dtype."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantize the quantization constants too (~0.4 bit/param saved)."""
+
+
+@dataclass
+class LoraArgs:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    layers_from: int | None = None
+    """Apply LoRA only to decoder layers with index >= this (the reference adapts the upper layers only)."""
+    layers_to_transform: list[int] | None = None
+    """Explicit layer indices; overrides ``layers_from``."""
+    use_dora: bool = False
+
+
+@dataclass
+class DataArgs:
+    train_csv: str = "data/sample_train.csv"
+    """Labelled CSV: an id column, the template's text columns and one 0/1 column per class."""
+    test_csv: str | None = None
+    """Unlabelled CSV to predict after training (optional)."""
+    id_column: str = "index"
+    text_template: str = DEFAULT_TEMPLATE
+    """Python format string over CSV columns. Missing values become ''; set literals like {A,B} lose braces."""
+    label_prefix: str | None = "trend_id_res"
+    """Label columns are those starting with this prefix, ordered by their numeric suffix."""
+    label_columns: list[str] | None = None
+    """Explicit label columns (overrides ``label_prefix``)."""
+    label_names_csv: str | None = None
+    """Optional CSV of human-readable class names (first column id, second column name)."""
+    max_length: int = 256
+    """Tokens; longer prompts are truncated (DLS prompts: median 40, max 127 with a Gemma tokenizer)."""
+
+
+@dataclass
+class LossArgs:
+    name: Literal["bce", "focal", "asymmetric"] = "bce"
+    pos_weight: Literal["none", "sqrt", "balanced"] = "none"
+    """BCE positive-class weight per label: none, sqrt(neg/pos) or neg/pos (clipped to ``pos_weight_max``)."""
+    pos_weight_max: float = 10.0
+    focal_gamma: float = 2.0
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
+
+
+@dataclass
+class TrainArgs:
+    num_epochs: int = 2
+    lr: float = 2e-4
+    head_lr: float | None = None
+    """Learning rate of the classification head; ``None`` uses ``lr``."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    grad_checkpointing: bool = False
+    """Trade compute for memory; only needed for the largest models on small GPUs."""
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "auto"
+    """``auto``: bitsandbytes 8-bit AdamW on CUDA, torch AdamW on CPU."""
+    group_by_length: bool = True
+    """Length-grouped batches with dynamic padding (little padding, same randomness across batches)."""
+    seed: int = 42
+    eval_batch_size: int = 64
+    save_every_steps: int = 200
+    """Optimizer steps between resumable checkpoints (0 = only at epoch ends)."""
+    max_steps: int | None = None
+    """Stop each fold after this many optimizer steps (smoke tests, benchmarks)."""
+    keep: Literal["last", "best"] = "last"
+    """Which adapter is the fold's result (and source of its out-of-fold probabilities)."""
+    nan_guard_steps: int = 20
+    """Abort with a clear message if the loss is not finite during the first N optimizer steps."""
+    parallel: Literal["auto", "single", "ddp", "split"] = "auto"
+    """``ddp``: one 4-bit copy per rank (torchrun); ``split``: layers spread over all visible GPUs."""
+    log_every_steps: int = 10
+
+
+@dataclass
+class CVArgs:
+    n_folds: int = 5
+    folds: list[int] | None = None
+    """Which folds to train (``None`` = all)."""
+
+
+@dataclass
+class HubArgs:
+    push_checkpoints_to: str | None = None
+    """Hub repo id to push resumable checkpoints to while training (Kaggle's 12-hour limit)."""
+    private: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    quantization: QuantizationArgs = field(default_factory=QuantizationArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    loss: LossArgs = field(default_factory=LossArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    cv: CVArgs = field(default_factory=CVArgs)
+    hub: HubArgs = field(default_factory=HubArgs)
+    output_dir: str = "adapters/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+        cfg = _build(cls, raw or {}, prefix="", source=source)
+        validate(cfg, source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+        raw: dict[str, Any] = {}
+        source = "<defaults>"
+        if path is not None:
+            path = Path(path)
+            source = str(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            try:
+                raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw, source=source)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b=value`` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        keys = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"{source}: unknown config key(s): {keys} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".", source)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def validate(cfg: RunConfig, source: str = "<config>") -> None:
+    """Cross-field checks; gathers every problem into one ConfigError."""
+    problems = []
+    t, lo, cv = cfg.train, cfg.lora, cfg.cv
+    for key, v in [("train.num_epochs", t.num_epochs), ("train.micro_batch_size", t.micro_batch_size),
+                   ("train.grad_accum_steps", t.grad_accum_steps), ("train.eval_batch_size", t.eval_batch_size),
+                   ("lora.r", lo.r), ("data.max_length", cfg.data.max_length)]:
+        if v < 1:
+            problems.append(f"{key} must be >= 1, got {v}")
+    if t.lr <= 0:
+        problems.append(f"train.lr must be > 0, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if not 0 <= lo.dropout < 1:
+        problems.append(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    if not lo.target_modules:
+        problems.append("lora.target_modules must not be empty")
+    if cv.n_folds < 2:
+        problems.append(f"cv.n_folds must be >= 2, got {cv.n_folds}")
+    if cv.folds is not None:
+        bad = [f for f in cv.folds if not 0 <= f < cv.n_folds]
+        if bad or not cv.folds:
+            problems.append(f"cv.folds must be a non-empty list of fold indices in [0, {cv.n_folds}), got {cv.folds}")
+    if cfg.model.num_labels is not None and cfg.model.num_labels < 1:
+        problems.append(f"model.num_labels must be >= 1, got {cfg.model.num_labels}")
+    if cfg.data.label_prefix is None and not cfg.data.label_columns:
+        problems.append("data.label_prefix or data.label_columns must be set")
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))

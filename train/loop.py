@@ -1,0 +1,317 @@
+"""The training loop of one fold: length-grouped micro-batches, gradient accumulation, AMP, resumable checkpoints,
+per-epoch evaluation, data-parallel gradient all-reduce across ranks (torchrun), and batched prediction."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from infer.io import atomic_path, write_json
+from infer.metrics import scores
+from infer.thresholds import cascade, threshold
+from train.config import RunConfig
+from train.data import batch_order, collate
+from train.loss import multilabel_loss, pos_weight_from_labels
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); the message says what to change."""
+
+
+@dataclass
+class DistEnv:
+    """Where this process runs: rank/world size (torchrun) and device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def setup_dist(parallel: str) -> DistEnv:
+    """Initialise torch.distributed when launched by torchrun / accelerate (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        if parallel == "split":
+            raise TrainingError("train.parallel=split spreads one model over the GPUs of one process; "
+                                "launch it with plain `python -m train`, not torchrun")
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        return DistEnv(torch.distributed.get_rank(), world, local_rank, device)
+    return DistEnv(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
+
+
+def device_map_for(cfg: RunConfig, env: DistEnv):
+    """One full copy per rank (DDP / single) or the layers split over all visible GPUs (model parallel)."""
+    if cfg.train.parallel == "split" and torch.cuda.device_count() > 1:
+        return "auto"
+    return {"": env.device}
+
+
+def step_seed(seed: int, fold: int, step: int, rank: int) -> int:
+    """A seed per (fold, optimizer step, rank): dropout is reproducible after a resume without saved RNG state."""
+    return int(np.random.SeedSequence([seed, fold, step, rank]).generate_state(1)[0])
+
+
+def build_optimizer(model, cfg: RunConfig, device: torch.device):
+    t = cfg.train
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "score" not in n]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "score" in n]
+    groups = [{"params": lora, "lr": t.lr}, {"params": head, "lr": t.head_lr or t.lr}]
+    name = t.optimizer
+    if name == "auto":
+        name = "adamw_8bit" if device.type == "cuda" else "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, weight_decay=t.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    warmup = int(round(cfg.train.warmup_ratio * total_steps))
+    if cfg.train.scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    if cfg.train.scheduler == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    enabled = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def predict_probs(model, token_ids: list[list[int]], pad_id: int, batch_size: int, dtype: torch.dtype,
+                  progress: bool = True, desc: str = "predict") -> np.ndarray:
+    """Sigmoid probabilities for every row, batched longest-first with dynamic padding; original order kept."""
+    was_training = model.training
+    model.eval()
+    device = input_device(model)
+    order = np.argsort([-len(t) for t in token_ids], kind="stable")
+    out = None
+    bar = tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, file=sys.stderr)
+    for start in bar:
+        idx = order[start:start + batch_size]
+        batch = collate([token_ids[i] for i in idx], pad_id)
+        with autocast(device, dtype):
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        if out is None:
+            out = np.zeros((len(token_ids), probs.shape[1]), dtype=np.float64)
+        out[idx] = probs
+    model.train(was_training)
+    return out
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise TrainingError(f"checkpoint does not match the model: missing {missing[:3]}")
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v.to(params[n].device))
+
+
+def allreduce_grads(params: list[torch.Tensor], world_size: int) -> None:
+    """Average gradients across ranks in one flat buffer (LoRA + head: a few MB)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(p.dtype)
+        offset += n
+
+
+def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Metrics at 0.5 (plain threshold) and with the default cascade; flat keys like ``cascade/exact_match``."""
+    out = {}
+    for name, preds in [("t0.5", threshold(probs, 0.5)), ("cascade", cascade(probs))]:
+        for k, v in scores(labels, preds).items():
+            out[f"{name}/{k}"] = v
+    return out
+
+
+def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, token_ids: list[list[int]],
+             labels: np.ndarray, fold_of_row: np.ndarray, fold_dir: Path, env: DistEnv, save_adapter,
+             log=print) -> dict:
+    """Train one fold (resuming from ``fold_dir/checkpoint`` if present); returns the fold's result.
+
+    ``save_adapter(model, folder, extra)`` writes an adapter folder (see train.artifacts).
+    """
+    t = cfg.train
+    device = input_device(model)
+    train_idx = np.flatnonzero(fold_of_row != fold)
+    val_idx = np.flatnonzero(fold_of_row == fold)
+    lengths = np.array([len(x) for x in token_ids])
+    pos_weight = pos_weight_from_labels(labels[train_idx], cfg.loss.pos_weight, cfg.loss.pos_weight_max)
+
+    n_batches = math.ceil(len(train_idx) / t.micro_batch_size) // env.world_size
+    if n_batches < 1:
+        raise TrainingError(f"fold {fold}: {len(train_idx)} training rows are fewer than one micro-batch per rank")
+    steps_per_epoch = math.ceil(n_batches / t.grad_accum_steps)
+    total_steps = steps_per_epoch * t.num_epochs
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "samples": 0, "real_tokens": 0,
+             "padded_tokens": 0, "train_seconds": 0.0}
+    ckpt = fold_dir / "checkpoint" / "state.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        load_trainable_state(model, saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+        log(f"fold {fold}: resumed at epoch {state['epoch']} step {state['step']}/{total_steps}")
+
+    def save_checkpoint() -> None:
+        if env.is_main:
+            blob = {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state}
+            with atomic_path(ckpt) as tmp:
+                torch.save(blob, tmp)
+        env.barrier()
+        kill_at = os.environ.get("QLML_TEST_KILL_AT_STEP")  # test hook: a hard kill right after a checkpoint
+        if kill_at and state["step"] >= int(kill_at) and not (fold_dir / "last").exists():
+            os._exit(137)
+
+    model.train()
+    done = state["step"] >= total_steps
+    for epoch in range(state["epoch"], t.num_epochs):
+        if done:
+            break
+        order = batch_order(lengths[train_idx], t.micro_batch_size, seed=t.seed * 1000 + epoch,
+                            group_by_length=t.group_by_length)
+        order = [train_idx[b] for b in order][:n_batches * env.world_size][env.rank::env.world_size]
+        groups = [order[i:i + t.grad_accum_steps] for i in range(0, len(order), t.grad_accum_steps)]
+        first_group = state["batch"] // t.grad_accum_steps
+        bar = tqdm(total=len(groups), initial=first_group, desc=f"fold {fold} epoch {epoch + 1}/{t.num_epochs}",
+                   disable=not env.is_main, file=sys.stderr, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for g in range(first_group, len(groups)):
+            torch.manual_seed(step_seed(t.seed, fold, state["step"], env.rank))
+            rows_in_group = sum(len(b) for b in groups[g])
+            loss_sum = 0.0
+            for rows in groups[g]:
+                batch = collate([token_ids[i] for i in rows], tokenizer.pad_token_id, labels[rows])
+                with autocast(device, dtype):
+                    logits = model(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device)).logits
+                loss = multilabel_loss(logits, batch["labels"].to(logits.device), cfg.loss, pos_weight)
+                # Weight each micro-batch by its rows so a short last micro-batch counts as much as its rows.
+                scaler.scale(loss * (len(rows) / rows_in_group)).backward()
+                loss_sum += loss.item() * len(rows)
+                state["samples"] += len(rows)
+                state["real_tokens"] += int(batch["attention_mask"].sum())
+                state["padded_tokens"] += batch["attention_mask"].numel()
+            if env.world_size > 1:
+                allreduce_grads(params, env.world_size)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch"] = (g + 1) * t.grad_accum_steps
+            mean_loss = loss_sum / rows_in_group
+            if state["step"] <= t.nan_guard_steps and not math.isfinite(mean_loss):
+                hint = (" fp16 overflows easily with Gemma: use a bf16 GPU, model.dtype=float32, or a lower train.lr"
+                        if dtype == torch.float16 else " lower train.lr or check the data")
+                raise TrainingError(f"fold {fold}: loss is {mean_loss} at optimizer step {state['step']} "
+                                    f"(dtype {str(dtype).removeprefix('torch.')}).{hint}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            gnorm=f"{float(grad_norm):.2f}")
+            if t.save_every_steps and state["step"] % t.save_every_steps == 0 and state["step"] < total_steps:
+                state["train_seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_checkpoint()
+            if state["step"] >= total_steps:
+                done = True
+                break
+        bar.close()
+        state["train_seconds"] += time.perf_counter() - t0
+
+        # End of epoch (or of max_steps): evaluate on the held-out fold, save last/best, checkpoint.
+        if env.is_main:
+            probs = predict_probs(model, [token_ids[i] for i in val_idx], tokenizer.pad_token_id,
+                                  t.eval_batch_size, dtype, desc=f"fold {fold} eval")
+            model.train()
+            metrics = evaluate(probs, labels[val_idx])
+            row = {"epoch": epoch + 1, "step": state["step"], **metrics}
+            state["history"].append(row)
+            log(f"fold {fold} epoch {epoch + 1}: exact-match {metrics['t0.5/exact_match']:.4f} @0.5, "
+                f"{metrics['cascade/exact_match']:.4f} cascade; micro-F1 {metrics['cascade/micro_f1']:.4f} cascade")
+            save_adapter(model, fold_dir / "last", {"fold": fold, "epoch": epoch + 1, "metrics": metrics})
+            save_npy(fold_dir / "val_probs_last.npy", probs)
+            best = state["best"]
+            if best is None or metrics["cascade/exact_match"] > best["cascade/exact_match"]:
+                state["best"] = row
+                save_adapter(model, fold_dir / "best", {"fold": fold, "epoch": epoch + 1, "metrics": metrics})
+                save_npy(fold_dir / "val_probs_best.npy", probs)
+        env.barrier()
+        state["epoch"] = epoch + 1
+        state["batch"] = 0
+        save_checkpoint()
+
+    keep = t.keep
+    probs = np.load(fold_dir / f"val_probs_{keep}.npy") if env.is_main else None
+    return {"fold": fold, "val_index": val_idx, "probs": probs, "history": state["history"], "best": state["best"],
+            "steps": state["step"], "samples": state["samples"], "real_tokens": state["real_tokens"],
+            "padded_tokens": state["padded_tokens"], "train_seconds": state["train_seconds"]}
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def write_fold_metrics(fold_dir: Path, result: dict) -> None:
+    write_json(fold_dir / "metrics.json", {k: v for k, v in result.items() if k not in ("probs", "val_index")})

@@ -1,0 +1,157 @@
+"""Cross-validated training: validate everything, then fold by fold fit -> save adapters -> out-of-fold probabilities."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from infer.io import InputError, versions, write_json, write_probs, write_text
+from infer.metrics import scores
+from infer.thresholds import cascade, threshold
+from train.artifacts import save_adapter
+from train.config import ConfigError, RunConfig
+from train.data import make_folds, read_csv, read_label_descriptions, tokenize
+from train.loop import DistEnv, device_map_for, fit_fold, setup_dist, write_fold_metrics
+from train.model import apply_lora, count_parameters, load_classifier, load_tokenizer, resolve_model_path
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def check_run_dir(run_dir: Path, resume: bool, label_names: list[str]) -> None:
+    """Refuse to mix runs: a used output_dir needs --resume, and a resumed run must have the same labels."""
+    used = run_dir.exists() and any(run_dir.iterdir())
+    if used and not resume:
+        raise InputError(f"output_dir {run_dir} already holds a run; pass --resume to continue it, "
+                         f"or choose another with --set output_dir=...")
+    if resume and (run_dir / "label_names.json").is_file():
+        saved = json.loads((run_dir / "label_names.json").read_text())["label_names"]
+        if saved != label_names:
+            raise InputError(f"{run_dir / 'label_names.json'}: the run was trained on {len(saved)} labels "
+                             f"({saved[:3]}...), the data has {len(label_names)} ({label_names[:3]}...)")
+
+
+def main(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train every configured fold; returns the run summary (also written to ``output_dir/summary.json``)."""
+    t_start = time.time()
+    env = setup_dist(cfg.train.parallel)
+    # 1. Validate inputs before anything is written.
+    ds = read_csv(cfg.data.train_csv, cfg.data)
+    label_names = ds.label_names
+    if cfg.model.num_labels is not None and cfg.model.num_labels != len(label_names):
+        raise ConfigError(f"model.num_labels={cfg.model.num_labels} but {ds.path} has {len(label_names)} label "
+                          f"columns ({label_names[0]} .. {label_names[-1]})")
+    descriptions = read_label_descriptions(cfg.data.label_names_csv, label_names)
+    run_dir = Path(cfg.output_dir)
+    check_run_dir(run_dir, resume, label_names)
+    model_path = resolve_model_path(cfg.model, log=log if env.is_main else (lambda m: None))
+    tokenizer = load_tokenizer(model_path)
+    token_ids = tokenize(ds.texts, tokenizer, cfg.data.max_length)
+    fold_of_row = make_folds(ds.labels, cfg.cv.n_folds, cfg.train.seed)
+    folds = cfg.cv.folds if cfg.cv.folds is not None else list(range(cfg.cv.n_folds))
+    lengths = np.array([len(t) for t in token_ids])
+    if env.is_main:
+        log(f"data: {len(ds.ids)} rows x {len(label_names)} labels from {ds.path}; tokens median "
+            f"{int(np.median(lengths))}, max {lengths.max()} (max_length {cfg.data.max_length}); "
+            f"folds {folds} of {cfg.cv.n_folds}; world size {env.world_size} on {env.device}")
+        log(cfg.to_yaml())
+
+    # 2. The run folder: config, labels and fold assignment first, so a resumed run can check them.
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        folds_csv = run_dir / "folds.csv"
+        if folds_csv.is_file():
+            saved = pd.read_csv(folds_csv)
+            if not (np.array_equal(saved["fold"].to_numpy(), fold_of_row)
+                    and np.array_equal(saved["index"].astype(str).to_numpy(), ds.ids.astype(str))):
+                raise InputError(f"{folds_csv}: the data or cv settings changed since this run started")
+        else:
+            with_folds = pd.DataFrame({"index": ds.ids, "fold": fold_of_row})
+            write_text(folds_csv, with_folds.to_csv(index=False))
+        write_text(run_dir / "run_config.yaml", cfg.to_yaml())
+        write_json(run_dir / "label_names.json", {"label_names": label_names, "descriptions": descriptions})
+    env.barrier()
+
+    results = []
+    for fold in folds:
+        fold_dir = run_dir / f"fold_{fold}"
+        if (fold_dir / "metrics.json").is_file():
+            res = json.loads((fold_dir / "metrics.json").read_text())
+            res["val_index"] = np.flatnonzero(fold_of_row == fold)
+            res["probs"] = np.load(fold_dir / f"val_probs_{cfg.train.keep}.npy")
+            log(f"fold {fold}: already done, skipped")
+            results.append(res)
+            continue
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        model, tok, dtype = load_classifier(model_path, len(label_names), cfg.model, cfg.quantization, env.device,
+                                            device_map=device_map_for(cfg, env), seed=cfg.train.seed + fold)
+        model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
+        params = count_parameters(model)
+        if env.is_main:
+            log(f"fold {fold}: {params['trainable']:,} trainable of {params['total']:,} parameters, "
+                f"dtype {str(dtype).removeprefix('torch.')}")
+
+        def saver(m, folder, extra, _tok=tok):
+            save_adapter(m, _tok, folder, cfg, label_names, descriptions, {**extra, "parameters": params})
+
+        res = fit_fold(cfg, fold, model, tok, dtype, token_ids, ds.labels, fold_of_row, fold_dir, env, saver, log=log)
+        if env.is_main:
+            write_fold_metrics(fold_dir, res)
+        results.append(res)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    summary = {}
+    if env.is_main:
+        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start)
+    env.barrier()
+    if env.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], results: list[dict],
+                  seconds: float) -> dict:
+    """Out-of-fold probabilities of the trained folds + a summary JSON (metrics, throughput, provenance)."""
+    idx = np.concatenate([r["val_index"] for r in results])
+    probs = np.concatenate([np.asarray(r["probs"]) for r in results])
+    order = np.argsort(idx)
+    idx, probs = idx[order], probs[order]
+    folds = [r["fold"] for r in results]
+    meta = {"kind": "out-of-fold probabilities", "folds": folds, "adapter": cfg.train.keep,
+            "config": cfg.to_dict(), "source": ds.path}
+    write_probs(run_dir / "oof.csv", ds.ids[idx], probs, label_names, meta=meta)
+    y = ds.labels[idx]
+    oof = {f"t0.5/{k}": v for k, v in scores(y, threshold(probs, 0.5)).items()}
+    oof.update({f"cascade/{k}": v for k, v in scores(y, cascade(probs)).items()})
+    per_fold = [r["history"][-1] if cfg.train.keep == "last" else r["best"] for r in results]
+    keys = [k for k in per_fold[0] if "/" in k]
+    mean = {k: float(np.mean([m[k] for m in per_fold])) for k in keys}
+    samples = sum(r["samples"] for r in results)
+    secs = sum(r["train_seconds"] for r in results)
+    real, padded = sum(r["real_tokens"] for r in results), sum(r["padded_tokens"] for r in results)
+    summary = {
+        "folds": folds, "rows": int(len(idx)), "oof_metrics": oof, "mean_fold_metrics": mean,
+        "per_fold": [{"fold": r["fold"], **m} for r, m in zip(results, per_fold)],
+        "throughput": {"train_samples": samples, "train_seconds": round(secs, 2),
+                       "samples_per_s": round(samples / secs, 2) if secs else None,
+                       "padding_fraction": round(1 - real / padded, 4) if padded else None},
+        "wall_seconds": round(seconds, 1), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+        else "cpu", "config": cfg.to_dict(), "label_names": label_names, "versions": versions(),
+    }
+    write_json(run_dir / "summary.json", summary)
+    log("out-of-fold (" + ", ".join(map(str, folds)) + f"), {len(idx)} rows: exact-match "
+        f"{oof['t0.5/exact_match']:.4f} @0.5, {oof['cascade/exact_match']:.4f} cascade; micro-F1 "
+        f"{oof['t0.5/micro_f1']:.4f} @0.5, {oof['cascade/micro_f1']:.4f} cascade")
+    log(f"wrote {run_dir / 'oof.csv'} and {run_dir / 'summary.json'}")
+    return summary
+
