@@ -103,7 +103,7 @@ def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    enabled = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    enabled = dtype in (torch.float16, torch.bfloat16)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
@@ -199,7 +199,7 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
     params = [p for p in model.parameters() if p.requires_grad]
 
     state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "samples": 0, "real_tokens": 0,
-             "padded_tokens": 0, "train_seconds": 0.0}
+             "padded_tokens": 0, "train_seconds": 0.0, "step_log": []}
     ckpt = fold_dir / "checkpoint" / "state.pt"
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -238,6 +238,7 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
             torch.manual_seed(step_seed(t.seed, fold, state["step"], env.rank))
             rows_in_group = sum(len(b) for b in groups[g])
             loss_sum = 0.0
+            tokens_before = (state["real_tokens"], state["padded_tokens"])
             for rows in groups[g]:
                 batch = collate([token_ids[i] for i in rows], tokenizer.pad_token_id, labels[rows])
                 with autocast(device, dtype):
@@ -260,6 +261,9 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batch"] = (g + 1) * t.grad_accum_steps
+            # (end time, rows, real tokens, padded tokens) per optimizer step: benchmarks skip the warm-up steps.
+            state["step_log"].append((time.perf_counter(), rows_in_group, state["real_tokens"] - tokens_before[0],
+                                      state["padded_tokens"] - tokens_before[1]))
             mean_loss = loss_sum / rows_in_group
             if state["step"] <= t.nan_guard_steps and not math.isfinite(mean_loss):
                 hint = (" fp16 overflows easily with Gemma: use a bf16 GPU, model.dtype=float32, or a lower train.lr"
@@ -305,7 +309,8 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
     probs = np.load(fold_dir / f"val_probs_{keep}.npy") if env.is_main else None
     return {"fold": fold, "val_index": val_idx, "probs": probs, "history": state["history"], "best": state["best"],
             "steps": state["step"], "samples": state["samples"], "real_tokens": state["real_tokens"],
-            "padded_tokens": state["padded_tokens"], "train_seconds": state["train_seconds"]}
+            "padded_tokens": state["padded_tokens"], "train_seconds": state["train_seconds"],
+            "step_log": state["step_log"]}
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -314,4 +319,5 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_fold_metrics(fold_dir: Path, result: dict) -> None:
-    write_json(fold_dir / "metrics.json", {k: v for k, v in result.items() if k not in ("probs", "val_index")})
+    skip = ("probs", "val_index", "step_log")
+    write_json(fold_dir / "metrics.json", {k: v for k, v in result.items() if k not in skip})
