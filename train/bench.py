@@ -61,6 +61,13 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- shared inputs
+TOKENIZER_DIR: str | None = None  # --tokenizer: a folder with the Gemma tokenizer, instead of the embedded model's
+
+
+def tokenizer_path(gguf: str | None) -> str:
+    return TOKENIZER_DIR or embedded_path(gguf)
+
+
 def embedded_path(gguf: str | None) -> str:
     from train.config import EMBEDDED_MODEL, ModelArgs
     from train.model import resolve_model_path
@@ -84,7 +91,7 @@ def build_shape(name: str, gguf: str | None, root: Path) -> str:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(embedded_path(gguf)).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_path(gguf)).save_pretrained(target)
     del model
     log(f"built random {name} in {time.time() - t0:.0f}s")
     return str(target)
@@ -97,7 +104,7 @@ def dls_tokens(data: str, gguf: str | None, vocab_size: int, rows: int | None = 
     from train.model import load_tokenizer
 
     ds = read_csv(data, DataArgs(train_csv=data))
-    tok = load_tokenizer(embedded_path(gguf))
+    tok = load_tokenizer(tokenizer_path(gguf))
     ids = tokenize(ds.texts, tok, 256)
     if vocab_size < len(tok):
         ids = [[i % vocab_size for i in row] for row in ids]
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
     p.add_argument("--data", default=DLS)
     p.add_argument("--gguf", default=None, help="the Gemma 3 270M GGUF (default: the registry package)")
+    p.add_argument("--tokenizer", default=None, help="folder with the Gemma tokenizer (default: the embedded model's)")
     p.add_argument("--shapes-dir", default=os.path.join(tempfile.gettempdir(), "qlml-bench-shapes"))
     p.add_argument("--quality", action="store_true", help="fold-0 accuracy, real 270M, reference vs toolkit")
     p.add_argument("--epochs", type=int, default=1)
@@ -317,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global TOKENIZER_DIR
+    TOKENIZER_DIR = args.tokenizer
     if args.worker:
         worker(args)
         return 0
@@ -336,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--epochs", str(args.epochs)] + (["--quality"] if args.quality else [])
             cmd += [x for s in args.set for x in ("--set", s)] + (["--gguf", args.gguf] if args.gguf else [])
+            cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
             log(f"== {m} / {prof}")
             t0 = time.time()
             try:

@@ -124,7 +124,22 @@ def load_classifier(path: str, num_labels: int, margs: ModelArgs, qargs: Quantiz
     model = AutoModelForSequenceClassification.from_pretrained(path, device_map=device_map, **kwargs)
     model.config.pad_token_id = tok.pad_token_id
     model.config.use_cache = False
+    if dtype == torch.float16:
+        keep_residual_fp32(model)
     return model, tok, dtype
+
+
+def keep_residual_fp32(model) -> None:
+    """fp16 (T4): keep the residual stream and the norms in fp32, matmuls stay fp16 under autocast.
+
+    Gemma's hidden states outgrow fp16's range (NaN at the first step). peft's prepare_model_for_kbit_training
+    avoids that by upcasting every non-quantized weight, the 256k-row embedding included; upcasting the embedding's
+    *output* and the (tiny) norm weights gives the same fp32 residual stream for a fraction of the memory.
+    """
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            module.float()
+    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.float())
 
 
 def apply_lora(model, largs: LoraArgs, grad_checkpointing: bool):
