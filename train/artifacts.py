@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -44,16 +45,19 @@ def model_card(cfg: RunConfig, label_names: list[str], descriptions: dict[str, s
         "pipeline_tag": "text-classification",
         "tags": ["qlora", "lora", "multilabel", "text-classification", "qlora-multilabel"],
     }
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", front["base_model"]) or Path(front["base_model"]).exists():
+        del front["base_model"]  # a local path is not a valid Hub base_model (the body still names it)
     if metrics:
         front["model-index"] = [{"name": Path(cfg.output_dir).name, "results": [{
             "task": {"type": "text-classification", "name": "multilabel classification"},
+            "dataset": {"type": "csv", "name": Path(cfg.data.train_csv).name},
             "metrics": [{"type": k.replace("/", "_"), "value": round(float(v), 4), "name": k}
                         for k, v in metrics.items() if isinstance(v, (int, float))]}]}]
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
              f"# {Path(cfg.output_dir).name}: QLoRA multilabel classifier on {base_model_id(cfg)}", "",
              f"LoRA adapter (r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules {', '.join(cfg.lora.target_modules)}) "
              f"plus a trained `score` head for {len(label_names)} labels, trained with "
-             f"[qlora-multilabel](https://github.com/) on 4-bit "
+             f"qlora-multilabel on 4-bit "
              f"{'NF4' if cfg.quantization.quant_type == 'nf4' else 'FP4'} weights.", "",
              "## Reproduce predictions", "", "```bash",
              "pip install qlora-multilabel",

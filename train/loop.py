@@ -201,7 +201,8 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
     state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "samples": 0, "real_tokens": 0,
              "padded_tokens": 0, "train_seconds": 0.0, "step_log": []}
     ckpt = fold_dir / "checkpoint" / "state.pt"
-    if ckpt.is_file():
+    resumed = ckpt.is_file()
+    if resumed:
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         load_trainable_state(model, saved["trainable"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -217,8 +218,9 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
             with atomic_path(ckpt) as tmp:
                 torch.save(blob, tmp)
         env.barrier()
-        kill_at = os.environ.get("QLML_TEST_KILL_AT_STEP")  # test hook: a hard kill right after a checkpoint
-        if kill_at and state["step"] >= int(kill_at) and not (fold_dir / "last").exists():
+        # Test hook: a hard kill right after the first checkpoint at step >= N (never in a resumed fold).
+        kill_at = os.environ.get("QLML_TEST_KILL_AT_STEP")
+        if kill_at and not resumed and state["step"] >= int(kill_at):
             os._exit(137)
 
     model.train()
@@ -228,7 +230,12 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
             break
         order = batch_order(lengths[train_idx], t.micro_batch_size, seed=t.seed * 1000 + epoch,
                             group_by_length=t.group_by_length)
-        order = [train_idx[b] for b in order][:n_batches * env.world_size][env.rank::env.world_size]
+        order = [train_idx[b] for b in order][:n_batches * env.world_size]
+        # Optimizer step g uses micro-batches order[g*span:(g+1)*span] of all ranks together (rank r takes every
+        # world_size-th): the same steps as one process with grad_accum_steps * world_size.
+        span = t.grad_accum_steps * env.world_size
+        step_rows = [sum(len(b) for b in order[i:i + span]) for i in range(0, len(order), span)]
+        order = order[env.rank::env.world_size]
         groups = [order[i:i + t.grad_accum_steps] for i in range(0, len(order), t.grad_accum_steps)]
         first_group = state["batch"] // t.grad_accum_steps
         bar = tqdm(total=len(groups), initial=first_group, desc=f"fold {fold} epoch {epoch + 1}/{t.num_epochs}",
@@ -245,12 +252,13 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
                     logits = model(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device)).logits
                 loss = multilabel_loss(logits, batch["labels"].to(logits.device), cfg.loss, pos_weight)
-                # Weight each micro-batch by its rows so a short last micro-batch counts as much as its rows.
-                scaler.scale(loss * (len(rows) / rows_in_group)).backward()
+                # Weight each micro-batch by its rows so a short last micro-batch counts as much as its rows; the
+                # all-reduce averages over ranks, so the gradient is the mean over the step's rows on all ranks.
+                scaler.scale(loss * (len(rows) * env.world_size / step_rows[g])).backward()
                 loss_sum += loss.item() * len(rows)
-                state["samples"] += len(rows)
                 state["real_tokens"] += int(batch["attention_mask"].sum())
                 state["padded_tokens"] += batch["attention_mask"].numel()
+            state["samples"] += step_rows[g]  # rows of all ranks
             if env.world_size > 1:
                 allreduce_grads(params, env.world_size)
             scaler.unscale_(optimizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -39,7 +40,23 @@ def check_run_dir(run_dir: Path, resume: bool, label_names: list[str]) -> None:
 
 
 def main(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train every configured fold; returns the run summary (also written to ``output_dir/summary.json``)."""
+    """Train every configured fold; returns the run summary (also written to ``output_dir/summary.json``).
+
+    An input error found after the output folder was created (e.g. ``lora.target_modules`` not in the model)
+    removes the folder again if this call created it and no fold finished, so that fixing the input and running
+    the same command again works without ``--resume``.
+    """
+    run_dir = Path(cfg.output_dir)
+    existed = run_dir.exists()
+    try:
+        return _main(cfg, resume)
+    except (ConfigError, InputError):
+        if not existed and run_dir.is_dir() and not any(run_dir.glob("fold_*/metrics.json")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _main(cfg: RunConfig, resume: bool) -> dict:
     t_start = time.time()
     env = setup_dist(cfg.train.parallel)
     # 1. Validate inputs before anything is written.
@@ -51,6 +68,7 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
     descriptions = read_label_descriptions(cfg.data.label_names_csv, label_names)
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, label_names)
+    env.barrier()  # DDP: every rank checks output_dir before rank 0 creates it
     model_path = resolve_model_path(cfg.model, log=log if env.is_main else (lambda m: None))
     tokenizer = load_tokenizer(model_path)
     token_ids = tokenize(ds.texts, tokenizer, cfg.data.max_length)

@@ -1,0 +1,542 @@
+"""Probabilities for an unlabelled CSV from one or more trained adapters (averaged, optionally weighted).
+
+An adapter is any of:
+
+* an adapter folder (``RUN/fold_K/last``): PEFT adapter incl. the ``score`` head, tokenizer, ``run_config.yaml``,
+  ``label_names.json``;
+* a run folder (``RUN``): all its finished folds' ``fold_K/<train.keep>`` adapters, averaged with equal weight;
+* a Hub repo id (``user/name``, ``hub:user/name``, ``user/name/fold_0/last``, ``user/name@revision``) already in the
+  local Hugging Face cache (``python -m infer pull user/name`` downloads it; nothing is downloaded here).
+
+The base model is the one named by the adapter's ``run_config.yaml`` (model and quantization sections), loaded once
+per distinct base and shared by every adapter on it (PEFT adapter switching). Prompts are built with the adapter's
+``data.text_template`` and ``data.id_column``; rows are sorted by length and batched with dynamic padding.
+
+Usage:
+    python -m infer predict --adapter adapters/gemma-3-270m --input data/sample_test.csv --out probs.csv
+    python -m infer predict --adapter runA/fold_0/last,user/runB --weights 0.7,0.3 --input test.csv --out probs.csv
+
+Python:
+    from infer.predict import load_predictor, predict
+    p = load_predictor("adapters/gemma-3-270m/fold_0/last")
+    probs = p.predict_texts(["user assesment: 4.0\\n\\nTags: \\n\\nReview: fast delivery"])   # N x L
+    predict(["adapters/gemma-3-270m"], "test.csv", "probs.csv")                              # writes the file
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import re
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from infer.io import InputError, write_probs
+from train.config import ConfigError, DataArgs, RunConfig
+
+CONFIG_FILE = "run_config.yaml"
+LABELS_FILE = "label_names.json"
+INFO_FILE = "adapter_info.json"
+ADAPTER_CONFIG = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_FOLD_DIR = re.compile(r"^fold_(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapter discovery and validation (no torch, no model: cheap, and nothing is loaded before every check passes)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterRef:
+    """One validated adapter folder and what it says about itself."""
+
+    spec: str
+    """What the user passed (folder, run folder or Hub id) that led to this adapter."""
+    folder: Path
+    cfg: RunConfig
+    label_names: list[str]
+    descriptions: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    head_labels: int | None = None
+    """Rows of the saved ``score`` head (None when the weights file cannot be inspected cheaply)."""
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        parts = self.folder.parts
+        return "/".join(parts[-2:]) if len(parts) >= 2 and _FOLD_DIR.match(parts[-2]) else self.folder.name
+
+    def base_key(self) -> tuple:
+        """Adapters with equal keys share one loaded base model."""
+        m, q = self.cfg.model, self.cfg.quantization
+        return (m.name_or_path, m.gguf_file, m.attn_implementation, m.dtype, m.cache_dir,
+                q.load_in_4bit, q.quant_type, q.double_quant, self.cfg.train.parallel == "split")
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "folder": str(self.folder), "name": self.name, "weight": self.weight,
+                "fold": self.info.get("fold"), "epoch": self.info.get("epoch"),
+                "base_model": self.info.get("base_model", self.cfg.model.name_or_path)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read JSON: {e}") from None
+
+
+def head_label_count(folder: Path) -> int | None:
+    """Number of labels of the saved ``score`` head, read from the safetensors header (no tensor is loaded)."""
+    path = folder / WEIGHT_FILES[0]
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = [k for k in f.keys() if re.search(r"(^|\.)score\.(modules_to_save\.[^.]+\.)?weight$", k)]
+            if not keys:
+                raise InputError(f"{path}: no score head weights in the adapter (was it trained with "
+                                 f"modules_to_save=['score']?)")
+            return int(f.get_slice(keys[0]).get_shape()[0])
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated/corrupt file
+        raise InputError(f"{path}: cannot read the adapter weights: {e}") from None
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter(folder: str | Path, spec: str | None = None) -> AdapterRef:
+    """Validate one adapter folder and read its config, labels and head size.
+
+    Raises:
+        InputError: the folder or one of its files is missing/unreadable, or the head does not match the labels.
+    """
+    folder = Path(folder)
+    spec = str(folder) if spec is None else spec
+    if not folder.is_dir():
+        raise InputError(f"adapter folder not found: {folder}")
+    missing = [n for n in (ADAPTER_CONFIG, CONFIG_FILE, LABELS_FILE) if not (folder / n).is_file()]
+    if not any((folder / n).is_file() for n in WEIGHT_FILES):
+        missing.append(WEIGHT_FILES[0])
+    if missing:
+        raise InputError(f"{folder}: incomplete adapter folder, missing {', '.join(missing)}")
+    try:
+        cfg = RunConfig.from_yaml(folder / CONFIG_FILE)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    labels = _read_json(folder / LABELS_FILE)
+    names = labels.get("label_names") if isinstance(labels, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{folder / LABELS_FILE}: key 'label_names' must be a non-empty list of strings")
+    info = _read_json(folder / INFO_FILE) if (folder / INFO_FILE).is_file() else {}
+    head = head_label_count(folder)
+    if head is not None and head != len(names):
+        raise InputError(f"{folder / WEIGHT_FILES[0]}: the score head has {head} labels but {folder / LABELS_FILE} "
+                         f"lists {len(names)}")
+    return AdapterRef(spec=spec, folder=folder, cfg=cfg, label_names=list(names),
+                      descriptions=dict(labels.get("descriptions") or {}), info=info, head_labels=head)
+
+
+def run_adapters(run_dir: Path, spec: str, log=print) -> list[AdapterRef]:
+    """The finished folds' ``fold_K/<train.keep>`` adapters of a run folder, in fold order."""
+    try:
+        keep = RunConfig.from_yaml(run_dir / CONFIG_FILE).train.keep
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    folds = sorted((int(m.group(1)), p) for p in run_dir.iterdir()
+                   if p.is_dir() and (m := _FOLD_DIR.match(p.name)))
+    refs = []
+    for k, fold_dir in folds:
+        adapter = fold_dir / keep
+        finished = (fold_dir / "metrics.json").is_file() or not (fold_dir / "checkpoint").exists()
+        if not adapter.exists() or not finished:
+            log(f"{run_dir}: fold_{k} has no finished {keep!r} adapter, skipped")
+            continue
+        refs.append(read_adapter(adapter, spec))
+    if not refs:
+        raise InputError(f"{run_dir}: run folder without any finished fold adapter "
+                         f"(expected fold_K/{keep}/{ADAPTER_CONFIG})")
+    return refs
+
+
+def expand(spec: str, log=print) -> list[AdapterRef]:
+    """Resolve one ``--adapter`` value to its adapter folder(s). See the module docstring for the forms."""
+    from infer.hub import resolve_adapter
+
+    path = resolve_adapter(spec)
+    if is_adapter_folder(path):
+        return [read_adapter(path, spec)]
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        return run_adapters(path, spec, log=log)
+    if path.is_dir():
+        return [read_adapter(path, spec)]  # names the missing files
+    raise InputError(f"adapter not found: {spec}")
+
+
+def check_labels(refs: Sequence[AdapterRef], labels_like: str | Path | None = None) -> list[str]:
+    """All adapters must share label names (and match the label columns of ``labels_like`` when given)."""
+    names = refs[0].label_names
+    for r in refs[1:]:
+        if r.label_names != names:
+            diff = next((i for i, (a, b) in enumerate(zip(names, r.label_names)) if a != b), min(
+                len(names), len(r.label_names)))
+            raise InputError(f"{r.folder / LABELS_FILE}: label names differ from {refs[0].folder / LABELS_FILE} "
+                             f"({len(r.label_names)} vs {len(names)} labels, first difference at position {diff})")
+    if labels_like is not None:
+        import pandas as pd
+
+        from train.data import label_columns
+
+        path = Path(labels_like)
+        if not path.is_file():
+            raise InputError(f"{path}: file not found (--labels-like)")
+        try:
+            columns = list(pd.read_csv(path, nrows=0).columns)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{path}: cannot read CSV: {e}") from None
+        cols = label_columns(columns, refs[0].cfg.data, str(path))
+        for r in refs:
+            count = r.head_labels if r.head_labels is not None else len(r.label_names)
+            if count != len(cols):
+                raise InputError(f"{r.folder}: the adapter's head has {count} labels but {path} has {len(cols)} "
+                                 f"label columns ({cols[0]} .. {cols[-1]})")
+        if cols != names:
+            bad = next(i for i, (a, b) in enumerate(zip(names, cols)) if a != b)
+            raise InputError(f"{path}: label column {cols[bad]!r} at position {bad} differs from the adapter's "
+                             f"{names[bad]!r} ({refs[0].folder / LABELS_FILE})")
+    return list(names)
+
+
+def parse_weights(weights: Sequence[float] | str | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    if isinstance(weights, str):
+        try:
+            weights = [float(w) for w in weights.split(",") if w.strip()]
+        except ValueError:
+            raise InputError(f"--weights must be comma-separated numbers, got {weights!r}") from None
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise InputError(f"--weights has {len(weights)} values for {n} adapters")
+    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise InputError(f"--weights must be non-negative with a positive sum, got {weights}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def collect(adapters: Sequence[str] | str, weights=None, labels_like=None, log=print) -> list[AdapterRef]:
+    """Expand and validate every adapter spec; each spec's weight is shared equally by its folds."""
+    specs = [a.strip() for a in adapters.split(",")] if isinstance(adapters, str) else [str(a) for a in adapters]
+    specs = [s for s in specs if s]
+    if not specs:
+        raise InputError("no adapter given (--adapter)")
+    w = parse_weights(weights, len(specs))
+    refs = []
+    for spec, wi in zip(specs, w):
+        group = expand(spec, log=log)
+        for r in group:
+            r.weight = wi / len(group)
+        refs += group
+    check_labels(refs, labels_like)
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaded predictor: one base model, one or more adapters switched in turn
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """A base model with one or more LoRA adapters (+ their score heads) loaded; averages their probabilities."""
+
+    def __init__(self, model, tokenizer, dtype, adapters: list[AdapterRef], adapter_names: list[str]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.adapters = adapters
+        self.adapter_names = adapter_names
+        self.label_names = adapters[0].label_names
+        self._token_cache: dict[tuple, list[list[int]]] = {}
+
+    @property
+    def device(self):
+        from train.loop import input_device
+
+        return input_device(self.model)
+
+    @property
+    def data(self) -> DataArgs:
+        return self.adapters[0].cfg.data
+
+    def weights(self) -> np.ndarray:
+        w = np.array([a.weight for a in self.adapters], dtype=np.float64)
+        return w / w.sum()
+
+    def token_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        from train.data import tokenize
+
+        return tokenize(texts, self.tokenizer, max_length or self.data.max_length)
+
+    def predict_token_ids(self, token_ids: list[list[int]], adapter: int = 0, batch_size: int = 64,
+                          progress: bool = False) -> np.ndarray:
+        """Probabilities of one adapter (by position), batched longest-first with dynamic padding."""
+        from train.loop import predict_probs
+
+        self.model.set_adapter(self.adapter_names[adapter])
+        return predict_probs(self.model, token_ids, self.tokenizer.pad_token_id, batch_size, self.dtype,
+                             progress=progress, desc=f"predict {self.adapters[adapter].name}")
+
+    def predict_each(self, texts_by_template, batch_size: int = 64, progress: bool = False) -> list[np.ndarray]:
+        """Per-adapter probabilities; ``texts_by_template(adapter_ref) -> list[str]`` gives each adapter's prompts."""
+        out = []
+        for i, ref in enumerate(self.adapters):
+            key = (ref.cfg.data.text_template, ref.cfg.data.max_length)
+            if key not in self._token_cache:
+                self._token_cache = {key: self.token_ids(texts_by_template(ref), ref.cfg.data.max_length)}
+            out.append(self.predict_token_ids(self._token_cache[key], i, batch_size, progress))
+        self._token_cache = {}
+        return out
+
+    def predict_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Weighted mean probabilities (N x L) for already formatted prompts."""
+        each = self.predict_each(lambda ref: list(texts), batch_size, progress)
+        return np.tensordot(self.weights(), np.stack(each), axes=1)
+
+    def predict_csv(self, input_csv: str | Path, batch_size: int = 64, progress: bool = False):
+        """(ids, weighted mean probabilities N x L) for an unlabelled CSV, prompts built as in training."""
+        datasets = read_inputs(input_csv, self.adapters)
+        each = self.predict_each(
+            lambda ref: datasets[(ref.cfg.data.id_column, ref.cfg.data.text_template)].texts, batch_size, progress)
+        return next(iter(datasets.values())).ids, np.tensordot(self.weights(), np.stack(each), axes=1)
+
+    def close(self) -> None:
+        """Free the model (GPU memory included)."""
+        import torch
+
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def pick_device(device=None):
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_base(ref: AdapterRef, base_model: str | None = None, log=print) -> str:
+    """Local folder of the adapter's base model (its config's ``model``; or ``base_model`` if given)."""
+    import dataclasses
+
+    from train.model import resolve_model_path
+
+    margs = ref.cfg.model
+    if base_model is not None:
+        margs = dataclasses.replace(margs, name_or_path=base_model, gguf_file=None)
+    try:
+        return resolve_model_path(margs, log=log)
+    except InputError as first:
+        hub_id = ref.info.get("base_model")
+        if base_model is None and hub_id and hub_id != margs.name_or_path and "/" in hub_id:
+            try:
+                return resolve_model_path(dataclasses.replace(margs, name_or_path=hub_id, gguf_file=None), log=log)
+            except InputError:
+                pass
+        raise InputError(f"{ref.folder / CONFIG_FILE}: base model not available here: {first} "
+                         f"(pass --base-model PATH to use a local copy)") from None
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence transformers' load report / progress bars and peft's deprecation noise while loading."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None, log=print) -> Predictor:
+    """Load the (shared) base model once and every adapter of ``refs`` onto it."""
+    import torch
+    from peft import PeftModel
+
+    from train.model import load_classifier, load_tokenizer
+
+    keys = {r.base_key() for r in refs}
+    if len(keys) > 1:
+        raise InputError(f"adapters on different base models cannot share one predictor: "
+                         f"{sorted({r.cfg.model.name_or_path for r in refs})}")
+    device = pick_device(device)
+    first = refs[0]
+    path = resolve_base(first, base_model, log=log)
+    device_map = "auto" if first.cfg.train.parallel == "split" and torch.cuda.device_count() > 1 else {"": device}
+    names = [f"a{i}" for i in range(len(refs))]
+    with _quiet_loading():
+        # The base gets a throw-away head (transformers reports score.weight as newly initialised); every
+        # adapter brings its trained copy of the head (modules_to_save), switched together with its LoRA weights.
+        model, base_tok, dtype = load_classifier(path, len(first.label_names), first.cfg.model,
+                                                 first.cfg.quantization, device, device_map=device_map)
+        tok = load_tokenizer(str(first.folder)) if (first.folder / "tokenizer_config.json").is_file() else base_tok
+        model = PeftModel.from_pretrained(model, str(first.folder), adapter_name=names[0], is_trainable=False)
+        for ref, name in zip(refs[1:], names[1:]):
+            model.load_adapter(str(ref.folder), adapter_name=name, is_trainable=False)
+    model.eval()
+    return Predictor(model, tok, dtype, list(refs), names)
+
+
+def load_predictor(adapter: str, device=None, base_model: str | None = None, log=print) -> Predictor:
+    """Load one adapter (folder or Hub id; a run folder loads all its folds, averaged) on its base model.
+
+    Raises:
+        InputError: missing/incomplete adapter, label mismatch, base model not available.
+    """
+    return load_refs(collect([adapter], log=log), device=device, base_model=base_model, log=log)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The predict command
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_inputs(input_csv: str | Path, refs: Sequence[AdapterRef]) -> dict[tuple, object]:
+    """Read the input CSV once per distinct (id column, template); ids must agree. Returns key -> Dataset."""
+    from train.data import read_csv
+
+    out = {}
+    for r in refs:
+        key = (r.cfg.data.id_column, r.cfg.data.text_template)
+        if key not in out:
+            out[key] = read_csv(input_csv, r.cfg.data, labelled=False)
+    datasets = list(out.values())
+    for ds in datasets[1:]:
+        if not np.array_equal(ds.ids.astype(str), datasets[0].ids.astype(str)):
+            raise InputError(f"{input_csv}: the adapters use different id columns "
+                             f"({sorted({k[0] for k in out})}) whose values differ")
+    return out
+
+
+def predict(adapters: Sequence[str] | str, input_csv: str | Path, out: str | Path, weights=None,
+            batch_size: int = 64, progress: bool = True, labels_like: str | Path | None = None,
+            device=None, base_model: str | None = None, log=print) -> dict:
+    """Write the (weighted) mean probabilities of ``adapters`` for ``input_csv`` to ``out`` (+ ``.meta.json``).
+
+    Every input is validated before a model is loaded; on error nothing is written.
+
+    Returns:
+        The meta dict written beside the file (adapters, weights, rows, seconds, rows_per_s, ...).
+
+    Raises:
+        InputError: see :func:`collect`, :func:`read_inputs` and :func:`resolve_base`.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    t0 = time.perf_counter()
+    refs = collect(adapters, weights, labels_like, log=log)
+    datasets = read_inputs(input_csv, refs)
+    ids = next(iter(datasets.values())).ids
+    label_names = refs[0].label_names
+    n = len(ids)
+
+    groups: dict[tuple, list[AdapterRef]] = {}
+    for r in refs:
+        groups.setdefault(r.base_key(), []).append(r)
+    total = np.zeros((n, len(label_names)), dtype=np.float64)
+    load_s = predict_s = 0.0
+    device_name = None
+    for group in groups.values():
+        t_load = time.perf_counter()
+        predictor = load_refs(group, device=device, base_model=base_model, log=log)
+        device_name = str(predictor.device)
+        load_s += time.perf_counter() - t_load
+        t_pred = time.perf_counter()
+        each = predictor.predict_each(
+            lambda ref: datasets[(ref.cfg.data.id_column, ref.cfg.data.text_template)].texts, batch_size, progress)
+        for ref, probs in zip(group, each):
+            total += ref.weight * probs
+        predict_s += time.perf_counter() - t_pred
+        predictor.close()
+        del predictor
+    total /= sum(r.weight for r in refs)
+    rows_per_s = n * len(refs) / predict_s if predict_s > 0 else None
+    meta = {
+        "kind": "probabilities", "input": str(input_csv), "adapters": [r.describe() for r in refs],
+        "weights": [r.weight for r in refs], "batch_size": batch_size, "device": device_name,
+        "cuda_device": torch.cuda.get_device_name(0) if device_name and device_name.startswith("cuda") else None,
+        "seconds": {"load": round(load_s, 2), "predict": round(predict_s, 2),
+                    "total": round(time.perf_counter() - t0, 2)},
+        "rows_per_s": round(rows_per_s, 2) if rows_per_s else None,
+    }
+    write_probs(out, ids, total, label_names, meta=meta)
+    log(f"predicted {n} rows x {len(label_names)} labels with {len(refs)} adapter(s) on {device_name} in "
+        f"{predict_s:.1f}s ({rows_per_s or 0:.1f} rows/s per adapter; model loading {load_s:.1f}s); wrote {out}")
+    return meta
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``predict`` to an ``argparse`` subparsers object; its handler is ``args.func(args) -> exit code``."""
+    p = subparsers.add_parser(
+        "predict", help="probabilities for a CSV from trained adapter(s)",
+        description="Probabilities for an unlabelled CSV from one or more adapters (a fold adapter folder, a run "
+                    "folder = all its folds, or a Hub id already pulled); several are averaged.")
+    p.add_argument("--adapter", required=True, action="append", metavar="A[,B,...]",
+                   help="adapter folder, run folder or Hub id (comma-separated or repeated for an ensemble)")
+    p.add_argument("--input", required=True, help="CSV with the id column and the prompt template's columns")
+    p.add_argument("--out", required=True, help="probability CSV to write (index + one column per label)")
+    p.add_argument("--weights", help="comma-separated ensemble weights, one per --adapter value (default equal)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--labels-like", help="labelled CSV whose label columns the adapters must match")
+    p.add_argument("--base-model", help="local folder of the base model (overrides the adapter's run_config)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli)
+    return p
+
+
+def _cli(args) -> int:
+    adapters = [a for value in args.adapter for a in value.split(",") if a.strip()]
+    try:
+        predict(adapters, args.input, args.out, weights=args.weights, batch_size=args.batch_size,
+                progress=not args.no_progress, labels_like=args.labels_like, device=args.device,
+                base_model=args.base_model)
+    except (InputError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infer.predict")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["predict", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Integration test with the real embedded Gemma 3 270M (registry GGUF, converted once to a cached HF folder):
+load in 4-bit, a few optimizer steps, save, reload from the adapter folder, same probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from infer.io import read_probs
+from train.config import RunConfig
+from train.data import read_csv, tokenize
+from train.loop import predict_probs
+from train.model import load_classifier, load_tokenizer, resolve_model_path
+from train.run import main
+from trainkit import ROOT, write_rows
+
+pytestmark = pytest.mark.slow
+
+
+def test_gemma3_270m_train_save_reload(tmp_path):
+    from peft import PeftModel
+
+    csv = write_rows(tmp_path / "train.csv", 40)
+    out = tmp_path / "run"
+    cfg = RunConfig.from_yaml(ROOT / "configs/gemma-3-270m/qlora.yaml", [
+        f"data.train_csv={csv}", f"data.label_names_csv={ROOT / 'data/sample_trends.csv'}", "data.max_length=64",
+        "train.max_steps=3", "train.num_epochs=1", "train.micro_batch_size=8", "train.eval_batch_size=32",
+        "cv.n_folds=2", "cv.folds=[0]", f"output_dir={out}"])
+    summary = main(cfg)
+
+    fold = out / "fold_0"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and summary["folds"] == [0]
+    labels = json.loads((out / "label_names.json").read_text())
+    assert labels["descriptions"]["trend_id_res0"] == "Долгая доставка"
+    info = json.loads((fold / "last" / "adapter_info.json").read_text())
+    assert info["base_model"] == "google/gemma-3-270m" and info["num_labels"] == 20
+    weights = load_file(fold / "last" / "adapter_model.safetensors")
+    assert any("score" in k for k in weights)
+    assert all(w.abs().max() > 0 for k, w in weights.items() if "lora_B" in k)   # lora_B starts at 0: trained
+    lora_layers = {k.split(".layers.")[1].split(".")[0] for k in weights if "lora_A" in k}
+    assert len(lora_layers) == 18                                                   # every layer adapted
+
+    # Reload: a fresh 4-bit base (another head seed) + the adapter folder reproduces the saved probabilities.
+    path = resolve_model_path(cfg.model)
+    base, _, dtype = load_classifier(path, 20, cfg.model, cfg.quantization, torch.device("cpu"), seed=999)
+    model = PeftModel.from_pretrained(base, str(fold / "last"))
+    tok = load_tokenizer(str(fold / "last"))
+    ds = read_csv(csv, cfg.data)
+    val = np.flatnonzero(pd.read_csv(out / "folds.csv")["fold"].to_numpy() == 0)
+    probs = predict_probs(model, tokenize([ds.texts[i] for i in val], tok, 64), tok.pad_token_id, 5, dtype,
+                          progress=False)
+    saved = np.load(fold / "val_probs_last.npy")
+    np.testing.assert_allclose(probs, saved, atol=1e-5)
+    ids, oof, _ = read_probs(out / "oof.csv", ds.label_names)
+    assert list(ids) == list(ds.ids[val])
+    np.testing.assert_allclose(oof, saved, atol=1e-6)
