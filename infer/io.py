@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from infer.thresholds import numbered
+
 ID_COLUMN = "index"
 
 
@@ -85,14 +87,16 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries that shape predictions, for provenance."""
+def versions(names: Sequence[str] = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "numpy",
+                                      "pandas", "optuna", "scikit-learn")) -> dict[str, str]:
+    """Versions of the libraries that shape predictions, for provenance (from package metadata: nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "numpy", "pandas", "optuna", "sklearn"):
+    for name in names:
         try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except Exception:  # noqa: BLE001 - optional libraries
+            out["sklearn" if name == "scikit-learn" else name] = version(name)
+        except PackageNotFoundError:
             pass
     return out
 
@@ -117,6 +121,15 @@ def write_probs(path: str | Path, ids: Sequence, probs: np.ndarray, label_names:
                                      "versions": versions()})
 
 
+def _read_csv_checked(path: Path, what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        return pd.read_csv(path)
+    except Exception as e:  # noqa: BLE001 - pandas raises many kinds
+        raise InputError(f"{path}: cannot read CSV: {e}") from None
+
+
 def read_probs(path: str | Path, label_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read and validate a probability file.
 
@@ -128,15 +141,35 @@ def read_probs(path: str | Path, label_names: Sequence[str] | None = None) -> tu
         InputError: missing file, missing/extra columns, NaN or values outside [0, 1], duplicate ids.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: probability file not found")
-    try:
-        df = pd.read_csv(path)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read CSV: {e}") from None
+    return _validate_probs(path, _read_csv_checked(path, "probability file"), label_names)
+
+
+def read_oof(path: str | Path, label_names: Sequence[str] | None = None,
+             fold_column: str = "fold") -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+    """Like :func:`read_probs`, but a ``fold`` column (fold of each out-of-fold row) is allowed and returned.
+
+    Returns:
+        (ids, probs, label names, folds or None).
+    """
+    path = Path(path)
+    df = _read_csv_checked(path, "probability file")
+    folds = None
+    if fold_column in df.columns[1:]:
+        raw = df.pop(fold_column)
+        folds = pd.to_numeric(raw, errors="coerce")
+        bad = folds.isna() | (folds != folds.round())
+        if bad.any():
+            r = int(bad.idxmax())
+            raise InputError(f"{path}: row {r + 2} column {fold_column!r}: fold {py_scalar(raw.iloc[r])!r} is not an "
+                             f"integer")
+        folds = folds.to_numpy(dtype=np.int64)
+    return (*_validate_probs(path, df, label_names), folds)
+
+
+def _validate_probs(path: Path, df: pd.DataFrame, label_names: Sequence[str] | None):
     if df.columns.size == 0 or df.columns[0] != ID_COLUMN:
         raise InputError(f"{path}: first column must be '{ID_COLUMN}', got {list(df.columns[:1])}")
-    cols = [c for c in df.columns[1:]]
+    cols = list(df.columns[1:])
     if label_names is not None:
         missing = [c for c in label_names if c not in cols]
         extra = [c for c in cols if c not in set(label_names)]
@@ -146,20 +179,137 @@ def read_probs(path: str | Path, label_names: Sequence[str] | None = None) -> tu
         cols = list(label_names)
     if not cols:
         raise InputError(f"{path}: no class columns after '{ID_COLUMN}'")
-    dup = df[ID_COLUMN].duplicated()
-    if dup.any():
-        raise InputError(f"{path}: duplicate id {df[ID_COLUMN][dup].iloc[0]!r} at row {int(dup.idxmax()) + 2}")
+    _check_ids(path, df[ID_COLUMN], ID_COLUMN)
     values = df[cols]
     non_numeric = [c for c in cols if not pd.api.types.is_numeric_dtype(values[c])]
     if non_numeric:
         c = non_numeric[0]
         bad = pd.to_numeric(values[c], errors="coerce").isna() & values[c].notna()
-        row = int(bad.idxmax()) + 2 if bad.any() else "?"
-        raise InputError(f"{path}: column {c!r} is not numeric (row {row}: {values[c].iloc[int(bad.idxmax())]!r})")
+        row = int(bad.idxmax())
+        raise InputError(f"{path}: column {c!r} is not numeric (row {row + 2}: {values[c].iloc[row]!r})")
     arr = values.to_numpy(dtype=np.float64)
     bad = ~np.isfinite(arr) | (arr < 0) | (arr > 1)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise InputError(f"{path}: row {r + 2} (id {df[ID_COLUMN].iloc[r]!r}) column {cols[c]!r}: "
-                         f"value {arr[r, c]!r} is not a probability in [0, 1]")
+        raise InputError(f"{path}: row {r + 2} (id {py_scalar(df[ID_COLUMN].iloc[r])!r}) column {cols[c]!r}: "
+                         f"value {py_scalar(arr[r, c])!r} is not a probability in [0, 1]")
     return df[ID_COLUMN].to_numpy(), arr, cols
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labelled CSVs and id alignment (used by ``python -m infer tune / evaluate / blend / submit``)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def py_scalar(value: Any) -> Any:
+    """numpy scalar -> Python scalar, so that messages say 11002 rather than np.int64(11002)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _check_ids(path: Path, ids: pd.Series, id_column: str) -> None:
+    if ids.isna().any():
+        raise InputError(f"{path}: empty id in column {id_column!r} at row {int(ids.isna().idxmax()) + 2}")
+    dup = ids.duplicated()
+    if dup.any():
+        v = ids[dup].iloc[0]
+        raise InputError(f"{path}: duplicate id {py_scalar(v)!r} in column "
+                         f"{id_column!r} at row {int(dup.idxmax()) + 2}")
+
+
+def read_labels(path: str | Path, label_names: Sequence[str], probs_path: str | Path | None = None,
+                id_column: str = ID_COLUMN) -> tuple[np.ndarray, np.ndarray]:
+    """The 0/1 labels of a labelled CSV (competition format) for the classes ``label_names``.
+
+    ``label_names`` are a probability file's class columns. The labels file's own label columns are every column
+    named like them (same prefix + integer suffix when they are numbered, e.g. ``trend_id_res0..49``; otherwise the
+    listed names), so that a probability file with missing or extra class columns is reported, naming
+    ``probs_path`` and the columns.
+
+    Returns:
+        (ids, labels N x L int8 in ``label_names`` order).
+    """
+    import re
+
+    path = Path(path)
+    df = _read_csv_checked(path, "labels file")
+    if id_column not in df.columns:
+        raise InputError(f"{path}: no id column {id_column!r} (columns: {list(df.columns)[:12]})")
+    ids = df[id_column]
+    _check_ids(path, ids, id_column)
+    prefix = numbered(label_names)
+    if prefix is not None:
+        pattern = re.compile(rf"^{re.escape(prefix[0])}\d+$")
+        file_cols = [c for c in df.columns if isinstance(c, str) and pattern.match(c) and c != id_column]
+    else:
+        file_cols = [c for c in label_names if c in df.columns]
+    missing = [c for c in file_cols if c not in set(label_names)]
+    extra = [c for c in label_names if c not in set(file_cols)]
+    if missing or extra:
+        who = probs_path if probs_path is not None else "the probability file"
+        parts = ([f"missing class column(s) {missing[:10]}" + (" ..." if len(missing) > 10 else "")] if missing
+                 else []) + ([f"extra class column(s) {extra[:10]}" + (" ..." if len(extra) > 10 else "")]
+                             if extra else [])
+        raise InputError(f"{who}: {' and '.join(parts)} compared with the label columns of {path}")
+    cols = list(label_names)
+    raw = df[cols]
+    numeric = raw.apply(pd.to_numeric, errors="coerce")
+    ok = numeric.isin([0, 1]) & numeric.notna()
+    if not ok.all().all():
+        r, c = np.argwhere(~ok.to_numpy())[0]
+        v = raw.iloc[r, c]
+        raise InputError(f"{path}: row {r + 2} (id {py_scalar(ids.iloc[r])!r}) column {cols[c]!r}: label value "
+                         f"{py_scalar(v)!r} is not 0 or 1")
+    return ids.to_numpy(), numeric.to_numpy(dtype=np.int8)
+
+
+def read_ids(path: str | Path, id_column: str = ID_COLUMN) -> np.ndarray:
+    """The id column of a CSV (e.g. the test CSV a submission is for), validated (present, no empty/duplicate)."""
+    path = Path(path)
+    df = _read_csv_checked(path, "CSV")
+    if id_column not in df.columns:
+        raise InputError(f"{path}: no id column {id_column!r} (columns: {list(df.columns)[:12]})")
+    _check_ids(path, df[id_column], id_column)
+    return df[id_column].to_numpy()
+
+
+def _id_keys(ids: Sequence) -> list[str]:
+    """Ids as comparable strings (1, 1.0 and '1' are the same id; CSV readers differ in how they type them)."""
+    out = []
+    for v in ids:
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            v = int(v)
+        out.append(str(v.item() if isinstance(v, np.generic) else v))
+    return out
+
+
+def align_ids(path: str | Path, ids: Sequence, ref_path: str | Path, ref_ids: Sequence,
+              same_order: bool = False, same_set: bool = False) -> np.ndarray:
+    """Positions in ``ref_ids`` of each of ``ids`` (a file's rows), checking that they match.
+
+    By default every id of ``path`` must occur in ``ref_path`` (a subset, e.g. the out-of-fold rows of some folds
+    of a labelled CSV). ``same_set``: also no id of ``ref_path`` may be missing. ``same_order``: the ids must be
+    exactly ``ref_ids`` in the same order. Errors name both files and the first offending row.
+    """
+    keys, ref_keys = _id_keys(ids), _id_keys(ref_ids)
+    if same_order:
+        for r, (a, b) in enumerate(zip(keys, ref_keys)):
+            if a != b:
+                raise InputError(f"{path}: row {r + 2} has id {a} but row {r + 2} of {ref_path} has id {b} "
+                                 f"(the ids must be the same, in the same order)")
+        if len(keys) != len(ref_keys):
+            raise InputError(f"{path}: {len(keys)} rows but {ref_path} has {len(ref_keys)} (the ids must be the "
+                             f"same, in the same order)")
+        return np.arange(len(keys))
+    pos = {k: i for i, k in enumerate(ref_keys)}
+    idx = np.empty(len(keys), dtype=np.int64)
+    for r, k in enumerate(keys):
+        i = pos.get(k)
+        if i is None:
+            raise InputError(f"{path}: row {r + 2} has id {k}, which is not in {ref_path}")
+        idx[r] = i
+    if same_set and len(keys) != len(ref_keys):
+        have = set(keys)
+        r = next(i for i, k in enumerate(ref_keys) if k not in have)
+        raise InputError(f"{path}: has no row for id {ref_keys[r]} (row {r + 2} of {ref_path}); "
+                         f"{len(ref_keys) - len(keys)} id(s) of {ref_path} are missing")
+    return idx

@@ -103,3 +103,22 @@ class ThresholdSpec:
         if d.get("class_offsets") is not None:
             d["class_offsets"] = tuple(float(x) for x in d["class_offsets"])
         return cls(**d)
+
+
+def numbered(label_names: Sequence[str]) -> tuple[str, list[int]] | None:
+    """(prefix, integers) when every label is one shared prefix + an integer (``trend_id_res7``), else None."""
+    import re
+
+    matches = [re.match(r"^(.*?)(\d+)$", str(n)) for n in label_names]
+    if not matches or not all(matches) or len({m.group(1) for m in matches}) != 1:
+        return None
+    return matches[0].group(1), [int(m.group(2)) for m in matches]
+
+
+def class_ids(label_names: Sequence[str]) -> list[int]:
+    """The class id of each label as written in a submission: the integer suffix when every label is one prefix +
+    a distinct integer (``trend_id_res7`` -> 7), else the column position."""
+    parts = numbered(label_names)
+    if parts is not None and len(set(parts[1])) == len(parts[1]):
+        return parts[1]
+    return list(range(len(label_names)))

@@ -6,8 +6,6 @@ notebooks/build_notebooks.py generates."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -18,38 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
 pytestmark = pytest.mark.slow
-
-SHIM = '''\
-"""`python -m infer` stand-in built from the register() functions (used until infer/__main__.py has them)."""
-import argparse, sys
-from infer import hub, predict
-
-parser = argparse.ArgumentParser(prog="infer-shim")
-sub = parser.add_subparsers(dest="command", required=True)
-predict.register(sub)
-hub.register(sub)
-args = parser.parse_args()
-sys.exit(args.func(args))
-'''
-
-
-def has_commands(*names: str) -> bool:
-    """Whether ``python -m infer NAME --help`` works for every name."""
-    for name in names:
-        r = subprocess.run([sys.executable, "-m", "infer", name, "--help"], cwd=ROOT, capture_output=True, text=True)
-        if r.returncode != 0:
-            return False
-    return True
-
-
-def infer_cli(tmp: Path) -> str | None:
-    """None (= the notebooks' default ``python -m infer``) when it has predict/push/pull, else a shim."""
-    if has_commands("predict", "push", "pull"):
-        return None
-    shim = tmp / "infer_shim.py"
-    shim.write_text(SHIM)
-    return f"{sys.executable} {shim}"
-
 
 def run_notebook(name: str, params: dict, cwd: Path) -> nbformat.NotebookNode:
     """Execute ``notebooks/NAME`` with ``params`` injected after its parameters cell; saves the executed copy."""
@@ -102,7 +68,7 @@ def trained(tmp_path_factory):
         "TOOLKIT": str(ROOT), "CONFIG": "configs/gemma-3-270m/qlora.yaml", "TRAIN_CSV": str(train_csv),
         "LABEL_NAMES_CSV": str(ROOT / "data" / "sample_trends.csv"), "OUTPUT_DIR": str(work / "run"),
         "FOLDS": [0], "TINY": True, "HUB_REPO": "user/qlml-notebook-test", "DRY_RUN": True,
-        "INFER": infer_cli(work),
+        "INFER": None,
     }
     nb = run_notebook("kaggle_train.ipynb", params, work)
     nb2 = run_notebook("kaggle_train.ipynb", params, work)
@@ -127,8 +93,6 @@ def test_train_notebook(trained):
 
 def test_submit_notebook(trained, tmp_path):
     work, train_csv, _, _, params = trained
-    if not has_commands("predict", "tune", "submit"):
-        pytest.skip("python -m infer has no predict/tune/submit subcommands yet (infer/__main__.py)")
     test_csv = tmp_path / "test20.csv"
     pd.read_csv(ROOT / "data" / "sample_test.csv").head(20).to_csv(test_csv, index=False)
     nb = run_notebook("kaggle_submit.ipynb", {

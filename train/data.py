@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from infer.io import InputError
+from infer.io import InputError, py_scalar
 from train.config import DataArgs
 
 
@@ -74,11 +74,6 @@ def label_columns(columns: Sequence[str], args: DataArgs, path: str) -> list[str
     return sorted(cols, key=key)
 
 
-def _py(value: object) -> object:
-    """numpy scalar -> Python scalar, so that messages say 11002 rather than np.int64(11002)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
              label_names: Sequence[str] | None = None) -> Dataset:
     """Read and validate a CSV in the competition format (or any CSV with configured columns).
@@ -105,7 +100,7 @@ def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
         raise InputError(f"{path}: empty id in column {args.id_column!r} at row {int(ids.isna().idxmax()) + 2}")
     dup = ids.duplicated()
     if dup.any():
-        raise InputError(f"{path}: duplicate id {_py(ids[dup].iloc[0])!r} in column {args.id_column!r} "
+        raise InputError(f"{path}: duplicate id {py_scalar(ids[dup].iloc[0])!r} in column {args.id_column!r} "
                          f"at row {int(dup.idxmax()) + 2}")
     fields = template_fields(args.text_template)
     records = df[fields].to_dict("records")
@@ -122,8 +117,8 @@ def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
         ok = numeric.isin([0, 1]) & numeric.notna()
         if not ok.all().all():
             r, c = np.argwhere(~ok.to_numpy())[0]
-            raise InputError(f"{path}: row {r + 2} (id {_py(ids.iloc[r])!r}) column {cols[c]!r}: label value "
-                             f"{_py(raw.iloc[r, c])!r} is not 0 or 1")
+            raise InputError(f"{path}: row {r + 2} (id {py_scalar(ids.iloc[r])!r}) column {cols[c]!r}: label value "
+                             f"{py_scalar(raw.iloc[r, c])!r} is not 0 or 1")
         labels = numeric.to_numpy(dtype=np.int8)
         names = cols
     else:

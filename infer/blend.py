@@ -1,0 +1,188 @@
+"""Blend several models' probabilities with weights tuned on their out-of-fold predictions (``python -m infer blend``).
+
+The blend is the weighted mean of the probability files (weights >= 0, summing to 1), e.g. Gemma + Mistral, or an
+LLM + a TF-IDF model. Weights are tuned with Optuna (TPE, seeded; equal weights and each single model are tried
+first) to maximise the objective (exact match by default, micro-F1 on request) of the default cascade on the
+blended out-of-fold probabilities. Tune thresholds on the blended OOF afterwards (``--out-oof``, then
+``python -m infer tune``).
+
+Usage:
+    python -m infer blend --probs a.csv,b.csv --oof a_oof.csv,b_oof.csv --labels train.csv --out blend.csv \\
+        [--out-oof blend_oof.csv] [--objective micro_f1] [--n-trials 100] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from infer.io import (
+    InputError,
+    align_ids,
+    read_labels,
+    read_probs,
+    write_probs,
+)
+from infer.metrics import OBJECTIVES, objective_score, scores
+from infer.thresholds import DEFAULT_FALLBACK, cascade_steps
+
+DEFAULT_TRIALS = 100
+
+
+def blend_probs(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean of N x L probability arrays (weights normalised to sum 1), clipped to [0, 1]."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return np.clip(np.tensordot(w, np.stack([np.asarray(p, dtype=np.float64) for p in probs]), axes=1), 0.0, 1.0)
+
+
+def search_weights(oofs: Sequence[np.ndarray], labels: np.ndarray, objective: str = "exact_match",
+                   n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: int | None = DEFAULT_FALLBACK,
+                   steps: Sequence[float] | None = None, progress: bool = False) -> tuple[list[float], float]:
+    """Blend weights maximising the objective of the cascade on the blended OOF (Optuna TPE, seeded).
+
+    Equal weights, then each model alone, are the first trials; ties go to the earliest trial.
+
+    Returns:
+        (weights summing to 1, best objective).
+    """
+    import optuna
+
+    from infer.tune import _bar, decode_global
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    m = len(oofs)
+    y = np.asarray(labels).astype(np.int8)
+    steps = cascade_steps() if steps is None else tuple(steps)
+    cache: dict[tuple, float] = {}
+
+    def weights_of(params) -> tuple:
+        x = np.array([params[f"w{i}"] for i in range(m)], dtype=np.float64)
+        if x.sum() <= 0:
+            x = np.ones(m)
+        return tuple(np.round(x / x.sum(), 6))
+
+    def fn(trial):
+        w = weights_of({f"w{i}": trial.suggest_float(f"w{i}", 0.0, 1.0, step=0.01) for i in range(m)})
+        if w not in cache:
+            cache[w] = objective_score(y, decode_global(blend_probs(oofs, w), steps, fallback), objective)
+        return cache[w]
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial({f"w{i}": 1.0 for i in range(m)})
+    for j in range(m):
+        study.enqueue_trial({f"w{i}": float(i == j) for i in range(m)})
+    n = max(int(n_trials), m + 1)
+    bar = _bar(n, "blend weights", progress)
+    study.optimize(fn, n_trials=n, callbacks=[lambda s, t: bar.update(1)] if bar else None)
+    if bar:
+        bar.close()
+    best = max(study.trials, key=lambda t: (t.value, -t.number))
+    return [float(v) for v in weights_of(best.params)], float(best.value)
+
+
+def _split(value: str | Sequence[str], what: str) -> list[str]:
+    items = [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s) for s in value]
+    items = [s for s in items if s]
+    if not items:
+        raise InputError(f"{what}: no file given")
+    return items
+
+
+def _read_group(paths: Sequence[str], names: Sequence[str] | None):
+    """Read probability files that must share labels and ids; rows aligned to the first file's ids."""
+    ids0, first, names0 = read_probs(paths[0], names)
+    arrays = [first]
+    for path in paths[1:]:
+        ids, p, _ = read_probs(path, names0)
+        idx = align_ids(path, ids, paths[0], ids0, same_set=True)
+        aligned = np.empty_like(p)
+        aligned[idx] = p
+        arrays.append(aligned)
+    return ids0, arrays, names0
+
+
+def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str | Path, out: str | Path | None = None,
+              out_oof: str | Path | None = None, objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS,
+              seed: int = 0, fallback=None, progress: bool = True, log=print) -> dict:
+    """Read and validate everything, tune the weights, then write the blended file(s)."""
+    from infer.tune import resolve_fallback
+
+    probs, oof = _split(probs, "--probs"), _split(oof, "--oof")
+    if objective not in OBJECTIVES:
+        raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if len(probs) != len(oof):
+        raise InputError(f"--probs has {len(probs)} file(s) but --oof has {len(oof)}: give one OOF file per model, "
+                         f"in the same order")
+    if len(probs) < 2:
+        raise InputError("blend needs at least two models (--probs a.csv,b.csv --oof a_oof.csv,b_oof.csv)")
+    oof_ids, oofs, names = _read_group(oof, None)
+    label_ids, y_all = read_labels(labels, names, probs_path=oof[0])
+    y = y_all[align_ids(oof[0], oof_ids, labels, label_ids)]
+    test_ids, tests, _ = _read_group(probs, names)
+    fb = resolve_fallback(names, DEFAULT_FALLBACK if fallback is None else fallback, oof[0], fallback is not None)
+    out = Path(probs[0]).with_name("blend.csv") if out is None else Path(out)
+
+    log(f"blend: {len(probs)} models; {len(oof_ids)} out-of-fold rows x {len(names)} classes; objective "
+        f"{objective}, {n_trials} trials, seed {seed}")
+    weights, best = search_weights(oofs, y, objective, n_trials, seed, fb, progress=progress)
+    from infer.thresholds import ThresholdSpec
+
+    default = ThresholdSpec(tuple(names), fallback=fb)
+    rows = {path: scores(y, default.decode(p)) for path, p in zip(oof, oofs)}
+    blended_oof = blend_probs(oofs, weights)
+    rows["blend"] = scores(y, default.decode(blended_oof))
+    width = max(len(str(k)) for k in rows) + 2
+    lines = ["OOF scores with the default cascade:", f"  {'model':<{width}} {'weight':>7} {'exact_match':>12} "
+                                                       f"{'micro_f1':>9}"]
+    for i, (k, s) in enumerate(rows.items()):
+        w = f"{weights[i]:.3f}" if i < len(weights) else ""
+        lines.append(f"  {k:<{width}} {w:>7} {s['exact_match']:>12.4f} {s['micro_f1']:>9.4f}")
+    log("\n".join(lines))
+
+    meta = {"kind": "blend", "produced_by": "python -m infer blend", "inputs": list(probs), "oof": list(oof),
+            "labels": str(labels), "weights": weights, "objective": objective, "n_trials": int(n_trials),
+            "seed": int(seed), "oof_scores": rows}
+    written = [str(out)]
+    write_probs(out, test_ids, blend_probs(tests, weights), names, meta=meta)
+    if out_oof is not None:
+        write_probs(out_oof, oof_ids, blended_oof, names, meta={**meta, "kind": "blend (out-of-fold)"})
+        written.append(str(out_oof))
+    log("wrote " + ", ".join(written))
+    return {"weights": weights, "objective_value": best, "oof_scores": rows, "out": str(out),
+            "out_oof": None if out_oof is None else str(out_oof)}
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "blend", help="blend models' probabilities with weights tuned on out-of-fold predictions",
+        description="Weighted mean of probability files; weights tuned (Optuna, seeded) on the models' out-of-fold "
+                    "files against the labels. Writes the blended probabilities (+ .meta.json with the weights).")
+    p.add_argument("--probs", required=True, help="comma-separated probability files to blend (e.g. test predictions)")
+    p.add_argument("--oof", required=True, help="comma-separated out-of-fold files of the same models, same order")
+    p.add_argument("--labels", required=True, help="labelled CSV for the OOF ids (e.g. train.csv)")
+    p.add_argument("--out", help="blended probability file (default: blend.csv beside the first --probs file)")
+    p.add_argument("--out-oof", help="also write the blended out-of-fold file (to tune thresholds on)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="exact_match")
+    p.add_argument("--n-trials", type=int, default=DEFAULT_TRIALS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fallback", help=f"class id of the cascade's fallback (default {DEFAULT_FALLBACK}; 'none')")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cli)
+    return p
+
+
+def _cli(args) -> int:
+    try:
+        if args.n_trials < 1:
+            raise InputError(f"--n-trials must be >= 1, got {args.n_trials}")
+        run_blend(args.probs, args.oof, args.labels, args.out, args.out_oof, args.objective, args.n_trials,
+                  args.seed, args.fallback, progress=not args.no_progress)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

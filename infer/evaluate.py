@@ -1,0 +1,174 @@
+"""Score a probability file against labels (``python -m infer evaluate``).
+
+Prints a metrics table (exact match, micro/macro/weighted F1) for plain 0.5 thresholding, the default cascade and
+the tuned thresholds (``--thresholds``), and writes beside it (``--out-dir``, default the probability file's folder):
+
+* ``<stem>.eval.json``: the table, per-class F1 and the threshold curve;
+* ``<stem>.per_class_f1.png``: per-class F1 bars (default cascade, and tuned when given);
+* ``<stem>.threshold_curve.png``: exact match and micro-F1 of plain thresholds 0.05 .. 0.95, with the cascade's
+  (and the tuned decoding's) scores as horizontal lines.
+
+Usage:
+    python -m infer evaluate --probs oof.csv --labels train.csv [--thresholds thresholds.json] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from infer.io import InputError, align_ids, atomic_path, read_labels, read_probs, write_json
+from infer.metrics import exact_match, micro_f1, per_class_f1, scores
+from infer.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids, threshold
+
+METRICS = ("exact_match", "micro_f1", "macro_f1", "weighted_f1")
+CURVE = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def evaluate_arrays(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
+                    default: ThresholdSpec, tuned: ThresholdSpec | None = None) -> dict:
+    """Metrics of the decodings, per-class F1 and the plain-threshold curve (pure)."""
+    decodings = {"threshold 0.5": threshold(probs, 0.5), "default cascade": default.decode(probs)}
+    if tuned is not None:
+        decodings["tuned"] = tuned.decode(probs)
+    metrics = {k: scores(labels, v) for k, v in decodings.items()}
+    per_class = {k: dict(zip(label_names, map(float, per_class_f1(labels, v)))) for k, v in decodings.items()
+                 if k != "threshold 0.5"}
+    curve = {"threshold": list(CURVE),
+             "exact_match": [exact_match(labels, threshold(probs, t)) for t in CURVE],
+             "micro_f1": [micro_f1(labels, threshold(probs, t)) for t in CURVE]}
+    positives = dict(zip(label_names, map(int, np.asarray(labels).sum(axis=0))))
+    return {"rows": int(len(labels)), "metrics": metrics, "per_class_f1": per_class, "positives": positives,
+            "curve": curve}
+
+
+def table(metrics: dict) -> str:
+    lines = [f"{'decoding':<18}" + "".join(f"{m:>13}" for m in METRICS)]
+    for name, m in metrics.items():
+        lines.append(f"{name:<18}" + "".join(f"{m[k]:>13.4f}" for k in METRICS))
+    return "\n".join(lines)
+
+
+def plot_per_class(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_class, pos = result["per_class_f1"], result["positives"]
+    names = list(pos)
+    kinds = list(per_class)
+    fig, ax = plt.subplots(figsize=(9, max(4.0, 0.22 * len(names) * max(1, len(kinds)) ** 0.5 + 1.5)))
+    y = np.arange(len(names))
+    h = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        ax.barh(y + (i - (len(kinds) - 1) / 2) * h, [per_class[kind][n] for n in names], height=h, label=kind)
+    ax.set_yticks(y, [f"{n} (n={pos[n]})" for n in names], fontsize=7 if len(names) > 30 else 9)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = result["curve"]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    colors = {"exact_match": "tab:blue", "micro_f1": "tab:orange"}
+    for m in ("exact_match", "micro_f1"):
+        ax.plot(c["threshold"], c[m], marker="o", ms=3, color=colors[m], label=f"{m} (plain threshold)")
+        for kind, style in (("default cascade", "--"), ("tuned", ":")):
+            if kind in result["metrics"]:
+                v = result["metrics"][kind][m]
+                ax.axhline(v, color=colors[m], ls=style, lw=1.2, label=f"{m}, {kind}: {v:.3f}")
+    ax.set_xlabel("global threshold (probability > t)")
+    ax.set_ylabel("score")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | None = None,
+             out_dir: str | Path | None = None, fallback=None, log=print) -> dict:
+    """Read and validate, score, print the table, then write the JSON and the two PNGs."""
+    from infer.submit import load_decoding
+
+    ids, p, names = read_probs(probs)
+    label_ids, y_all = read_labels(labels, names, probs_path=probs)
+    y = y_all[align_ids(probs, ids, labels, label_ids)]
+    tuned = load_decoding(probs, names, thresholds, None, log=log) if thresholds is not None else None
+    if tuned is not None and list(tuned.label_names) != list(names):  # same set, other order: follow the thresholds
+        pos = {n: j for j, n in enumerate(names)}
+        order = [pos[n] for n in tuned.label_names]
+        p, y, names = p[:, order], y[:, order], list(tuned.label_names)
+    if fallback is None and tuned is not None:  # the default cascade falls back like the tuned decoding
+        fallback = "none" if tuned.fallback is None else str(class_ids(names)[tuned.fallback])
+    default = load_decoding(probs, names, None, fallback, log=log)
+    result = evaluate_arrays(p, y, names, default, tuned)
+    probs = Path(probs)
+    out_dir = probs.parent if out_dir is None else Path(out_dir)
+    stem = probs.stem
+    files = {"json": out_dir / f"{stem}.eval.json", "per_class_png": out_dir / f"{stem}.per_class_f1.png",
+             "curve_png": out_dir / f"{stem}.threshold_curve.png"}
+    note = "" if len(ids) == len(label_ids) else f" ({len(ids)} of the {len(label_ids)} labelled rows)"
+    log(f"evaluate: {len(ids)} rows x {len(names)} classes of {probs} against {labels}{note}")
+    log(table(result["metrics"]))
+    tuned_on = tuned.meta.get("oof") if tuned is not None else None
+    if tuned_on and Path(tuned_on).resolve() == Path(probs).resolve():
+        nested = (tuned.meta.get("nested") or {}).get("pooled", {}).get("tuned", {})
+        log(f"note: {thresholds} was tuned on this file, so its row is in-sample (optimistic)"
+            + (f"; its nested estimate: exact_match {nested['exact_match']:.4f}, micro_f1 {nested['micro_f1']:.4f}"
+               if "exact_match" in nested else ""))
+    title = f"{probs.name}: {len(ids)} rows"
+    plot_per_class(result, files["per_class_png"], f"per-class F1, {title}")
+    plot_curve(result, files["curve_png"], f"score vs global threshold, {title}")
+    write_json(files["json"], {"probs": str(probs), "labels": str(labels),
+                               "thresholds": None if thresholds is None else str(thresholds), **result,
+                               "files": {k: str(v) for k, v in files.items() if k != "json"}})
+    log("wrote " + ", ".join(str(v) for v in files.values()))
+    result["files"] = files
+    return result
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate", help="metrics table and plots of a probability file against labels",
+        description="Exact match and micro/macro/weighted F1 of 0.5 thresholding, the default cascade and tuned "
+                    "thresholds; per-class F1 bar chart and score-vs-threshold curve as PNG, metrics as JSON.")
+    p.add_argument("--probs", required=True, help="probability CSV (e.g. RUN/oof.csv)")
+    p.add_argument("--labels", required=True, help="labelled CSV with the same ids")
+    p.add_argument("--thresholds", help="thresholds.json from python -m infer tune")
+    p.add_argument("--out-dir", help="folder for the PNGs and the metrics JSON (default: beside --probs)")
+    p.add_argument("--fallback", help=f"class id of the default cascade's fallback (default {DEFAULT_FALLBACK}; "
+                                      f"'none' = empty)")
+    p.set_defaults(func=_cli)
+    return p
+
+
+def _cli(args) -> int:
+    try:
+        evaluate(args.probs, args.labels, args.thresholds, args.out_dir, args.fallback)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

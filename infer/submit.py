@@ -1,0 +1,112 @@
+"""Write a competition submission from a probability file (``python -m infer submit``).
+
+The format is that of ``sample_submission.csv``: ``index,target`` where target is the space-separated class ids
+of a row (ascending; may be empty). Class id = the label's integer suffix when all labels are one prefix + an
+integer (``trend_id_res7`` -> 7), else its column position. Rows keep the probability file's ids and order.
+
+Decoding: the tuned ``--thresholds`` (thresholds.json from ``python -m infer tune``), else the reference cascade
+(0.55 .. 0.20 by 0.05, fallback class 19).
+
+Usage:
+    python -m infer submit --probs probs.csv [--thresholds thresholds.json] [--ids test.csv] --out submission.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from infer.io import ID_COLUMN, InputError, align_ids, atomic_path, read_ids, read_probs
+from infer.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids
+
+
+def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
+    """0/1 predictions (N x L, columns in ``label_names`` order) -> space-separated ascending class ids per row."""
+    cid = np.asarray(class_ids(label_names))
+    order = np.argsort(cid, kind="stable")
+    preds = np.asarray(preds)[:, order]
+    sorted_ids = cid[order]
+    return [" ".join(str(i) for i in sorted_ids[np.flatnonzero(row)]) for row in preds]
+
+
+def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallback=None,
+                  log=print) -> ThresholdSpec:
+    """The decoding for a probability file: its thresholds file (checked against its labels) or the default cascade.
+
+    ``fallback`` (a class id, 'none' or None = keep the thresholds' / default 19) overrides the fallback class.
+    """
+    from infer.tune import check_spec_labels, read_thresholds, resolve_fallback
+
+    if thresholds is not None:
+        spec = read_thresholds(thresholds)
+        check_spec_labels(spec, thresholds, label_names, probs_path)
+        if fallback is not None:
+            fb = resolve_fallback(spec.label_names, fallback, probs_path, True)
+            if fb != spec.fallback:
+                log(f"--fallback {fallback} overrides the fallback stored in {thresholds}")
+                spec = ThresholdSpec(spec.label_names, spec.start, spec.stop, spec.step, fb, spec.class_offsets,
+                                     spec.meta)
+        return spec
+    fb = resolve_fallback(label_names, DEFAULT_FALLBACK if fallback is None else fallback, probs_path,
+                          fallback is not None)
+    return ThresholdSpec(tuple(label_names), fallback=fb)
+
+
+def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = None, fallback=None,
+           ids: str | Path | None = None, log=print) -> pd.DataFrame:
+    """Validate everything, decode, then write ``out`` atomically. Returns the submission frame."""
+    row_ids, p, names = read_probs(probs)
+    spec = load_decoding(probs, names, thresholds, fallback, log=log)
+    if list(spec.label_names) != list(names):  # same set (checked), other order: follow the thresholds
+        pos = {n: j for j, n in enumerate(names)}
+        p = p[:, [pos[n] for n in spec.label_names]]
+        names = list(spec.label_names)
+    if ids is not None:
+        align_ids(probs, row_ids, ids, read_ids(ids), same_order=True)
+    preds = spec.decode(p)
+    sub = pd.DataFrame({ID_COLUMN: row_ids, "target": targets(preds, names)})
+    with atomic_path(out) as tmp:
+        sub.to_csv(tmp, index=False)
+    per_row = preds.sum(axis=1)
+    counts = np.bincount(per_row, minlength=4)
+    fell_back = 0
+    if spec.fallback is not None:
+        # rows the cascade left to the fallback: nothing above the lowest threshold (offsets included)
+        offs = np.zeros(len(names)) if spec.class_offsets is None else np.asarray(spec.class_offsets)
+        fell_back = int((~(p > (spec.steps[-1] + offs)).any(axis=1)).sum())
+    dist = ", ".join(f"{k}: {counts[k]}" for k in range(len(counts)) if counts[k])
+    log(f"submit: {len(sub)} rows from {probs} decoded with "
+        f"{thresholds if thresholds is not None else 'the default cascade'}; classes per row {dist}; "
+        f"{fell_back} row(s) got the fallback class"
+        + (f" {class_ids(names)[spec.fallback]}" if spec.fallback is not None else ""))
+    log(f"wrote {out}")
+    return sub
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "submit", help="write index,target submission CSV from a probability file",
+        description="Decode a probability file (tuned thresholds or the default cascade) into the competition's "
+                    "index,target format (target = space-separated class ids), same ids and order.")
+    p.add_argument("--probs", required=True, help="probability CSV (python -m infer predict)")
+    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("--thresholds", help="thresholds.json from python -m infer tune (default: the reference cascade)")
+    p.add_argument("--fallback", help=f"class id for rows no threshold selects (default {DEFAULT_FALLBACK} or the "
+                                      f"thresholds file's; 'none' = empty target)")
+    p.add_argument("--ids", help="CSV (e.g. test.csv) whose 'index' column the rows must match, in order")
+    p.set_defaults(func=_cli)
+    return p
+
+
+def _cli(args) -> int:
+    try:
+        submit(args.probs, args.out, args.thresholds, args.fallback, args.ids)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

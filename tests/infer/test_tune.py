@@ -1,0 +1,109 @@
+"""infer.tune and infer.blend as pure functions: tuning improves the in-sample score where the best thresholds are far
+from the reference cascade, is reproducible, shrinks per-class offsets of rare classes, and the nested estimate
+runs; blending prefers the better model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infer.blend import blend_probs, search_weights
+from infer.metrics import exact_match, micro_f1, objective_score
+from infer.thresholds import ThresholdSpec, cascade
+from infer.tune import kfold, nested_estimate, search_offsets, shrink_factors, tune_thresholds
+
+NAMES = tuple(f"trend_id_res{j}" for j in range(20))
+
+
+def low_confidence(n=400, n_labels=20, seed=0):
+    """Labels (>= 1 per row) whose positives score 0.08-0.18 and negatives 0-0.06: the reference cascade (stop 0.2)
+    selects nothing and falls back to class 19; a cascade reaching ~0.07 is nearly perfect."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, n_labels)) < 0.08).astype(np.int8)
+    y[y.sum(axis=1) == 0, rng.integers(0, n_labels)] = 1
+    p = np.where(y == 1, rng.uniform(0.08, 0.18, y.shape), rng.uniform(0.0, 0.06, y.shape))
+    return p, y
+
+
+def test_tuning_improves_when_the_best_threshold_is_far_from_the_default():
+    p, y = low_confidence()
+    spec = tune_thresholds(p, y, NAMES, n_trials=60, seed=0)
+    default = exact_match(y, cascade(p))
+    tuned = exact_match(y, spec.decode(p))
+    assert default < 0.2 and tuned > 0.95
+    assert spec.stop < 0.08 and spec.meta["in_sample"]["tuned"]["exact_match"] == pytest.approx(tuned)
+    f1_spec = tune_thresholds(p, y, NAMES, objective="micro_f1", n_trials=60, seed=0)
+    assert micro_f1(y, f1_spec.decode(p)) > micro_f1(y, cascade(p)) + 0.5
+
+
+def test_tuning_never_loses_to_the_default_in_sample():
+    rng = np.random.default_rng(3)
+    y = (rng.random((300, 20)) < 0.1).astype(np.int8)
+    p = np.clip(y * 0.5 + rng.normal(0.2, 0.2, y.shape), 0, 1)
+    for objective in ("exact_match", "micro_f1"):
+        spec = tune_thresholds(p, y, NAMES, objective=objective, n_trials=30, seed=1)
+        assert objective_score(y, spec.decode(p), objective) >= objective_score(y, cascade(p), objective)
+
+
+def test_tuning_is_reproducible():
+    p, y = low_confidence(seed=2)
+    a = tune_thresholds(p, y, NAMES, n_trials=40, seed=7)
+    b = tune_thresholds(p, y, NAMES, n_trials=40, seed=7)
+    assert a.to_dict() == b.to_dict()
+
+
+def test_per_class_offsets_fix_a_class_with_its_own_scale_and_are_shrunk():
+    """Class 5's positives score only 0.3-0.4 while the rest are confident: a per-class offset on class 5 helps;
+    a larger shrinkage k gives a smaller offset."""
+    rng = np.random.default_rng(0)
+    n = 600
+    y = np.zeros((n, 20), dtype=np.int8)
+    y[np.arange(n), rng.integers(0, 20, n)] = 1
+    y[rng.random(n) < 0.3, 5] = 1
+    p = np.where(y == 1, rng.uniform(0.7, 0.95, y.shape), rng.uniform(0.0, 0.45, y.shape))
+    p[:, 5] = np.where(y[:, 5] == 1, rng.uniform(0.5, 0.6, n), rng.uniform(0.0, 0.3, n))
+    steps = (0.8, 0.7, 0.6, 0.5)
+    base = objective_score(y, cascade(p, steps, 19))
+    o0, v0 = search_offsets(p, y, steps, 19, shrink=0.0)
+    o1, v1 = search_offsets(p, y, steps, 19, shrink=200.0)
+    assert v0 > base and o0[5] < 0
+    assert v0 == pytest.approx(objective_score(y, cascade(p, steps, 19, o0)))
+    assert 0 >= o1[5] > o0[5]
+    f = shrink_factors(y, 20.0)
+    assert f[5] == pytest.approx(y[:, 5].sum() / (y[:, 5].sum() + 20))
+    assert shrink_factors(np.zeros((5, 2)), 20.0).tolist() == [0.0, 0.0]
+
+
+def test_nested_estimate_runs_and_reports_default_vs_tuned():
+    p, y = low_confidence(n=300)
+    folds = kfold(len(y), 3, seed=0)
+    est = nested_estimate(p, y, folds, NAMES, n_trials=30, seed=0)
+    assert est["folds"] == 3 and [r["fold"] for r in est["per_fold"]] == [0, 1, 2]
+    assert sum(r["rows"] for r in est["per_fold"]) == 300
+    assert est["pooled"]["tuned"]["exact_match"] > est["pooled"]["default"]["exact_match"] + 0.5
+    pooled = est["pooled"]
+    assert est["gain"] == pytest.approx(pooled["tuned"]["exact_match"] - pooled["default"]["exact_match"])
+    assert (kfold(50, 5, 1) == kfold(50, 5, 1)).all() and sorted(set(kfold(50, 5, 1))) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        nested_estimate(p, y, np.zeros(len(y)), NAMES)
+
+
+def test_blend_prefers_the_better_model():
+    rng = np.random.default_rng(0)
+    y = np.zeros((500, 20), dtype=np.int8)
+    y[np.arange(500), rng.integers(0, 20, 500)] = 1
+    good = np.clip(np.where(y == 1, 0.8, 0.1) + rng.normal(0, 0.12, y.shape), 0, 1)
+    bad = rng.random(y.shape) * 0.9
+    w, best = search_weights([bad, good], y, n_trials=40, seed=0)
+    assert w[1] > w[0] and sum(w) == pytest.approx(1)
+    assert best >= exact_match(y, cascade(good)) > exact_match(y, cascade(bad))
+    assert search_weights([bad, good], y, n_trials=40, seed=0) == (w, best)
+    assert np.allclose(blend_probs([np.ones((2, 2)), np.zeros((2, 2))], [3, 1]), 0.75)
+
+
+def test_spec_decode_matches_the_fast_global_decoder():
+    from infer.tune import decode_global
+
+    p, _ = low_confidence(seed=5)
+    spec = ThresholdSpec(NAMES, 0.3, 0.05, 0.025, 19)
+    assert (decode_global(p, spec.steps, 19) == spec.decode(p)).all()
