@@ -217,6 +217,10 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state}
             with atomic_path(ckpt) as tmp:
                 torch.save(blob, tmp)
+            if cfg.hub.push_checkpoints_to:  # Kaggle's 12-hour limit: the next session resumes from the Hub
+                from infer.hub import push_checkpoint
+
+                push_checkpoint(fold_dir.parent, cfg.hub.push_checkpoints_to, private=cfg.hub.private, log=log)
         env.barrier()
         # Test hook: a hard kill right after the first checkpoint at step >= N (never in a resumed fold).
         kill_at = os.environ.get("QLML_TEST_KILL_AT_STEP")

@@ -191,3 +191,21 @@ def test_empty_texts_missing_tags_and_emoji_are_valid(tiny_models, tmp_path, arc
     assert summary["rows"] == (folds["fold"] == 0).sum() >= 9
     ids, probs, _ = read_probs(tmp_path / "run" / "oof.csv", LABELS)
     assert np.isfinite(probs).all() and list(ids) == folds.loc[folds["fold"] == 0, "index"].tolist()
+
+
+def test_checkpoints_are_pushed_when_configured(tiny_model, small_csv, tmp_path, monkeypatch):
+    """hub.push_checkpoints_to: every checkpoint (here every 2 steps + epoch ends) is pushed right after it is saved."""
+    import infer.hub
+
+    pushed = []
+
+    def fake_push(run_dir, repo, private=True, log=print):
+        pushed.append((Path(run_dir), repo, private, (Path(run_dir) / "fold_0/checkpoint/state.pt").is_file()))
+        return True
+
+    monkeypatch.setattr(infer.hub, "push_checkpoint", fake_push)
+    cfg = tiny_config_for(tiny_model, small_csv, tmp_path / "run", train__save_every_steps=2, train__num_epochs=1,
+                          hub__push_checkpoints_to="user/ckpt", hub__private=False)
+    main(cfg)
+    assert len(pushed) >= 2
+    assert all(p == (tmp_path / "run", "user/ckpt", False, True) for p in pushed)
