@@ -401,6 +401,9 @@ def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None
         model, base_tok, dtype = load_classifier(path, len(first.label_names), first.cfg.model,
                                                  first.cfg.quantization, device, device_map=device_map)
         tok = load_tokenizer(str(first.folder)) if (first.folder / "tokenizer_config.json").is_file() else base_tok
+        if len(tok) != len(base_tok):  # e.g. an adapter of a trimmed-vocabulary base on the full base: wrong ids
+            raise InputError(f"{first.folder}: the adapter's tokenizer has {len(tok)} tokens but the base model "
+                             f"{path} has {len(base_tok)}; use the base it was trained on (--base-model)")
         model = PeftModel.from_pretrained(model, str(first.folder), adapter_name=names[0], is_trainable=False)
         for ref, name in zip(refs[1:], names[1:]):
             model.load_adapter(str(ref.folder), adapter_name=name, is_trainable=False)

@@ -216,3 +216,14 @@ def test_cli_register(tiny_run, test_csv, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: adapter folder not found") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_error_adapter_tokenizer_differs_from_base(tiny_run, test_csv, tmp_path):
+    """An adapter trained on another vocabulary (e.g. a trimmed base) must not run on this base with wrong ids."""
+    from transformers import AutoTokenizer
+
+    bad = _copy_adapter(tiny_run, tmp_path / "othervocab")
+    tok = AutoTokenizer.from_pretrained(bad)
+    tok.add_tokens(["zzzunseen"])
+    tok.save_pretrained(bad)
+    _expect_error([str(bad)], test_csv, tmp_path / "p.csv", r"othervocab: the adapter's tokenizer has \d+ tokens but")
