@@ -20,7 +20,6 @@ pytestmark = pytest.mark.slow
 def run_notebook(name: str, params: dict, cwd: Path) -> nbformat.NotebookNode:
     """Execute ``notebooks/NAME`` with ``params`` injected after its parameters cell; saves the executed copy."""
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     idx = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))

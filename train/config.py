@@ -60,6 +60,9 @@ class LoraArgs:
     layers_to_transform: list[int] | None = None
     """Explicit layer indices; overrides ``layers_from``."""
     use_dora: bool = False
+    init_adapter: str | None = None
+    """Start the LoRA weights from this adapter folder (``python -m train dapt``; same r, alpha, modules and
+    layers required) instead of the usual init; the ``score`` head stays fresh."""
 
 
 @dataclass

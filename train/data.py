@@ -6,14 +6,14 @@ import math
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from infer.io import InputError, py_scalar
-from train.config import DataArgs
+from train.config import DEFAULT_TEMPLATE, DataArgs
 
 
 @dataclass
@@ -199,3 +199,55 @@ def collate(token_ids: Sequence[Sequence[int]], pad_id: int, labels: np.ndarray 
     if labels is not None:
         out["labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
     return out
+
+
+@dataclass
+class Corpus:
+    """Unlabelled text (``trim-vocab``, ``dapt``): the formatted prompts of every row with any text."""
+
+    texts: list[str] = field(default_factory=list)
+    values: list[str] = field(default_factory=list)
+    """The non-empty template field values themselves."""
+    files: list[dict] = field(default_factory=list)
+    """One ``{"path", "rows", "rows_with_text"}`` per CSV."""
+
+
+def read_corpus(paths: Sequence[str | Path], template: str = DEFAULT_TEMPLATE, what: str = "corpus",
+                template_key: str = "data.text_template") -> Corpus:
+    """Every row of every CSV formatted with ``template`` (the prompts the model sees); rows whose template
+    columns are all empty are skipped.
+
+    Raises:
+        InputError: no file given, a file missing / unreadable / without rows / without the template's columns,
+            or a file with no text at all.
+    """
+    if not paths:
+        raise InputError(f"no {what} CSV given (--corpus a.csv[,b.csv])")
+    fields = template_fields(template)
+    corpus = Corpus()
+    for path in map(str, paths):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: {what} file not found")
+        try:
+            df = pd.read_csv(path, keep_default_na=True)
+        except pd.errors.EmptyDataError:
+            raise InputError(f"{path}: the {what} file is empty (no header, no rows)") from None
+        except Exception as e:  # noqa: BLE001 - pandas raises many kinds
+            raise InputError(f"{path}: cannot read CSV: {e}") from None
+        if len(df) == 0:
+            raise InputError(f"{path}: the {what} file is empty (no rows)")
+        missing = [c for c in fields if c not in df.columns]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {missing} used by {template_key} {template!r}; "
+                             f"found {list(df.columns)[:12]}")
+        kept = 0
+        for record in df[fields].to_dict("records"):
+            values = {k: format_value(record[k]) for k in fields}
+            if any(v.strip() for v in values.values()):
+                corpus.texts.append(template.format(**values))
+                corpus.values += [v for v in values.values() if v.strip()]
+                kept += 1
+        if kept == 0:
+            raise InputError(f"{path}: the {what} file has no text (columns {fields} are empty in all {len(df)} rows)")
+        corpus.files.append({"path": path, "rows": int(len(df)), "rows_with_text": kept})
+    return corpus

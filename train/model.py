@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 import torch
 
 from infer.io import InputError, atomic_dir
-from train.config import EMBEDDED_MODEL, ModelArgs, QuantizationArgs, LoraArgs
+from train.config import EMBEDDED_MODEL, ConfigError, ModelArgs, QuantizationArgs, LoraArgs
 
 
 def cache_root(args: ModelArgs) -> Path:
@@ -101,33 +102,61 @@ def load_tokenizer(path: str):
     return tok
 
 
+def _load_kwargs(path: str, margs: ModelArgs, qargs: QuantizationArgs, device: torch.device):
+    """What every base-model load shares: tokenizer, compute dtype, attention kernel, 4-bit quantization config.
+
+    Returns (tokenizer, compute dtype, ``from_pretrained`` keyword arguments).
+    """
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    tok = load_tokenizer(path)
+    config = AutoConfig.from_pretrained(path)
+    dtype = pick_dtype(margs, device)
+    kwargs = dict(dtype=dtype, attn_implementation=pick_attention(margs, config.model_type),
+                  pad_token_id=tok.pad_token_id)
+    if qargs.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=qargs.quant_type, bnb_4bit_use_double_quant=qargs.double_quant,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    return tok, dtype, kwargs
+
+
+def _prepare_loaded(model, tok, dtype: torch.dtype):
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = False
+    keep_4bit_training_layout(model)
+    if dtype == torch.float16:
+        keep_residual_fp32(model)
+    return model
+
+
 def load_classifier(path: str, num_labels: int, margs: ModelArgs, qargs: QuantizationArgs, device: torch.device,
                     device_map=None, seed: int = 0, problem_type: str = "multi_label_classification"):
     """Base model with a fresh (seeded) ``score`` head, 4-bit linear layers where configured.
 
     Returns (model, tokenizer, compute dtype).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification
 
-    tok = load_tokenizer(path)
-    config = AutoConfig.from_pretrained(path)
-    dtype = pick_dtype(margs, device)
-    kwargs = dict(num_labels=num_labels, problem_type=problem_type, dtype=dtype,
-                  attn_implementation=pick_attention(margs, config.model_type), pad_token_id=tok.pad_token_id)
-    if qargs.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=qargs.quant_type, bnb_4bit_use_double_quant=qargs.double_quant,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    tok, dtype, kwargs = _load_kwargs(path, margs, qargs, device)
     if device_map is None:
         device_map = {"": device}
     torch.manual_seed(seed)  # the score head's init
-    model = AutoModelForSequenceClassification.from_pretrained(path, device_map=device_map, **kwargs)
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.use_cache = False
-    keep_4bit_training_layout(model)
-    if dtype == torch.float16:
-        keep_residual_fp32(model)
-    return model, tok, dtype
+    model = AutoModelForSequenceClassification.from_pretrained(path, device_map=device_map, num_labels=num_labels,
+                                                               problem_type=problem_type, **kwargs)
+    return _prepare_loaded(model, tok, dtype), tok, dtype
+
+
+def load_causal_lm(path: str, margs: ModelArgs, qargs: QuantizationArgs, device: torch.device, device_map=None):
+    """The base model with its LM head (domain-adaptive pretraining), loaded like :func:`load_classifier`.
+
+    Returns (model, tokenizer, compute dtype).
+    """
+    from transformers import AutoModelForCausalLM
+
+    tok, dtype, kwargs = _load_kwargs(path, margs, qargs, device)
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map or {"": device}, **kwargs)
+    return _prepare_loaded(model, tok, dtype), tok, dtype
 
 
 def keep_4bit_training_layout(model) -> None:
@@ -157,8 +186,11 @@ def keep_residual_fp32(model) -> None:
     model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.float())
 
 
-def apply_lora(model, largs: LoraArgs, grad_checkpointing: bool):
+def apply_lora(model, largs: LoraArgs, grad_checkpointing: bool, task: str = "seq_cls"):
     """Freeze the base, add LoRA adapters and a trainable fp32 ``score`` head (saved with the adapter).
+
+    ``task="causal_lm"`` (domain-adaptive pretraining): LoRA only, no head. For classification, LoRA starts
+    from ``largs.init_adapter`` when set (see :func:`load_init_adapter`).
 
     We deliberately skip peft's ``prepare_model_for_kbit_training``: it upcasts every non-quantized weight to
     fp32, including the embedding matrix (Gemma: 256k rows, ~0.9B parameters in 9B), for no benefit with LoRA.
@@ -181,9 +213,13 @@ def apply_lora(model, largs: LoraArgs, grad_checkpointing: bool):
     missing = [m for m in largs.target_modules if m not in names]
     if missing:
         raise InputError(f"lora.target_modules {missing} not found in {type(model).__name__}")
-    lcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=largs.r, lora_alpha=largs.alpha, lora_dropout=largs.dropout,
+    if task not in ("seq_cls", "causal_lm"):
+        raise ValueError(f"apply_lora: task must be 'seq_cls' or 'causal_lm', got {task!r}")
+    seq_cls = task == "seq_cls"
+    lcfg = LoraConfig(task_type=TaskType.SEQ_CLS if seq_cls else TaskType.CAUSAL_LM, r=largs.r,
+                      lora_alpha=largs.alpha, lora_dropout=largs.dropout,
                       target_modules=list(largs.target_modules), layers_to_transform=layers,
-                      use_dora=largs.use_dora, modules_to_save=["score"], bias="none")
+                      use_dora=largs.use_dora, modules_to_save=["score"] if seq_cls else None, bias="none")
     if grad_checkpointing:
         # Non-reentrant checkpointing: works with frozen inputs and with DDP (no enable_input_require_grads).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -192,7 +228,76 @@ def apply_lora(model, largs: LoraArgs, grad_checkpointing: bool):
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if seq_cls and largs.init_adapter:
+        load_init_adapter(model, largs)
     return model
+
+
+_LORA_KEY = re.compile(r"(?:^|\.)(layers\.\d+\..*\.lora_(?:A|B|magnitude_vector))(?:\.|$)")
+
+
+def _lora_suffix(name: str) -> str | None:
+    """The key a LoRA weight has in both the CAUSAL_LM and the SEQ_CLS layout, in the model or in an adapter file:
+    ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight`` -> ``layers.3.self_attn.q_proj.lora_A``.
+    """
+    m = _LORA_KEY.search(name)
+    return m.group(1) if m else None
+
+
+def load_init_adapter(model, largs: LoraArgs) -> None:
+    """Copy the LoRA weights of ``largs.init_adapter`` (e.g. a ``python -m train dapt`` adapter, saved from a causal
+    LM) into ``model``'s LoRA layers, matched by module (``layers.N.self_attn.q_proj.lora_A``).
+
+    Raises:
+        InputError: the folder or its weights are missing.
+        ConfigError: the adapter does not fit the ``lora`` section (r, alpha, DoRA, modules, layers, shapes).
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    key = f"lora.init_adapter={largs.init_adapter}"
+    folder = Path(largs.init_adapter).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"{key}: folder not found")
+    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
+        raise InputError(f"{key}: no finished LoRA adapter there (adapter_config.json / adapter_model.safetensors "
+                         f"missing; did `python -m train dapt` finish?)")
+    acfg = json.loads((folder / "adapter_config.json").read_text())
+    problems = []
+    for name, ours, theirs in [("lora.r", largs.r, acfg.get("r")), ("lora.alpha", largs.alpha, acfg.get("lora_alpha")),
+                               ("lora.use_dora", largs.use_dora, bool(acfg.get("use_dora")))]:
+        if ours != theirs:
+            problems.append(f"{name} is {ours!r}, the adapter has {theirs!r}")
+    targets = acfg.get("target_modules")
+    targets = sorted([targets] if isinstance(targets, str) else targets or [])
+    if targets != sorted(largs.target_modules):
+        problems.append(f"lora.target_modules is {sorted(largs.target_modules)}, the adapter has {targets}")
+    if problems:
+        raise ConfigError(f"{key} does not fit the lora section: " + "; ".join(problems))
+    saved = {}
+    for name, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
+        suffix = _lora_suffix(name)
+        if suffix is None:
+            raise ConfigError(f"{key}: weight {name!r} is not a LoRA weight of a decoder layer")
+        saved[suffix] = tensor
+    params = {}
+    for name, p in model.named_parameters():
+        suffix = _lora_suffix(name)
+        if suffix is not None:
+            params[suffix] = p
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or extra:
+        raise ConfigError(f"{key}: the adapter's LoRA layers differ from the model's (lora.layers_from / "
+                          f"lora.layers_to_transform?): the adapter lacks {missing[:4]} ({len(missing)} in all), "
+                          f"has extra {extra[:4]} ({len(extra)} in all)")
+    bad = [f"{k}: adapter {tuple(saved[k].shape)}, model {tuple(p.shape)}" for k, p in params.items()
+           if saved[k].shape != p.shape]
+    if bad:
+        raise ConfigError(f"{key}: weight shapes differ (another base model?): {bad[:3]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
 
 
 def count_parameters(model) -> dict[str, int]:

@@ -18,7 +18,7 @@ from infer.thresholds import cascade, threshold
 from train.artifacts import save_adapter
 from train.config import ConfigError, RunConfig
 from train.data import make_folds, read_csv, read_label_descriptions, tokenize
-from train.loop import DistEnv, device_map_for, fit_fold, setup_dist, write_fold_metrics
+from train.loop import device_map_for, fit_fold, setup_dist, write_fold_metrics
 from train.model import apply_lora, count_parameters, load_classifier, load_tokenizer, resolve_model_path
 
 

@@ -52,11 +52,12 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from infer.io import InputError, atomic_dir, versions, write_json
 from train.config import DEFAULT_TEMPLATE, ConfigError, ModelArgs
+from train.data import Corpus, read_corpus
 
 TRIM_REPORT = "trim_report.json"
 ID_MAP = "id_map.json"
@@ -73,58 +74,12 @@ class TrimError(RuntimeError):
 # --------------------------------------------------------------------------------------------------- corpus
 
 
-@dataclass
-class Corpus:
-    texts: list[str]
-    files: list[dict] = field(default_factory=list)  # [{"path", "rows"}]
-    values: list[str] = field(default_factory=list)  # the non-empty template fields (for the overlap check)
-
-
 def split_paths(values: Iterable[str] | None) -> list[str]:
     """``--corpus a.csv,b.csv --corpus c.csv`` -> [a.csv, b.csv, c.csv]."""
     out = []
     for v in values or []:
         out += [p.strip() for p in str(v).split(",") if p.strip()]
     return out
-
-
-def read_corpus(paths: Sequence[str | Path], template: str = DEFAULT_TEMPLATE, what: str = "corpus") -> Corpus:
-    """Every row of every CSV formatted with ``template`` (train.data's formatting: the prompts the model sees).
-
-    Raises:
-        InputError: no file given, a file missing / unreadable / without the template's columns / without rows,
-            or every row's template fields empty.
-    """
-    import pandas as pd
-
-    from train.data import format_value, template_fields
-
-    if not paths:
-        raise InputError(f"no {what} CSV given (--corpus a.csv[,b.csv])")
-    fields = template_fields(template)
-    corpus = Corpus(texts=[])
-    for path in map(str, paths):
-        if not Path(path).is_file():
-            raise InputError(f"{path}: {what} file not found")
-        try:
-            df = pd.read_csv(path, keep_default_na=True)
-        except pd.errors.EmptyDataError:
-            raise InputError(f"{path}: the {what} file is empty (no header, no rows)") from None
-        except Exception as e:  # noqa: BLE001 - pandas raises many kinds
-            raise InputError(f"{path}: cannot read CSV: {e}") from None
-        if len(df) == 0:
-            raise InputError(f"{path}: the {what} is empty (no rows)")
-        missing = [c for c in fields if c not in df.columns]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {missing} used by the prompt template "
-                             f"(--template); found {list(df.columns)[:12]}")
-        values = [[format_value(r[k]) for k in fields] for r in df[fields].to_dict("records")]
-        if fields and not any(v.strip() for row in values for v in row):
-            raise InputError(f"{path}: the {what} has no text: all {len(df)} rows have empty {fields}")
-        corpus.texts += [template.format(**dict(zip(fields, row))) for row in values]
-        corpus.values += [v for row in values for v in row if v.strip()]
-        corpus.files.append({"path": path, "rows": len(df)})
-    return corpus
 
 
 def template_literal(template: str) -> str:
@@ -632,8 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         template_fields(template)  # a bad template is an input error before anything is loaded
         if Path(args.out).exists() and not args.overwrite:
             raise InputError(f"{args.out}: output folder already exists (pass --overwrite to replace it)")
-        corpus = read_corpus(split_paths(args.corpus), template)
-        evals = [read_corpus([p], template, what="eval corpus") for p in split_paths(args.eval)]
+        corpus = read_corpus(split_paths(args.corpus), template, template_key="--template")
+        evals = [read_corpus([p], template, what="eval corpus", template_key="--template")
+                 for p in split_paths(args.eval)]
         from train.model import resolve_model_path
 
         model_path = resolve_model_path(margs)
