@@ -37,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from infer.io import InputError, atomic_dir, atomic_path, versions, write_json, write_text
+from infer.io import InputError, atomic_dir, versions, write_json, write_text
 from train.artifacts import base_model_id
 from train.config import ConfigError, RunConfig
 from train.data import batch_order, collate, read_corpus, tokenize
-from train.loop import (TrainingError, autocast, build_optimizer, build_scheduler, load_trainable_state, step_seed,
-                        trainable_state)
+from train.loop import Optimization, TrainingError, autocast, check_finite, kill_for_tests, step_seed
 from train.model import apply_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
 
 CHECKPOINT = Path("checkpoint") / "state.pt"
@@ -258,34 +257,20 @@ def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_
         write_json(out / RUN_FILE, run_info)
 
     # 3. Train (resuming from the checkpoint if there is one).
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
-    params_list = [p for p in model.parameters() if p.requires_grad]
+    opt = Optimization(model, cfg, device, dtype, total_steps)
     state = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "tokens": 0, "train_seconds": 0.0,
              "eval_loss_start": None}
     resumed = ckpt.is_file()
     if resumed:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        load_trainable_state(model, saved["trainable"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["state"]
+        state = opt.load(ckpt)
         log(f"dapt: resumed at epoch {state['epoch']} step {state['step']}/{total_steps}")
     elif eval_ids:
         state["eval_loss_start"] = corpus_loss(model, eval_ids, tok.pad_token_id, t.eval_batch_size, dtype)
         log(f"dapt: held-out loss before training {state['eval_loss_start']:.4f}")
 
     def save_checkpoint() -> None:
-        blob = {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state}
-        with atomic_path(ckpt) as tmp:
-            torch.save(blob, tmp)
-        # Test hook: a hard kill right after the first checkpoint at step >= N (never in a resumed run).
-        kill_at = os.environ.get("QLML_TEST_KILL_AT_STEP")
-        if kill_at and not resumed and state["step"] >= int(kill_at):
-            os._exit(137)
+        opt.save(ckpt, state)
+        kill_for_tests(resumed, state["step"])
 
     model.train()
     done = state["step"] >= total_steps
@@ -305,27 +290,17 @@ def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_
             for rows in groups[g]:
                 batch = collate([train_ids[r] for r in rows], tok.pad_token_id)
                 loss, _ = lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], dtype)
-                scaler.scale(loss / step_tokens).backward()  # mean over the step's tokens
+                opt.backward(loss / step_tokens)  # mean over the step's tokens
                 loss_sum += loss.item()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params_list, t.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = opt.step()
             mean_loss = loss_sum / step_tokens
             state["step"] += 1
             state["batch"] = (g + 1) * t.grad_accum_steps
             state["tokens"] += step_tokens
             state["losses"].append(mean_loss)
-            if state["step"] <= t.nan_guard_steps and not math.isfinite(mean_loss):
-                hint = (" fp16 overflows easily with Gemma: use a bf16 GPU, model.dtype=float32, or a lower train.lr"
-                        if dtype == torch.float16 else " lower train.lr or check the corpus")
-                raise TrainingError(f"dapt: loss is {mean_loss} at optimizer step {state['step']} "
-                                    f"(dtype {str(dtype).removeprefix('torch.')}).{hint}")
+            check_finite(mean_loss, state["step"], t.nan_guard_steps, dtype, "dapt")
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            gnorm=f"{float(grad_norm):.2f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{opt.lr:.2e}", gnorm=f"{grad_norm:.2f}")
             if state["step"] >= total_steps:
                 done = True
                 break

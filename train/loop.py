@@ -102,6 +102,68 @@ def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
+class Optimization:
+    """Optimizer, LR schedule and fp16 grad scaler of one training run (a fold, or DAPT), with the checkpoint that
+    makes it resumable: trainable weights + these three + the caller's progress ``state``, written atomically."""
+
+    def __init__(self, model, cfg: RunConfig, device: torch.device, dtype: torch.dtype, total_steps: int):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg, device)
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
+        self.max_grad_norm = cfg.train.max_grad_norm
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> float:
+        """Unscale, clip, step optimizer + schedule, zero the gradients; returns the gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path, state: dict) -> None:
+        blob = {"trainable": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "state": state}
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+
+    def load(self, path: Path) -> dict:
+        """Restore everything saved by :meth:`save`; returns the saved progress state."""
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        load_trainable_state(self.model, saved["trainable"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        return saved["state"]
+
+
+def check_finite(loss: float, step: int, guard_steps: int, dtype: torch.dtype, what: str) -> None:
+    """The NaN/inf guard of the first ``guard_steps`` optimizer steps, with what to change."""
+    if step <= guard_steps and not math.isfinite(loss):
+        hint = (" fp16 overflows easily with Gemma: use a bf16 GPU, model.dtype=float32, or a lower train.lr"
+                if dtype == torch.float16 else " lower train.lr or check the data")
+        raise TrainingError(f"{what}: loss is {loss} at optimizer step {step} "
+                            f"(dtype {str(dtype).removeprefix('torch.')}).{hint}")
+
+
+def kill_for_tests(resumed: bool, step: int) -> None:
+    """Test hook (QLML_TEST_KILL_AT_STEP=N): a hard kill right after the first checkpoint at step >= N, never in a
+    resumed run, so that tests can prove a killed-and-resumed run ends where an uninterrupted one does."""
+    kill_at = os.environ.get("QLML_TEST_KILL_AT_STEP")
+    if kill_at and not resumed and step >= int(kill_at):
+        os._exit(137)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     enabled = dtype in (torch.float16, torch.bfloat16)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -193,39 +255,25 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
 
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
-    params = [p for p in model.parameters() if p.requires_grad]
+    opt = Optimization(model, cfg, device, dtype, total_steps)
 
     state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "samples": 0, "real_tokens": 0,
              "padded_tokens": 0, "train_seconds": 0.0, "step_log": []}
     ckpt = fold_dir / "checkpoint" / "state.pt"
     resumed = ckpt.is_file()
     if resumed:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        load_trainable_state(model, saved["trainable"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["state"]
+        state = opt.load(ckpt)
         log(f"fold {fold}: resumed at epoch {state['epoch']} step {state['step']}/{total_steps}")
 
     def save_checkpoint() -> None:
         if env.is_main:
-            blob = {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state}
-            with atomic_path(ckpt) as tmp:
-                torch.save(blob, tmp)
+            opt.save(ckpt, state)
             if cfg.hub.push_checkpoints_to:  # Kaggle's 12-hour limit: the next session resumes from the Hub
                 from infer.hub import push_checkpoint
 
                 push_checkpoint(fold_dir.parent, cfg.hub.push_checkpoints_to, private=cfg.hub.private, log=log)
         env.barrier()
-        # Test hook: a hard kill right after the first checkpoint at step >= N (never in a resumed fold).
-        kill_at = os.environ.get("QLML_TEST_KILL_AT_STEP")
-        if kill_at and not resumed and state["step"] >= int(kill_at):
-            os._exit(137)
+        kill_for_tests(resumed, state["step"])
 
     model.train()
     done = state["step"] >= total_steps
@@ -258,33 +306,23 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
                 loss = multilabel_loss(logits, batch["labels"].to(logits.device), cfg.loss, pos_weight)
                 # Weight each micro-batch by its rows so a short last micro-batch counts as much as its rows; the
                 # all-reduce averages over ranks, so the gradient is the mean over the step's rows on all ranks.
-                scaler.scale(loss * (len(rows) * env.world_size / step_rows[g])).backward()
+                opt.backward(loss * (len(rows) * env.world_size / step_rows[g]))
                 loss_sum += loss.item() * len(rows)
                 state["real_tokens"] += int(batch["attention_mask"].sum())
                 state["padded_tokens"] += batch["attention_mask"].numel()
             state["samples"] += step_rows[g]  # rows of all ranks
             if env.world_size > 1:
-                allreduce_grads(params, env.world_size)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                allreduce_grads(opt.params, env.world_size)
+            grad_norm = opt.step()
             state["step"] += 1
             state["batch"] = (g + 1) * t.grad_accum_steps
             # (end time, rows, real tokens, padded tokens) per optimizer step: benchmarks skip the warm-up steps.
             state["step_log"].append((time.perf_counter(), rows_in_group, state["real_tokens"] - tokens_before[0],
                                       state["padded_tokens"] - tokens_before[1]))
             mean_loss = loss_sum / rows_in_group
-            if state["step"] <= t.nan_guard_steps and not math.isfinite(mean_loss):
-                hint = (" fp16 overflows easily with Gemma: use a bf16 GPU, model.dtype=float32, or a lower train.lr"
-                        if dtype == torch.float16 else " lower train.lr or check the data")
-                raise TrainingError(f"fold {fold}: loss is {mean_loss} at optimizer step {state['step']} "
-                                    f"(dtype {str(dtype).removeprefix('torch.')}).{hint}")
+            check_finite(mean_loss, state["step"], t.nan_guard_steps, dtype, f"fold {fold}")
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            gnorm=f"{float(grad_norm):.2f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{opt.lr:.2e}", gnorm=f"{grad_norm:.2f}")
             if t.save_every_steps and state["step"] % t.save_every_steps == 0 and state["step"] < total_steps:
                 state["train_seconds"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
