@@ -369,3 +369,21 @@ def test_python_m_infer_lists_every_subcommand_and_exits_2_on_bad_input(capsys):
     r = subprocess.run([sys.executable, "-m", "infer", "submit", "--probs", "/nonexistent/p.csv", "--out",
                         "/tmp/never-written.csv"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "error: /nonexistent/p.csv" in r.stderr
+
+
+def test_atomic_writes_have_the_usual_permissions(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700; artifacts (shared, uploaded) must get the umask's permissions."""
+    import os
+
+    from infer.io import atomic_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            write_text(d / "b.txt", "y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "d" / "b.txt").stat().st_mode & 0o777 == 0o644
