@@ -16,18 +16,15 @@ import argparse
 import sys
 
 from infer.io import InputError
-from train.config import ConfigError, RunConfig
+from train.config import ConfigError, RunConfig, add_config_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (see configs/); defaults to the embedded Gemma 3 270M setup")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.num_epochs=1 (repeatable)")
+    add_config_arguments(p)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="hub:USER/NAME",
                    help="continue the run in output_dir (or pull its checkpoints from the Hub first)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
 

@@ -187,6 +187,14 @@ class RunConfig:
         return cls.from_dict(raw, source=source)
 
 
+def add_config_arguments(parser) -> None:
+    """``--config``, ``--set KEY=VALUE`` and ``--print-config``: how every config-driven command takes its config."""
+    parser.add_argument("--config", help="YAML config (see configs/); defaults to the embedded Gemma 3 270M setup")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.num_epochs=1 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply ``a.b=value`` (value parsed as YAML) to a nested dict in place."""
     if "=" not in item:

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from infer.io import InputError, atomic_dir, versions, write_json, write_text
 from train.artifacts import base_model_id
-from train.config import ConfigError, RunConfig
-from train.data import batch_order, collate, read_corpus, tokenize
+from train.config import ConfigError, RunConfig, add_config_arguments
+from train.data import batch_order, collate, read_corpus, split_paths, tokenize
 from train.loop import Optimization, TrainingError, autocast, check_finite, kill_for_tests, step_seed
 from train.model import apply_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
 
@@ -356,16 +356,13 @@ def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train dapt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (see configs/); defaults to the embedded Gemma 3 270M setup")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    add_config_arguments(p)
     p.add_argument("--corpus", action="append", default=[], metavar="CSV[,CSV...]",
                    help="unlabelled CSV file(s) with the template's columns (repeatable, or comma-separated)")
     p.add_argument("--out", help="output folder (checkpoints, then the adapter); default: the config's output_dir")
     p.add_argument("--eval-rows", type=int, default=0, metavar="N",
                    help="hold N corpus rows out of training and report their loss before and after (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
 
@@ -378,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml())
             return 0
-        corpus = [p.strip() for item in args.corpus for p in item.split(",") if p.strip()]
+        corpus = split_paths(args.corpus)
         main_run(cfg, corpus, out, resume=args.resume, eval_rows=args.eval_rows)
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)

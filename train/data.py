@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +210,11 @@ class Corpus:
     """The non-empty template field values themselves."""
     files: list[dict] = field(default_factory=list)
     """One ``{"path", "rows", "rows_with_text"}`` per CSV."""
+
+
+def split_paths(values: Iterable[str] | None) -> list[str]:
+    """``--corpus a.csv,b.csv --corpus c.csv`` -> [a.csv, b.csv, c.csv]."""
+    return [p.strip() for v in values or [] for p in str(v).split(",") if p.strip()]
 
 
 def read_corpus(paths: Sequence[str | Path], template: str = DEFAULT_TEMPLATE, what: str = "corpus",

@@ -51,13 +51,13 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from infer.io import InputError, atomic_dir, versions, write_json
 from train.config import DEFAULT_TEMPLATE, ConfigError, ModelArgs
-from train.data import Corpus, read_corpus
+from train.data import Corpus, read_corpus, split_paths
 
 TRIM_REPORT = "trim_report.json"
 ID_MAP = "id_map.json"
@@ -72,14 +72,6 @@ class TrimError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------- corpus
-
-
-def split_paths(values: Iterable[str] | None) -> list[str]:
-    """``--corpus a.csv,b.csv --corpus c.csv`` -> [a.csv, b.csv, c.csv]."""
-    out = []
-    for v in values or []:
-        out += [p.strip() for p in str(v).split(",") if p.strip()]
-    return out
 
 
 def template_literal(template: str) -> str:
