@@ -108,6 +108,11 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
+    max_tokens_per_micro_batch: int | None = None
+    """Split a micro-batch whose padded size (rows x longest row) exceeds this many tokens into pieces run one
+    after another within the same optimizer step: the same gradient, the activation memory of the pieces. Lets a
+    big ``micro_batch_size`` run the (many) short batches whole while the (few) long ones still fit. ``None``:
+    never split."""
     grad_checkpointing: bool = False
     """Trade compute for memory; only needed for the largest models on small GPUs."""
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "auto"
@@ -300,6 +305,8 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         problems.append(f"model.num_labels must be >= 1, got {cfg.model.num_labels}")
     if cfg.data.label_prefix is None and not cfg.data.label_columns:
         problems.append("data.label_prefix or data.label_columns must be set")
+    if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < 1:
+        problems.append(f"train.max_tokens_per_micro_batch must be >= 1 (or null), got {t.max_tokens_per_micro_batch}")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
     if problems:

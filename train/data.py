@@ -185,6 +185,25 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, group_by_len
     return batches
 
 
+def split_by_tokens(rows: Sequence[int], lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
+    """Cut one micro-batch into pieces whose padded size (rows x longest row) is at most ``max_tokens``.
+
+    Rows are taken longest first, so each piece is padded to its own first row; a row longer than ``max_tokens``
+    is a piece of its own. ``None`` keeps the micro-batch whole. Every row lands in exactly one piece.
+    """
+    rows = list(rows)
+    if max_tokens is None or not rows:
+        return [rows] if rows else []
+    rows.sort(key=lambda i: -lengths[i])
+    pieces: list[list[int]] = []
+    for i in rows:
+        if pieces and (len(pieces[-1]) + 1) * lengths[pieces[-1][0]] <= max_tokens:
+            pieces[-1].append(i)
+        else:
+            pieces.append([i])
+    return pieces
+
+
 def collate(token_ids: Sequence[Sequence[int]], pad_id: int, labels: np.ndarray | None = None):
     """Right-pad a batch to its longest row. Returns dict of torch tensors."""
     import torch

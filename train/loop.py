@@ -18,7 +18,7 @@ from infer.io import atomic_path, write_json
 from infer.metrics import scores
 from infer.thresholds import cascade, threshold
 from train.config import RunConfig
-from train.data import batch_order, collate
+from train.data import batch_order, collate, split_by_tokens
 from train.loss import multilabel_loss, pos_weight_from_labels
 
 
@@ -298,14 +298,15 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
             rows_in_group = sum(len(b) for b in groups[g])
             loss_sum = 0.0
             tokens_before = (state["real_tokens"], state["padded_tokens"])
-            for rows in groups[g]:
+            pieces = [p for rows in groups[g] for p in split_by_tokens(rows, lengths, t.max_tokens_per_micro_batch)]
+            for rows in pieces:
                 batch = collate([token_ids[i] for i in rows], tokenizer.pad_token_id, labels[rows])
                 with autocast(device, dtype):
                     logits = model(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device)).logits
                 loss = multilabel_loss(logits, batch["labels"].to(logits.device), cfg.loss, pos_weight)
-                # Weight each micro-batch by its rows so a short last micro-batch counts as much as its rows; the
-                # all-reduce averages over ranks, so the gradient is the mean over the step's rows on all ranks.
+                # Weight each micro-batch (or piece of one) by its rows so a short one counts as much as its rows;
+                # the all-reduce averages over ranks, so the gradient is the mean over the step's rows on all ranks.
                 opt.backward(loss * (len(rows) * env.world_size / step_rows[g]))
                 loss_sum += loss.item() * len(rows)
                 state["real_tokens"] += int(batch["attention_mask"].sum())

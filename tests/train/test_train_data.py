@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from infer.io import InputError
 from train.config import DEFAULT_TEMPLATE, DataArgs, LossArgs
 from train.data import (batch_order, collate, format_prompt, format_value, label_columns, make_folds, read_csv,
-                        read_label_descriptions, template_fields)
+                        read_label_descriptions, split_by_tokens, template_fields)
 from train.loss import multilabel_loss, pos_weight_from_labels
 from trainkit import SAMPLE_TRAIN, ROOT, write_rows
 
@@ -198,6 +198,32 @@ def test_group_by_length_reduces_padding():
     # ... while the batch order stays random (not sorted by length).
     maxima = [max(lengths[i] for i in b) for b in batch_order(lengths, 16, 3)]
     assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 130), min_size=1, max_size=40), budget=st.one_of(st.none(), st.integers(1, 600)),
+       data=st.data())
+def test_split_by_tokens_covers_rows_within_the_budget(lengths, budget, data):
+    rows = data.draw(st.permutations(range(len(lengths))))[:data.draw(st.integers(1, len(lengths)))]
+    pieces = split_by_tokens(rows, lengths, budget)
+    assert sorted(i for p in pieces for i in p) == sorted(rows)
+    if budget is None:
+        assert pieces == [list(rows)]
+        return
+    for p in pieces:
+        assert len(p) >= 1
+        assert len(p) == 1 or len(p) * max(lengths[i] for i in p) <= budget
+    # Greedy, longest first: a piece is cut only where the next row would break the budget.
+    for a, b in zip(pieces, pieces[1:]):
+        assert (len(a) + 1) * lengths[a[0]] > budget
+
+
+def test_split_by_tokens_examples():
+    lengths = [40, 127, 30, 40, 100]
+    assert split_by_tokens([0, 1, 2, 3, 4], lengths, 10_000) == [[1, 4, 0, 3, 2]]
+    assert split_by_tokens([0, 1, 2, 3, 4], lengths, 254) == [[1, 4], [0, 3, 2]]
+    assert split_by_tokens([0, 1, 2, 3, 4], lengths, 100) == [[1], [4], [0, 3], [2]]
+    assert split_by_tokens([], lengths, 100) == []
 
 
 # --- collation --------------------------------------------------------------------------------------------------

@@ -172,6 +172,28 @@ def test_all_folds_cover_every_row(tiny_model, small_csv, tmp_path):
     assert len(summary["per_fold"]) == 3
 
 
+def test_token_budget_splits_micro_batches_without_changing_the_training(tiny_model, small_csv, tmp_path):
+    """train.max_tokens_per_micro_batch runs long micro-batches in pieces: the same optimizer steps and gradients
+    (up to float summation order), less padding; dropout off so both runs draw no random numbers."""
+    runs = {}
+    for name, budget in [("whole", None), ("split", 48)]:
+        cfg = tiny_config_for(tiny_model, small_csv, tmp_path / name, lora__dropout=0.0,
+                              train__max_tokens_per_micro_batch=budget)
+        main(cfg)
+        runs[name] = (tmp_path / name / "fold_0", json.loads((tmp_path / name / "fold_0" / "metrics.json").read_text()))
+    (whole, mw), (split, ms) = runs["whole"], runs["split"]
+    assert mw["steps"] == ms["steps"] and mw["samples"] == ms["samples"] and mw["real_tokens"] == ms["real_tokens"]
+    assert ms["padded_tokens"] < mw["padded_tokens"]
+    ww = load_file(whole / "last" / "adapter_model.safetensors")
+    ws = load_file(split / "last" / "adapter_model.safetensors")
+    moved = 0.0
+    for k in ww:
+        assert torch.allclose(ww[k], ws[k], atol=1e-4, rtol=1e-3), (k, (ww[k] - ws[k]).abs().max())
+        moved = max(moved, (ww[k]).abs().max().item())
+    assert moved > 0
+    np.testing.assert_allclose(np.load(whole / "val_probs_last.npy"), np.load(split / "val_probs_last.npy"), atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "mistral"])
 def test_empty_texts_missing_tags_and_emoji_are_valid(tiny_models, tmp_path, arch):
     n = 30
