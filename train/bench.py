@@ -165,12 +165,15 @@ def run_reference(path: str, ids, labels, steps: int, warmup: int, epochs: float
 
     tok = load_tokenizer(path)
     config = AutoConfig.from_pretrained(path)
+    # fp16 as the reference on a GPU; fp32 on the CPU, where fp16 matmuls are emulated (~20x slower) and the
+    # Trainer has no fp16 mixed precision anyway.
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float16)
+                             bnb_4bit_compute_dtype=dtype)
     torch.manual_seed(42)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=labels.shape[1], problem_type="multi_label_classification", quantization_config=bnb,
-        dtype=torch.float16, device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
+        dtype=dtype, device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
         attn_implementation="eager" if config.model_type == "gemma2" else "sdpa")
     model.config.pad_token_id = tok.pad_token_id
     n_params = non_embedding_params(model)
@@ -221,7 +224,7 @@ def run_reference(path: str, ids, labels, steps: int, warmup: int, epochs: float
     if val is not None:
         from train.loop import predict_probs
 
-        out["val_probs"] = predict_probs(model, val[0], tok.pad_token_id, 64, torch.float16).tolist()
+        out["val_probs"] = predict_probs(model, val[0], tok.pad_token_id, 64, dtype).tolist()
     return out
 
 
