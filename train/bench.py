@@ -51,6 +51,8 @@ SHAPES = {
 CONFIGS = {"embedded": "configs/gemma-3-270m/qlora.yaml", "gemma-2-9b": "configs/gemma-2-9b/qlora.yaml",
            "gemma-2-27b": "configs/gemma-2-27b/qlora.yaml", "mistral-7b": "configs/mistral-7b/qlora.yaml",
            "tiny-gemma2": "configs/gemma-2-9b/qlora.yaml"}
+# The 9B config adapts layers 16+; the tiny shape (a CPU smoke test of this script) has 4, so the upper half.
+CONFIG_OVERRIDES = {"tiny-gemma2": ["lora.layers_from=2"]}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "A10G": 125.0}
 REF_LAYERS_FROM = {"gemma2": 16, "mistral": 8}
 
@@ -236,7 +238,8 @@ def run_toolkit(path: str, model_key: str, ids, labels, steps: int, warmup: int,
     from train.loop import DistEnv, fit_fold
     from train.model import apply_lora, load_classifier
 
-    over = [f"model.name_or_path={path}", "train.save_every_steps=0", "cv.folds=[0]"] + (overrides or [])
+    over = [f"model.name_or_path={path}", "train.save_every_steps=0", "cv.folds=[0]",
+            *CONFIG_OVERRIDES.get(model_key, []), *(overrides or [])]
     if t4:
         over.append("model.dtype=float16")
         if torch.cuda.is_available():
