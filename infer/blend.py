@@ -6,9 +6,12 @@ first) to maximise the objective (exact match by default, micro-F1 on request) o
 blended out-of-fold probabilities. Tune thresholds on the blended OOF afterwards (``--out-oof``, then
 ``python -m infer tune``).
 
+The blend's OOF score with weights tuned on the same OOF is optimistic; the nested estimate (weights tuned on all
+folds but one, the left-out fold scored, rotated) is the honest one, printed beside it.
+
 Usage:
     python -m infer blend --probs a.csv,b.csv --oof a_oof.csv,b_oof.csv --labels train.csv --out blend.csv \\
-        [--out-oof blend_oof.csv] [--objective micro_f1] [--n-trials 100] [--seed 0]
+        [--out-oof blend_oof.csv] [--folds RUN/folds.csv] [--objective micro_f1] [--n-trials 100] [--seed 0]
 """
 
 from __future__ import annotations
@@ -85,6 +88,32 @@ def search_weights(oofs: Sequence[np.ndarray], labels: np.ndarray, objective: st
     return [float(v) for v in weights_of(best.params)], float(best.value)
 
 
+def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence[int], objective: str = "exact_match",
+                 n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: int | None = DEFAULT_FALLBACK) -> dict:
+    """Honest estimate of the blend: tune the weights on all folds but one, decode the left-out fold's blend with
+    the default cascade, rotate; the left-out predictions are pooled.
+
+    Returns ``{"folds", "per_fold": [{"fold", "rows", "weights", objective}], "pooled": scores}``.
+    """
+    from infer.tune import decode_global
+
+    y = np.asarray(labels).astype(np.int8)
+    folds = np.asarray(folds)
+    uniq = sorted(set(folds.tolist()))
+    if len(uniq) < 2:
+        raise ValueError("the nested estimate needs at least 2 folds")
+    steps = cascade_steps()
+    pred = np.zeros_like(y)
+    per_fold = []
+    for f in uniq:
+        test = folds == f
+        w, _ = search_weights([p[~test] for p in oofs], y[~test], objective, n_trials, seed, fallback, steps)
+        pred[test] = decode_global(blend_probs([p[test] for p in oofs], w), steps, fallback)
+        per_fold.append({"fold": int(f), "rows": int(test.sum()), "weights": w,
+                         objective: float(objective_score(y[test], pred[test], objective))})
+    return {"folds": len(uniq), "per_fold": per_fold, "pooled": scores(y, pred)}
+
+
 def _split(value: str | Sequence[str], what: str) -> list[str]:
     items = [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s) for s in value]
     items = [s for s in items if s]
@@ -108,9 +137,12 @@ def _read_group(paths: Sequence[str], names: Sequence[str] | None):
 
 def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str | Path, out: str | Path | None = None,
               out_oof: str | Path | None = None, objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS,
-              seed: int = 0, fallback=None, progress: bool = True, log=print) -> dict:
-    """Read and validate everything, tune the weights, then write the blended file(s)."""
-    from infer.tune import resolve_fallback
+              seed: int = 0, fallback=None, folds: str | Path | None = None, kfolds: int = 5, nested: bool = True,
+              progress: bool = True, log=print) -> dict:
+    """Read and validate everything, tune the weights (and estimate the blend's score honestly, nested over the
+    folds: ``folds`` file, else RUN/folds.csv beside the first OOF file, else a seeded K-fold), then write the
+    blended file(s)."""
+    from infer.tune import resolve_fallback, resolve_folds
 
     probs, oof = _split(probs, "--probs"), _split(oof, "--oof")
     if objective not in OBJECTIVES:
@@ -135,25 +167,35 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     default = ThresholdSpec(tuple(names), fallback=fb)
     rows = {path: scores(y, default.decode(p)) for path, p in zip(oof, oofs)}
     blended_oof = blend_probs(oofs, weights)
-    rows["blend"] = scores(y, default.decode(blended_oof))
+    rows["blend (in-sample)"] = scores(y, default.decode(blended_oof))
+    estimate = None
+    if nested:
+        fold_of, source = resolve_folds(folds, oof[0], oof_ids, None, kfolds, seed)
+        log(f"nested estimate over {len(set(fold_of.tolist()))} folds from {source}")
+        estimate = nested_blend(oofs, y, fold_of, objective, n_trials, seed, fb)
+        rows["blend (nested)"] = estimate["pooled"]
     width = max(len(str(k)) for k in rows) + 2
     lines = ["OOF scores with the default cascade:", f"  {'model':<{width}} {'weight':>7} {'exact_match':>12} "
                                                        f"{'micro_f1':>9}"]
     for i, (k, s) in enumerate(rows.items()):
         w = f"{weights[i]:.3f}" if i < len(weights) else ""
         lines.append(f"  {k:<{width}} {w:>7} {s['exact_match']:>12.4f} {s['micro_f1']:>9.4f}")
+    if estimate is not None:
+        lines.append("  nested: weights tuned on the other folds, the left-out fold scored; per fold: " + "; ".join(
+            f"{r['fold']}: {r[objective]:.4f} ({', '.join(f'{w:.2f}' for w in r['weights'])})"
+            for r in estimate["per_fold"]))
     log("\n".join(lines))
 
     meta = {"kind": "blend", "produced_by": "python -m infer blend", "inputs": list(probs), "oof": list(oof),
             "labels": str(labels), "weights": weights, "objective": objective, "n_trials": int(n_trials),
-            "seed": int(seed), "oof_scores": rows}
+            "seed": int(seed), "oof_scores": rows, "nested": estimate}
     written = [str(out)]
     write_probs(out, test_ids, blend_probs(tests, weights), names, meta=meta)
     if out_oof is not None:
         write_probs(out_oof, oof_ids, blended_oof, names, meta={**meta, "kind": "blend (out-of-fold)"})
         written.append(str(out_oof))
     log("wrote " + ", ".join(written))
-    return {"weights": weights, "objective_value": best, "oof_scores": rows, "out": str(out),
+    return {"weights": weights, "objective_value": best, "oof_scores": rows, "nested": estimate, "out": str(out),
             "out_oof": None if out_oof is None else str(out_oof)}
 
 
@@ -171,6 +213,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, default=DEFAULT_TRIALS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fallback", help=f"class id of the cascade's fallback (default {DEFAULT_FALLBACK}; 'none')")
+    p.add_argument("--folds", help="folds CSV (index, fold) for the nested estimate (default: RUN/folds.csv beside "
+                                   "the first --oof file, else a seeded K-fold)")
+    p.add_argument("--kfold", type=int, default=5, help="folds of the fallback split")
+    p.add_argument("--no-nested", action="store_true", help="skip the nested estimate")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cli)
     return p
@@ -181,7 +227,8 @@ def _cli(args) -> int:
         if args.n_trials < 1:
             raise InputError(f"--n-trials must be >= 1, got {args.n_trials}")
         run_blend(args.probs, args.oof, args.labels, args.out, args.out_oof, args.objective, args.n_trials,
-                  args.seed, args.fallback, progress=not args.no_progress)
+                  args.seed, args.fallback, folds=args.folds, kfolds=args.kfold, nested=not args.no_nested,
+                  progress=not args.no_progress)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

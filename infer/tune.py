@@ -391,6 +391,27 @@ def read_folds(path: str | Path, oof_path, oof_ids) -> np.ndarray:
     return folds.to_numpy(dtype=np.int64)[idx]
 
 
+def resolve_folds(folds: str | Path | None, oof: str | Path, ids, fold_col: np.ndarray | None, kfolds: int,
+                  seed: int) -> tuple[np.ndarray, str]:
+    """Folds of the OOF rows for a nested estimate: ``folds`` (a folds.csv), the OOF file's fold column, RUN/folds.csv
+    beside the OOF file, else a seeded K-fold. Returns (fold per row, where it came from)."""
+    fold_of, source = None, None
+    if folds is not None:
+        fold_of, source = read_folds(folds, oof, ids), str(folds)
+    elif fold_col is not None:
+        fold_of, source = fold_col, f"the 'fold' column of {oof}"
+    elif (Path(oof).parent / "folds.csv").is_file():
+        sidecar = Path(oof).parent / "folds.csv"
+        fold_of, source = read_folds(sidecar, oof, ids), str(sidecar)
+    why = "no fold assignment found"
+    if fold_of is not None and len(set(fold_of.tolist())) < 2:
+        why, fold_of = f"{source} puts every out-of-fold row in one fold", None
+    if fold_of is None:
+        fold_of = kfold(len(ids), kfolds, seed)
+        source = f"a seeded {len(set(fold_of.tolist()))}-fold split (seed {seed}; {why})"
+    return fold_of, source
+
+
 def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | Path | None = None,
              objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS, seed: int = 0,
              fallback: str | int | None = None, per_class: bool = True, shrink: float = DEFAULT_SHRINK,
@@ -409,21 +430,7 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
         (f" ({len(ids)} of {len(label_ids)} labelled rows of {labels})" if len(ids) != len(label_ids)
          else f"; labels {labels}") + f"; objective {objective}, {n_trials} trials, seed {seed}")
 
-    # Folds for the nested estimate: --folds, a fold column, RUN/folds.csv beside the OOF, else a seeded K-fold.
-    fold_of, source = None, None
-    if folds is not None:
-        fold_of, source = read_folds(folds, oof, ids), str(folds)
-    elif fold_col is not None:
-        fold_of, source = fold_col, f"the 'fold' column of {oof}"
-    elif (Path(oof).parent / "folds.csv").is_file():
-        sidecar = Path(oof).parent / "folds.csv"
-        fold_of, source = read_folds(sidecar, oof, ids), str(sidecar)
-    why = "no fold assignment found"
-    if fold_of is not None and len(set(fold_of.tolist())) < 2:
-        why, fold_of = f"{source} puts every out-of-fold row in one fold", None
-    if fold_of is None:
-        fold_of = kfold(len(ids), kfolds, seed)
-        source = f"a seeded {len(set(fold_of.tolist()))}-fold split (seed {seed}; {why})"
+    fold_of, source = resolve_folds(folds, oof, ids, fold_col, kfolds, seed)
     kw = dict(objective=objective, n_trials=n_trials, seed=seed, fallback=fb, per_class=per_class, shrink=shrink)
 
     estimate = None

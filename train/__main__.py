@@ -6,6 +6,7 @@ Usage:
     python -m train --config configs/gemma-3-270m/qlora.yaml --print-config          # resolved config, no training
     python -m train trim-vocab ...    # shrink the embedding matrix to the corpus (python -m train trim-vocab -h)
     python -m train dapt ...          # domain-adaptive pretraining on unlabelled text (python -m train dapt -h)
+    python -m train tfidf ...         # TF-IDF + logistic-regression baseline, same folds (python -m train tfidf -h)
 
 Exit status: 0 on success, 2 on bad input (config, data, paths), 1 when training fails.
 """
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SUBCOMMANDS = {"trim-vocab": "train.vocab", "dapt": "train.dapt"}
+SUBCOMMANDS = {"trim-vocab": "train.vocab", "dapt": "train.dapt", "tfidf": "train.tfidf"}
 
 
 def main(argv: list[str] | None = None) -> int:

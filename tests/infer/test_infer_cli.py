@@ -229,7 +229,14 @@ def test_blend_weights_the_better_model_and_writes_the_blend(data, capsys):
     assert list(ids) == list(data["test_ids"]) and names == NAMES
     assert np.allclose(p, w[0] * data["test_p"] + w[1] * read_probs(bad_probs)[1], atol=2e-6)
     assert read_probs(out_oof)[1].shape == data["p"].shape
-    assert meta["oof_scores"]["blend"]["exact_match"] >= meta["oof_scores"][str(data["oof"])]["exact_match"]
+    scores = meta["oof_scores"]
+    assert scores["blend (in-sample)"]["exact_match"] >= scores[str(data["oof"])]["exact_match"]
+    # The honest figure: weights tuned on 4 folds, the 5th scored (no folds.csv here: a seeded 5-fold split).
+    nested = meta["nested"]
+    assert nested["folds"] == 5 and len(nested["per_fold"]) == 5 and "nested estimate over 5 folds" in stdout
+    assert scores["blend (nested)"] == nested["pooled"]
+    assert scores[str(bad_oof)]["exact_match"] < nested["pooled"]["exact_match"] <= scores["blend (in-sample)"][
+        "exact_match"]
 
 
 # --------------------------------------------------------------------------------------------------------------

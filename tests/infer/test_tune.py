@@ -101,6 +101,30 @@ def test_blend_prefers_the_better_model():
     assert np.allclose(blend_probs([np.ones((2, 2)), np.zeros((2, 2))], [3, 1]), 0.75)
 
 
+def test_nested_blend_tunes_each_folds_weights_on_the_other_folds():
+    from infer.blend import nested_blend
+    from infer.metrics import scores
+    from infer.tune import decode_global
+    from infer.thresholds import cascade_steps
+
+    rng = np.random.default_rng(1)
+    y = np.zeros((300, 20), dtype=np.int8)
+    y[np.arange(300), rng.integers(0, 20, 300)] = 1
+    good = np.clip(np.where(y == 1, 0.7, 0.15) + rng.normal(0, 0.15, y.shape), 0, 1)
+    other = np.clip(np.where(y == 1, 0.6, 0.2) + rng.normal(0, 0.2, y.shape), 0, 1)
+    folds = np.arange(300) % 3
+    est = nested_blend([good, other], y, folds, n_trials=20, seed=0)
+    assert est["folds"] == 3 and [r["fold"] for r in est["per_fold"]] == [0, 1, 2]
+    pred = np.zeros_like(y)
+    for r in est["per_fold"]:
+        test = folds == r["fold"]
+        assert r["weights"] == search_weights([good[~test], other[~test]], y[~test], n_trials=20, seed=0)[0]
+        pred[test] = decode_global(blend_probs([good[test], other[test]], r["weights"]), cascade_steps(), 19)
+    assert est["pooled"] == scores(y, pred)
+    with pytest.raises(ValueError):
+        nested_blend([good, other], y, np.zeros(300), n_trials=5)
+
+
 def test_spec_decode_matches_the_fast_global_decoder():
     from infer.tune import decode_global
 

@@ -1,0 +1,140 @@
+"""A TF-IDF + logistic-regression baseline with the same folds as a run: out-of-fold and test probabilities in the
+toolkit's probability-file format, ready for ``python -m infer blend`` (an LLM + TF-IDF blend) or ``evaluate``.
+
+Usage:
+    python -m train tfidf --config configs/gemma-3-270m/qlora.yaml --set data.train_csv=train.csv \\
+        [--folds RUN/folds.csv] [--test test.csv] --out RUN_TFIDF
+
+The text is the config's prompt (``data.text_template``), so the baseline sees what the LLM sees. Features: word
+1-2-grams + character 2-5-grams within word boundaries (sublinear TF, terms in at least 2 rows); one L2 logistic
+regression per class. Folds: ``--folds`` (e.g. the LLM run's ``folds.csv``: blends need the same folds), else the
+config's (``cv.n_folds``, ``train.seed``: the split ``python -m train`` makes). Writes into ``--out`` (atomically):
+``oof.csv`` (+ .meta.json), ``folds.csv``, ``summary.json`` and, with ``--test``, ``test_probs.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from infer.io import InputError, atomic_dir, versions, write_json, write_probs
+from train.config import ConfigError, RunConfig, add_config_arguments
+from train.data import make_folds, read_csv
+
+
+def build_model(c: float = 4.0, seed: int = 0):
+    """TF-IDF word + char n-grams -> one-vs-rest logistic regression (scikit-learn pipeline)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline, make_union
+
+    features = make_union(
+        TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True, lowercase=True),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True, lowercase=True))
+    return make_pipeline(features, OneVsRestClassifier(LogisticRegression(C=c, max_iter=1000, random_state=seed)))
+
+
+def fit_predict(train_texts, train_labels: np.ndarray, texts, c: float, seed: int) -> np.ndarray:
+    """Fit on the training rows, return probabilities (rows x classes) for ``texts``.
+
+    A class that is constant in the training rows (a rare class absent from a fold) gets that constant.
+    """
+    labels = np.asarray(train_labels)
+    probs = np.zeros((len(texts), labels.shape[1]))
+    varying = np.flatnonzero(labels.min(axis=0) != labels.max(axis=0))
+    probs[:, labels.min(axis=0) == 1] = 1.0
+    if len(varying):
+        model = build_model(c, seed).fit(list(train_texts), labels[:, varying])
+        probs[:, varying] = model.predict_proba(list(texts))
+    return probs
+
+
+def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | None = None, c: float = 4.0,
+        log=print) -> dict:
+    """Out-of-fold (and test) probabilities of the baseline; returns the summary written to ``out/summary.json``."""
+    from infer.metrics import scores
+    from infer.thresholds import cascade, threshold
+
+    t0 = time.time()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} already holds files; choose another folder")
+    if c <= 0:
+        raise InputError(f"--C must be > 0, got {c}")
+    ds = read_csv(cfg.data.train_csv, cfg.data)
+    test_ds = read_csv(test, cfg.data, labelled=False, label_names=ds.label_names) if test else None
+    if folds:
+        from infer.tune import read_folds
+
+        fold_of, source = read_folds(folds, ds.path, ds.ids), str(folds)
+    else:
+        fold_of = make_folds(ds.labels, cfg.cv.n_folds, cfg.train.seed)
+        source = f"cv.n_folds={cfg.cv.n_folds}, train.seed={cfg.train.seed}"
+    uniq = sorted(set(fold_of.tolist()))
+    if len(uniq) < 2:
+        raise InputError(f"{folds}: needs at least 2 folds, found {uniq}")
+    log(f"tfidf: {len(ds.ids)} rows x {len(ds.label_names)} classes from {ds.path}; {len(uniq)} folds ({source})")
+
+    oof = np.zeros(ds.labels.shape)
+    per_fold = []
+    from tqdm.auto import tqdm
+
+    for f in tqdm(uniq, desc="tfidf folds", file=sys.stderr, leave=False):
+        val = fold_of == f
+        oof[val] = fit_predict([t for t, v in zip(ds.texts, val) if not v], ds.labels[~val],
+                               [t for t, v in zip(ds.texts, val) if v], c, cfg.train.seed)
+        per_fold.append({"fold": int(f), "rows": int(val.sum()),
+                         "t0.5/exact_match": scores(ds.labels[val], threshold(oof[val]))["exact_match"],
+                         "cascade/exact_match": scores(ds.labels[val], cascade(oof[val]))["exact_match"]})
+        log(f"fold {f}: exact match {per_fold[-1]['t0.5/exact_match']:.4f} @0.5, "
+            f"{per_fold[-1]['cascade/exact_match']:.4f} cascade")
+    metrics = {f"{name}/{k}": v for name, preds in [("t0.5", threshold(oof)), ("cascade", cascade(oof))]
+               for k, v in scores(ds.labels, preds).items()}
+    meta = {"kind": "out-of-fold", "produced_by": "python -m train tfidf", "model": "tfidf word 1-2 + char_wb 2-5, "
+            f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions()}
+    summary = {**meta, "rows": int(len(ds.ids)), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
+               "config": cfg.to_dict()}
+    with atomic_dir(out) as tmp:
+        write_probs(tmp / "oof.csv", ds.ids, oof, ds.label_names, meta=meta)
+        pd.DataFrame({"index": ds.ids, "fold": fold_of}).to_csv(tmp / "folds.csv", index=False)
+        if test_ds is not None:
+            probs = fit_predict(ds.texts, ds.labels, test_ds.texts, c, cfg.train.seed)
+            write_probs(tmp / "test_probs.csv", test_ds.ids, probs, ds.label_names,
+                        meta={**meta, "kind": "test", "test_csv": test_ds.path})
+        summary["seconds"] = round(time.time() - t0, 1)
+        write_json(tmp / "summary.json", summary)
+    log(f"out of fold: exact match {metrics['t0.5/exact_match']:.4f} @0.5, {metrics['cascade/exact_match']:.4f} "
+        f"cascade; micro-F1 {metrics['cascade/micro_f1']:.4f} cascade")
+    log(f"wrote {out} ({summary['seconds']} s)")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train tfidf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--folds", help="folds CSV (index, fold), e.g. an LLM run's folds.csv; default: the config's split")
+    p.add_argument("--test", help="unlabelled CSV to predict with a model fitted on all labelled rows")
+    p.add_argument("--C", dest="c", type=float, default=4.0, help="inverse L2 regularisation of the regressions")
+    args = p.parse_args(argv)
+    try:
+        cfg = RunConfig.from_yaml(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml())
+            return 0
+        run(cfg, args.out, args.folds, args.test, args.c)
+    except (ConfigError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
