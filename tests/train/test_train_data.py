@@ -201,8 +201,8 @@ def test_group_by_length_reduces_padding():
 
 
 @settings(max_examples=100, deadline=None)
-@given(lengths=st.lists(st.integers(1, 130), min_size=1, max_size=40), budget=st.one_of(st.none(), st.integers(1, 600)),
-       data=st.data())
+@given(lengths=st.lists(st.integers(1, 130), min_size=1, max_size=40),
+       budget=st.one_of(st.none(), st.integers(1, 600)), data=st.data())
 def test_split_by_tokens_covers_rows_within_the_budget(lengths, budget, data):
     rows = data.draw(st.permutations(range(len(lengths))))[:data.draw(st.integers(1, len(lengths)))]
     pieces = split_by_tokens(rows, lengths, budget)

@@ -180,7 +180,8 @@ def test_token_budget_splits_micro_batches_without_changing_the_training(tiny_mo
         cfg = tiny_config_for(tiny_model, small_csv, tmp_path / name, lora__dropout=0.0,
                               train__max_tokens_per_micro_batch=budget)
         main(cfg)
-        runs[name] = (tmp_path / name / "fold_0", json.loads((tmp_path / name / "fold_0" / "metrics.json").read_text()))
+        fold = tmp_path / name / "fold_0"
+        runs[name] = (fold, json.loads((fold / "metrics.json").read_text()))
     (whole, mw), (split, ms) = runs["whole"], runs["split"]
     assert mw["steps"] == ms["steps"] and mw["samples"] == ms["samples"] and mw["real_tokens"] == ms["real_tokens"]
     assert ms["padded_tokens"] < mw["padded_tokens"]
