@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from infer.io import InputError, atomic_dir, versions, write_json, write_probs
 from train.config import ConfigError, RunConfig, add_config_arguments
 from train.data import make_folds, read_csv
+from train.loop import evaluate
 
 
 def build_model(c: float = 4.0, seed: int = 0):
@@ -58,9 +60,6 @@ def fit_predict(train_texts, train_labels: np.ndarray, texts, c: float, seed: in
 def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | None = None, c: float = 4.0,
         log=print) -> dict:
     """Out-of-fold (and test) probabilities of the baseline; returns the summary written to ``out/summary.json``."""
-    from infer.metrics import scores
-    from infer.thresholds import cascade, threshold
-
     t0 = time.time()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -83,19 +82,14 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
 
     oof = np.zeros(ds.labels.shape)
     per_fold = []
-    from tqdm.auto import tqdm
-
     for f in tqdm(uniq, desc="tfidf folds", file=sys.stderr, leave=False):
         val = fold_of == f
         oof[val] = fit_predict([t for t, v in zip(ds.texts, val) if not v], ds.labels[~val],
                                [t for t, v in zip(ds.texts, val) if v], c, cfg.train.seed)
-        per_fold.append({"fold": int(f), "rows": int(val.sum()),
-                         "t0.5/exact_match": scores(ds.labels[val], threshold(oof[val]))["exact_match"],
-                         "cascade/exact_match": scores(ds.labels[val], cascade(oof[val]))["exact_match"]})
+        per_fold.append({"fold": int(f), "rows": int(val.sum()), **evaluate(oof[val], ds.labels[val])})
         log(f"fold {f}: exact match {per_fold[-1]['t0.5/exact_match']:.4f} @0.5, "
             f"{per_fold[-1]['cascade/exact_match']:.4f} cascade")
-    metrics = {f"{name}/{k}": v for name, preds in [("t0.5", threshold(oof)), ("cascade", cascade(oof))]
-               for k, v in scores(ds.labels, preds).items()}
+    metrics = evaluate(oof, ds.labels)
     meta = {"kind": "out-of-fold", "produced_by": "python -m train tfidf", "model": "tfidf word 1-2 + char_wb 2-5, "
             f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions()}
     summary = {**meta, "rows": int(len(ds.ids)), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
