@@ -148,6 +148,13 @@ def summarise(step_log: list, warmup: int, n_params: int) -> dict:
     return out
 
 
+def rss_peak_gib() -> float:
+    """Peak resident memory of this process (the memory figure on a CPU; on Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def gpu_peak_gib() -> float | None:
     import torch
 
@@ -221,7 +228,7 @@ def run_reference(path: str, ids, labels, steps: int, warmup: int, epochs: float
             remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
         trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Timer()])
         trainer.train()
-    out = {"recipe": "reference", "peak_gib": gpu_peak_gib(),
+    out = {"recipe": "reference", "peak_gib": gpu_peak_gib(), "rss_gib": rss_peak_gib(),
            **summarise(step_log, warmup if not epochs else 1, n_params)}
     if val is not None:
         from train.loop import predict_probs
@@ -264,7 +271,8 @@ def run_toolkit(path: str, model_key: str, ids, labels, steps: int, warmup: int,
     with tempfile.TemporaryDirectory() as tmp:
         res = fit_fold(cfg, 0, model, tok, dtype, all_ids, all_labels, fold_of_row, Path(tmp), env,
                        save_adapter=lambda *a: None, log=log)
-    out = {"recipe": "toolkit-t4" if t4 else "toolkit", "peak_gib": gpu_peak_gib(), "dtype": str(dtype),
+    out = {"recipe": "toolkit-t4" if t4 else "toolkit", "peak_gib": gpu_peak_gib(), "rss_gib": rss_peak_gib(),
+           "dtype": str(dtype),
            "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
            "grad_checkpointing": cfg.train.grad_checkpointing,
            **summarise(res["step_log"], warmup if not epochs else 1, n_params)}
@@ -369,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
 
     print(f"\ndevice: {device}   date: {time.strftime('%Y-%m-%d')}   timed steps: {args.steps} after {args.warmup}")
-    head = f"{'model':<12} {'recipe':<11} {'samples/s':>9} {'tokens/s':>9} {'pad':>5} {'peak GiB':>8} {'MFU':>6} {'x ref':>6}"
+    head = (f"{'model':<12} {'recipe':<11} {'samples/s':>9} {'tokens/s':>9} {'pad':>5} {'peak GiB':>8} {'RSS GiB':>7} "
+            f"{'MFU':>6} {'x ref':>6}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -380,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                     and "error" not in x), None)
         ratio = r["samples_per_s"] / ref["samples_per_s"] if ref else None
         print(f"{r['model']:<12} {r['recipe']:<11} {r['samples_per_s']:>9.2f} {r['real_tokens_per_s']:>9.0f} "
-              f"{r['padding_fraction']:>5.2f} {fmt(r['peak_gib']):>8} {fmt(r['mfu'], '.2%'):>6} {fmt(ratio):>6}")
+              f"{r['padding_fraction']:>5.2f} {fmt(r['peak_gib']):>8} {fmt(r.get('rss_gib')):>7} "
+              f"{fmt(r['mfu'], '.2%'):>6} {fmt(ratio):>6}")
         if "val_cascade" in r:
             print(f"{'':<24} fold-0 exact match: {r['val_t0.5']['exact_match']:.4f} @0.5, "
                   f"{r['val_cascade']['exact_match']:.4f} cascade; micro-F1 {r['val_cascade']['micro_f1']:.4f}")
