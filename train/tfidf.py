@@ -80,12 +80,12 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
         raise InputError(f"{folds}: needs at least 2 folds, found {uniq}")
     log(f"tfidf: {len(ds.ids)} rows x {len(ds.label_names)} classes from {ds.path}; {len(uniq)} folds ({source})")
 
+    texts = np.asarray(ds.texts, dtype=object)
     oof = np.zeros(ds.labels.shape)
     per_fold = []
     for f in tqdm(uniq, desc="tfidf folds", file=sys.stderr, leave=False):
         val = fold_of == f
-        oof[val] = fit_predict([t for t, v in zip(ds.texts, val) if not v], ds.labels[~val],
-                               [t for t, v in zip(ds.texts, val) if v], c, cfg.train.seed)
+        oof[val] = fit_predict(texts[~val], ds.labels[~val], texts[val], c, cfg.train.seed)
         per_fold.append({"fold": int(f), "rows": int(val.sum()), **evaluate(oof[val], ds.labels[val])})
         log(f"fold {f}: exact match {per_fold[-1]['t0.5/exact_match']:.4f} @0.5, "
             f"{per_fold[-1]['cascade/exact_match']:.4f} cascade")
