@@ -14,18 +14,60 @@ from trainkit import ROOT, SAMPLE_TRAIN
 pytestmark = pytest.mark.slow
 
 
-def test_bench_reference_and_toolkit_run_on_a_tiny_shape(tmp_path):
+def test_bench_reference_toolkit_and_split_run_on_a_tiny_shape(tmp_path):
     out = tmp_path / "bench.json"
+    # --split-gib 0.0348: two "GPUs" small enough that the tiny shape's 4 layers are placed 2 + 2 (the embedding,
+    # 32 MiB, fills most of the first); LoRA from layer 1, so both parts train LoRA layers.
     proc = subprocess.run(
-        [sys.executable, "-m", "train.bench", "--models", "tiny-gemma2", "--profiles", "reference,toolkit",
+        [sys.executable, "-m", "train.bench", "--models", "tiny-gemma2", "--profiles", "reference,toolkit,toolkit-split",
          "--steps", "2", "--warmup", "1", "--data", str(SAMPLE_TRAIN), "--shapes-dir", str(tmp_path / "shapes"),
-         "--out", str(out), "--set", "train.max_tokens_per_micro_batch=256"],
+         "--split-gib", "0.0348", "--out", str(out), "--set", "train.max_tokens_per_micro_batch=256",
+         "--set", "lora.layers_from=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["recipe"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(results) == {"reference", "toolkit"}
+    assert set(results) == {"reference", "toolkit", "split-0", "split-1"}
+    assert results["split-0"]["layers"] == [0, 2] and results["split-1"]["layers"] == [2, 4]
+    assert results["split-0"]["dtype"] == "torch.float16"  # the T4 profile
+    assert "split over 2 GPUs, T4 profile: peak GPU 0 (layers 0-1 + embedding)" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "shapes").iterdir()) == ["tiny-gemma2"]  # parts removed after use
     for r in results.values():
         assert "error" not in r, r
         assert r["steps_timed"] == 2 and r["samples_per_s"] > 0 and 0 <= r["padding_fraction"] < 1
     assert results["toolkit"]["micro_batch_size"] == 8 and results["toolkit"]["grad_accum_steps"] == 2
     assert "tiny-gemma2  toolkit" in proc.stdout and "x ref" in proc.stdout
+
+
+def test_split_plan_is_what_device_map_auto_gives_the_27b_on_two_t4s():
+    from train.bench import part_lora_layers, split_plan
+
+    # transformers' balanced placement in 4-bit: embedding (2.4 GB) + 24 layers on GPU 0, 22 layers + head on GPU 1.
+    assert split_plan("gemma-2-27b", 2, 15.0) == [(0, 24), (24, 46)]
+    assert split_plan("tiny-gemma2", 2, 1.0) == [(0, 4)]  # fits the first device: nothing to split
+    # The config's LoRA layers (16..45) renumbered inside each part.
+    assert part_lora_layers("gemma-2-27b", [], (0, 24)) == list(range(16, 24))
+    assert part_lora_layers("gemma-2-27b", [], (24, 46)) == list(range(22))
+    assert part_lora_layers("gemma-2-27b", ["lora.layers_from=30"], (0, 24)) == []
+
+
+def test_bench_quality_scores_reference_and_toolkit_out_of_fold(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from train.config import DataArgs
+    from train.data import make_folds, read_csv
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.bench", "--quality", "--models", "tiny-gemma2", "--folds", "0,1",
+         "--data", str(SAMPLE_TRAIN), "--shapes-dir", str(tmp_path / "shapes"), "--out-oof", str(tmp_path / "oof")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = read_csv(str(SAMPLE_TRAIN), DataArgs(train_csv=str(SAMPLE_TRAIN)))
+    held_out = ds.ids[np.isin(make_folds(ds.labels, 5, 42), [0, 1])]
+    for recipe in ("reference", "toolkit"):
+        oof = pd.read_csv(tmp_path / "oof" / f"tiny-gemma2_{recipe}_oof.csv")
+        assert sorted(oof["index"]) == sorted(held_out) and list(oof.columns[1:]) == ds.label_names
+        assert oof.iloc[:, 1:].to_numpy().min() >= 0 and oof.iloc[:, 1:].to_numpy().max() <= 1
+        meta = json.loads((tmp_path / "oof" / f"tiny-gemma2_{recipe}_oof.csv.meta.json").read_text())
+        assert meta["folds"] == [0, 1] and meta["recipe"] == recipe
+        assert f"tiny-gemma2  {recipe:<11} {len(held_out)} rows: exact match" in proc.stdout
