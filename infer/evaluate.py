@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,7 +54,27 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_per_class(result: dict, path: Path, title: str) -> None:
+def class_labels(names: Sequence[str], positives: dict, descriptions: dict | None = None, width: int = 40) -> list[str]:
+    """Tick labels of the per-class chart: column name, its human-readable name when known (shortened), count."""
+    out = []
+    for n in names:
+        d = " ".join(str((descriptions or {}).get(n) or "").split())
+        d = d if len(d) <= width else d[:width - 1] + "…"
+        out.append(f"{n} {d} (n={positives[n]})" if d else f"{n} (n={positives[n]})")
+    return out
+
+
+def run_descriptions(probs: Path, names: Sequence[str]) -> dict:
+    """Human-readable class names from the run folder's ``label_names.json`` beside ``probs`` (none if absent)."""
+    path = probs.parent / "label_names.json"
+    try:
+        descriptions = json.loads(path.read_text()).get("descriptions") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {n: descriptions[n] for n in names if n in descriptions}
+
+
+def plot_per_class(result: dict, path: Path, title: str, descriptions: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,12 +83,12 @@ def plot_per_class(result: dict, path: Path, title: str) -> None:
     per_class, pos = result["per_class_f1"], result["positives"]
     names = list(pos)
     kinds = list(per_class)
-    fig, ax = plt.subplots(figsize=(9, max(4.0, 0.22 * len(names) * max(1, len(kinds)) ** 0.5 + 1.5)))
+    fig, ax = plt.subplots(figsize=(12 if descriptions else 9, max(4.0, 0.22 * len(names) * max(1, len(kinds)) ** 0.5 + 1.5)))
     y = np.arange(len(names))
     h = 0.8 / len(kinds)
     for i, kind in enumerate(kinds):
         ax.barh(y + (i - (len(kinds) - 1) / 2) * h, [per_class[kind][n] for n in names], height=h, label=kind)
-    ax.set_yticks(y, [f"{n} (n={pos[n]})" for n in names], fontsize=7 if len(names) > 30 else 9)
+    ax.set_yticks(y, class_labels(names, pos, descriptions), fontsize=7 if len(names) > 30 else 9)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("F1")
@@ -140,7 +161,7 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
             + (f"; its nested estimate: exact_match {nested['exact_match']:.4f}, micro_f1 {nested['micro_f1']:.4f}"
                if "exact_match" in nested else ""))
     title = f"{probs.name}: {len(ids)} rows"
-    plot_per_class(result, files["per_class_png"], f"per-class F1, {title}")
+    plot_per_class(result, files["per_class_png"], f"per-class F1, {title}", run_descriptions(probs, names))
     plot_curve(result, files["curve_png"], f"score vs global threshold, {title}")
     write_json(files["json"], {"probs": str(probs), "labels": str(labels),
                                "thresholds": None if thresholds is None else str(thresholds), **result,

@@ -205,6 +205,19 @@ def test_evaluate_prints_the_table_and_writes_pngs_and_metrics(data, capsys):
     assert (data["dir"] / "oof.eval.json").is_file() and (data["dir"] / "oof.threshold_curve.png").is_file()
 
 
+def test_per_class_chart_names_classes_from_the_run_folder(tmp_path):
+    from infer.evaluate import class_labels, run_descriptions
+
+    probs = tmp_path / "oof.csv"
+    assert run_descriptions(probs, ["a", "b"]) == {}  # no label_names.json: column names only
+    (tmp_path / "label_names.json").write_text(json.dumps(
+        {"label_names": ["a", "b"], "descriptions": {"a": "Долгая\n доставка", "b": "x" * 60}}))
+    desc = run_descriptions(probs, ["a", "b"])
+    assert class_labels(["a", "b"], {"a": 3, "b": 0}, desc) == [
+        "a Долгая доставка (n=3)", "b " + "x" * 39 + "… (n=0)"]
+    assert class_labels(["a"], {"a": 1}) == ["a (n=1)"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # blend
 # --------------------------------------------------------------------------------------------------------------
