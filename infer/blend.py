@@ -12,6 +12,7 @@ folds but one, the left-out fold scored, rotated) is the honest one, printed bes
 Usage:
     python -m infer blend --probs a.csv,b.csv --oof a_oof.csv,b_oof.csv --labels train.csv --out blend.csv \\
         [--out-oof blend_oof.csv] [--folds RUN/folds.csv] [--objective micro_f1] [--n-trials 100] [--seed 0]
+    python -m infer blend --oof a_oof.csv,b_oof.csv --labels train.csv      # only measure: OOF scores, no test file
 """
 
 from __future__ import annotations
@@ -144,22 +145,27 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     blended file(s)."""
     from infer.tune import resolve_fallback, resolve_folds
 
-    probs, oof = _split(probs, "--probs"), _split(oof, "--oof")
+    oof = _split(oof, "--oof")
+    probs = None if probs is None else _split(probs, "--probs")  # None: measure the blend on OOF rows only
     if objective not in OBJECTIVES:
         raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if len(probs) != len(oof):
+    if probs is None and out is not None:
+        raise InputError("--out needs --probs (the test predictions to blend); without them blend only measures, "
+                         "and --out-oof writes the blended out-of-fold file")
+    if probs is not None and len(probs) != len(oof):
         raise InputError(f"--probs has {len(probs)} file(s) but --oof has {len(oof)}: give one OOF file per model, "
                          f"in the same order")
-    if len(probs) < 2:
+    if len(oof) < 2:
         raise InputError("blend needs at least two models (--probs a.csv,b.csv --oof a_oof.csv,b_oof.csv)")
     oof_ids, oofs, names = _read_group(oof, None)
     label_ids, y_all = read_labels(labels, names, probs_path=oof[0])
     y = y_all[align_ids(oof[0], oof_ids, labels, label_ids)]
-    test_ids, tests, _ = _read_group(probs, names)
+    test_ids, tests, _ = _read_group(probs, names) if probs is not None else (None, None, None)
     fb = resolve_fallback(names, DEFAULT_FALLBACK if fallback is None else fallback, oof[0], fallback is not None)
-    out = Path(probs[0]).with_name("blend.csv") if out is None else Path(out)
+    if probs is not None:
+        out = Path(probs[0]).with_name("blend.csv") if out is None else Path(out)
 
-    log(f"blend: {len(probs)} models; {len(oof_ids)} out-of-fold rows x {len(names)} classes; objective "
+    log(f"blend: {len(oof)} models; {len(oof_ids)} out-of-fold rows x {len(names)} classes; objective "
         f"{objective}, {n_trials} trials, seed {seed}")
     weights, best = search_weights(oofs, y, objective, n_trials, seed, fb, progress=progress)
     from infer.thresholds import ThresholdSpec
@@ -186,16 +192,20 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
             for r in estimate["per_fold"]))
     log("\n".join(lines))
 
-    meta = {"kind": "blend", "produced_by": "python -m infer blend", "inputs": list(probs), "oof": list(oof),
+    meta = {"kind": "blend", "produced_by": "python -m infer blend", "inputs": list(probs or []), "oof": list(oof),
             "labels": str(labels), "weights": weights, "objective": objective, "n_trials": int(n_trials),
             "seed": int(seed), "oof_scores": rows, "nested": estimate}
-    written = [str(out)]
-    write_probs(out, test_ids, blend_probs(tests, weights), names, meta=meta)
+    written = []
+    if probs is not None:
+        write_probs(out, test_ids, blend_probs(tests, weights), names, meta=meta)
+        written.append(str(out))
     if out_oof is not None:
         write_probs(out_oof, oof_ids, blended_oof, names, meta={**meta, "kind": "blend (out-of-fold)"})
         written.append(str(out_oof))
-    log("wrote " + ", ".join(written))
-    return {"weights": weights, "objective_value": best, "oof_scores": rows, "nested": estimate, "out": str(out),
+    if written:
+        log("wrote " + ", ".join(written))
+    return {"weights": weights, "objective_value": best, "oof_scores": rows, "nested": estimate,
+            "out": None if probs is None else str(out),
             "out_oof": None if out_oof is None else str(out_oof)}
 
 
@@ -204,7 +214,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "blend", help="blend models' probabilities with weights tuned on out-of-fold predictions",
         description="Weighted mean of probability files; weights tuned (Optuna, seeded) on the models' out-of-fold "
                     "files against the labels. Writes the blended probabilities (+ .meta.json with the weights).")
-    p.add_argument("--probs", required=True, help="comma-separated probability files to blend (e.g. test predictions)")
+    p.add_argument("--probs", help="comma-separated probability files to blend (e.g. test predictions); "
+                                   "without it, blend only measures the blend on the OOF rows")
     p.add_argument("--oof", required=True, help="comma-separated out-of-fold files of the same models, same order")
     p.add_argument("--labels", required=True, help="labelled CSV for the OOF ids (e.g. train.csv)")
     p.add_argument("--out", help="blended probability file (default: blend.csv beside the first --probs file)")

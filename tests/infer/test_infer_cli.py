@@ -252,6 +252,20 @@ def test_blend_weights_the_better_model_and_writes_the_blend(data, capsys):
         "exact_match"]
 
 
+def test_blend_without_probs_only_measures(data, capsys):
+    d = data["dir"]
+    other = d / "other_oof.csv"
+    write_probs(other, data["ids"], np.random.default_rng(6).random(data["p"].shape), NAMES)
+    before = sorted(p.name for p in d.iterdir())
+    code, stdout, _ = run(["blend", "--oof", f"{data['oof']},{other}", "--labels", data["labels"], "--n-trials", 10,
+                           "--no-progress"], capsys)
+    assert code == 0 and "blend (nested)" in stdout and "wrote" not in stdout
+    assert sorted(p.name for p in d.iterdir()) == before  # nothing written
+    code, _, err = run(["blend", "--oof", f"{data['oof']},{other}", "--labels", data["labels"], "--out", d / "b.csv",
+                        "--n-trials", 10, "--no-progress"], capsys)
+    assert code == 2 and "--out needs --probs" in err and not (d / "b.csv").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bad input: exit 2, the file and column/row named, nothing written
 # --------------------------------------------------------------------------------------------------------------
