@@ -460,13 +460,18 @@ def run_split(args, model: str) -> list[dict]:
 
 def out_of_fold(args, results: list, models: list, profiles: list, folds: list) -> None:
     """Each recipe's held-out probabilities over all the folds run, scored together (and written with --out-oof)."""
-    from infer.io import write_probs
+    import pandas as pd
+
+    from infer.io import write_probs, write_text
     from infer.metrics import scores
     from infer.thresholds import cascade, threshold
     from train.config import DataArgs
-    from train.data import read_csv
+    from train.data import make_folds, read_csv
 
     ds = read_csv(args.data, DataArgs(train_csv=args.data))
+    if args.out_oof:  # the split, as a run's folds.csv: `infer tune/blend --folds` use the same folds
+        folds_csv = pd.DataFrame({"index": ds.ids, "fold": make_folds(ds.labels, 5, 42)}).to_csv(index=False)
+        write_text(Path(args.out_oof) / "folds.csv", folds_csv)
     print(f"\nout of fold ({len(folds)} folds: {','.join(map(str, folds))}; {args.epochs} epoch(s), same split and seed)")
     for m in models:
         for prof in profiles:

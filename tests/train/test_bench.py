@@ -71,3 +71,5 @@ def test_bench_quality_scores_reference_and_toolkit_out_of_fold(tmp_path):
         meta = json.loads((tmp_path / "oof" / f"tiny-gemma2_{recipe}_oof.csv.meta.json").read_text())
         assert meta["folds"] == [0, 1] and meta["recipe"] == recipe
         assert f"tiny-gemma2  {recipe:<11} {len(held_out)} rows: exact match" in proc.stdout
+    folds = pd.read_csv(tmp_path / "oof" / "folds.csv")
+    assert list(folds["index"]) == list(ds.ids) and list(folds["fold"]) == list(make_folds(ds.labels, 5, 42))
