@@ -8,8 +8,13 @@ the tuned thresholds (``--thresholds``), and writes beside it (``--out-dir``, de
 * ``<stem>.threshold_curve.png``: exact match and micro-F1 of plain thresholds 0.05 .. 0.95, with the cascade's
   (and the tuned decoding's) scores as horizontal lines.
 
+``--baseline OTHER.csv`` (another model's probabilities for the same rows, e.g. another run's ``oof.csv``) adds the
+paired difference in exact match, this file minus the baseline, with a 95% bootstrap interval over the rows, for 0.5
+thresholding and the default cascade: whether one model beats the other or the gap is noise.
+
 Usage:
     python -m infer evaluate --probs oof.csv --labels train.csv [--thresholds thresholds.json] [--out-dir DIR]
+                             [--baseline other_oof.csv]
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from infer.io import InputError, align_ids, atomic_path, read_labels, read_probs, write_json
-from infer.metrics import exact_match, micro_f1, per_class_f1, scores
+from infer.metrics import exact_match, micro_f1, paired_difference, per_class_f1, scores
 from infer.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids, threshold
 
 METRICS = ("exact_match", "micro_f1", "macro_f1", "weighted_f1")
@@ -45,6 +50,21 @@ def evaluate_arrays(probs: np.ndarray, labels: np.ndarray, label_names: Sequence
     positives = dict(zip(label_names, map(int, np.asarray(labels).sum(axis=0))))
     return {"rows": int(len(labels)), "metrics": metrics, "per_class_f1": per_class, "positives": positives,
             "curve": curve}
+
+
+def compare(probs: np.ndarray, baseline: np.ndarray, labels: np.ndarray, default: ThresholdSpec) -> dict:
+    """Paired exact-match difference, ``probs`` minus ``baseline`` (same rows), for 0.5 and the default cascade."""
+    return {name: paired_difference(labels, decode(baseline), decode(probs))
+            for name, decode in (("threshold 0.5", threshold), ("default cascade", default.decode))}
+
+
+def compare_lines(comparison: dict, baseline: str | Path) -> list[str]:
+    lines = [f"vs baseline {baseline} (exact match, this file minus the baseline, same rows):"]
+    for name, c in comparison.items():
+        lines.append(f"  {name:<16} {c['exact_match_b']:.4f} vs {c['exact_match_a']:.4f}: {c['difference']:+.4f} "
+                     f"({c['confidence']:.0%} CI {c['low']:+.4f} .. {c['high']:+.4f}, paired bootstrap over "
+                     f"{c['rows']} rows); right only here: {c['only_b']} rows, only in the baseline: {c['only_a']}")
+    return lines
 
 
 def table(metrics: dict) -> str:
@@ -130,7 +150,7 @@ def plot_curve(result: dict, path: Path, title: str) -> None:
 
 
 def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | None = None,
-             out_dir: str | Path | None = None, fallback=None, log=print) -> dict:
+             out_dir: str | Path | None = None, fallback=None, log=print, baseline: str | Path | None = None) -> dict:
     """Read and validate, score, print the table, then write the JSON and the two PNGs."""
     from infer.submit import load_decoding
 
@@ -146,6 +166,10 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
         fallback = "none" if tuned.fallback is None else str(class_ids(names)[tuned.fallback])
     default = load_decoding(probs, names, None, fallback, log=log)
     result = evaluate_arrays(p, y, names, default, tuned)
+    if baseline is not None:  # every row of --probs must be in the baseline; its columns follow --probs
+        base_ids, base_p, _ = read_probs(baseline, names)
+        result["baseline"] = {"probs": str(baseline),
+                              **compare(p, base_p[align_ids(probs, ids, baseline, base_ids)], y, default)}
     probs = Path(probs)
     out_dir = probs.parent if out_dir is None else Path(out_dir)
     stem = probs.stem
@@ -154,6 +178,8 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     note = "" if len(ids) == len(label_ids) else f" ({len(ids)} of the {len(label_ids)} labelled rows)"
     log(f"evaluate: {len(ids)} rows x {len(names)} classes of {probs} against {labels}{note}")
     log(table(result["metrics"]))
+    if baseline is not None:
+        log("\n".join(compare_lines({k: v for k, v in result["baseline"].items() if k != "probs"}, baseline)))
     tuned_on = tuned.meta.get("oof") if tuned is not None else None
     if tuned_on and Path(tuned_on).resolve() == Path(probs).resolve():
         nested = (tuned.meta.get("nested") or {}).get("pooled", {}).get("tuned", {})
@@ -182,13 +208,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="folder for the PNGs and the metrics JSON (default: beside --probs)")
     p.add_argument("--fallback", help=f"class id of the default cascade's fallback (default {DEFAULT_FALLBACK}; "
                                       f"'none' = empty)")
+    p.add_argument("--baseline", help="another probability CSV with the same rows: prints the paired exact-match "
+                                      "difference with a 95%% bootstrap interval")
     p.set_defaults(func=_cli)
     return p
 
 
 def _cli(args) -> int:
     try:
-        evaluate(args.probs, args.labels, args.thresholds, args.out_dir, args.fallback)
+        evaluate(args.probs, args.labels, args.thresholds, args.out_dir, args.fallback, baseline=args.baseline)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -205,6 +205,31 @@ def test_evaluate_prints_the_table_and_writes_pngs_and_metrics(data, capsys):
     assert (data["dir"] / "oof.eval.json").is_file() and (data["dir"] / "oof.threshold_curve.png").is_file()
 
 
+def test_evaluate_against_a_baseline_prints_the_paired_difference(data, capsys):
+    from infer.metrics import exact_match
+    from infer.thresholds import cascade
+
+    d = data["dir"]
+    rng = np.random.default_rng(7)
+    base_p = rng.random(data["p"].shape)
+    order = rng.permutation(len(data["ids"]))  # another row order and another column order: aligned by id and name
+    base = d / "base_oof.csv"
+    write_probs(base, data["ids"][order], base_p[order][:, ::-1], NAMES[::-1])
+    code, stdout, _ = run(["evaluate", "--probs", data["oof"], "--labels", data["labels"], "--baseline", base,
+                           "--out-dir", d / "ev"], capsys)
+    assert code == 0 and f"vs baseline {base}" in stdout and "CI" in stdout
+    c = json.loads((d / "ev" / "oof.eval.json").read_text())["baseline"]
+    assert c["probs"] == str(base) and set(c) == {"probs", "threshold 0.5", "default cascade"}
+    gap = exact_match(data["y"], cascade(data["p"])) - exact_match(data["y"], cascade(base_p))
+    assert gap > 0 and c["default cascade"]["difference"] == pytest.approx(gap)
+    assert c["default cascade"]["low"] <= gap <= c["default cascade"]["high"]
+    # a baseline without one of the rows: an error naming the file and the id
+    write_probs(base, data["ids"][1:], base_p[1:], NAMES)
+    code, _, err = run(["evaluate", "--probs", data["oof"], "--labels", data["labels"], "--baseline", base,
+                        "--out-dir", d / "ev2"], capsys)
+    assert code == 2 and str(base) in err and f"id {data['ids'][0]}" in err and not (d / "ev2").exists()
+
+
 def test_per_class_chart_names_classes_from_the_run_folder(tmp_path):
     from infer.evaluate import class_labels, run_descriptions
 

@@ -131,3 +131,30 @@ def test_spec_decode_matches_the_fast_global_decoder():
     p, _ = low_confidence(seed=5)
     spec = ThresholdSpec(NAMES, 0.3, 0.05, 0.025, 19)
     assert (decode_global(p, spec.steps, 19) == spec.decode(p)).all()
+
+
+def test_paired_difference_is_the_exact_match_gap_with_a_paired_interval():
+    from infer.metrics import paired_difference
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, (400, 5))
+    a, b = y.copy(), y.copy()
+    a[:80, 0] ^= 1  # a wrong on rows 0-79
+    b[60:100, 1] ^= 1  # b wrong on rows 60-99: only a right on 80-99, only b right on 0-59
+    r = paired_difference(y, a, b)
+    assert r["exact_match_a"] == exact_match(y, a) == 0.8 and r["exact_match_b"] == exact_match(y, b) == 0.9
+    assert r["difference"] == pytest.approx(0.1) and (r["only_a"], r["only_b"], r["rows"]) == (20, 60, 400)
+    assert 0 < r["low"] < 0.1 < r["high"] < 0.2
+    assert paired_difference(y, a, b) == r  # seeded
+    s = paired_difference(y, b, a)  # swapped: the interval mirrors
+    assert s["difference"] == pytest.approx(-0.1) and s["low"] == pytest.approx(-r["high"], abs=0.01)
+    same = paired_difference(y, a, a)
+    assert (same["difference"], same["low"], same["high"], same["only_a"], same["only_b"]) == (0, 0, 0, 0, 0)
+    # the same gap from fewer rows where the two disagree (b right wherever a is) is more certain: a narrower interval
+    c = y.copy()
+    c[40:80, 0] ^= 1
+    fewer = paired_difference(y, a, c)
+    assert (fewer["difference"], fewer["only_a"], fewer["only_b"]) == (pytest.approx(0.1), 0, 40)
+    assert fewer["high"] - fewer["low"] < r["high"] - r["low"]
+    with pytest.raises(ValueError, match="same rows"):
+        paired_difference(y, a, b[:10])
