@@ -458,6 +458,38 @@ def run_split(args, model: str) -> list[dict]:
     return out
 
 
+def _fold_file(args, model: str, recipe: str, fold: int) -> Path | None:
+    return Path(args.out_oof) / "folds" / f"{model}_{recipe}_fold{fold}.json" if args.quality and args.out_oof else None
+
+
+def _fold_settings(args) -> dict:
+    return {"epochs": args.epochs, "data": str(Path(args.data).resolve()), "set": list(args.set)}
+
+
+def keep_fold(args, res: dict) -> None:
+    """--quality --out-oof: each finished fold of a recipe (its held-out probabilities too) is written as it ends,
+    so that a run cut short (hours on a CPU) goes on where it stopped when started again with the same --out-oof."""
+    path = _fold_file(args, res["model"], res["recipe"], res.get("fold", 0))
+    if path is not None and "error" not in res:
+        from infer.io import write_json
+
+        write_json(path, {"settings": _fold_settings(args), "result": res})
+
+
+def kept_fold(args, model: str, recipe: str, fold: int) -> dict | None:
+    """The result of a fold written by an earlier run with the same settings, else None (an error if the file was
+    made with other settings: the out-of-fold scores would mix two experiments)."""
+    path = _fold_file(args, model, recipe, fold)
+    if path is None or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["settings"] != _fold_settings(args):
+        raise SystemExit(f"error: {path} was made with other settings ({saved['settings']} vs "
+                         f"{_fold_settings(args)}); delete it or pick another --out-oof")
+    log(f"== {model} / {recipe} / fold {fold}: kept from {path} (delete it to run it again)")
+    return saved["result"]
+
+
 def out_of_fold(args, results: list, models: list, profiles: list, folds: list) -> None:
     """Each recipe's held-out probabilities over all the folds run, scored together (and written with --out-oof)."""
     import pandas as pd
@@ -505,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", action="store_true", help="held-out accuracy, reference vs toolkit (real 270M)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--folds", default="0", help="--quality: folds of the 5-fold split to train and score")
-    p.add_argument("--out-oof", default=None, help="--quality: write each recipe's out-of-fold probabilities here")
+    p.add_argument("--out-oof", default=None, help="--quality: write each recipe's out-of-fold probabilities here "
+                                                   "(and each finished fold: run again to go on where it stopped)")
     p.add_argument("--split-devices", type=int, default=2, help="toolkit-split: number of GPUs to split over")
     p.add_argument("--split-gib", type=float, default=15.0, help="toolkit-split: memory of each GPU (T4: 15)")
     p.add_argument("--fold", type=int, default=0, help=argparse.SUPPRESS)
@@ -542,10 +575,15 @@ def main(argv: list[str] | None = None) -> int:
                 if prof == "toolkit-split":
                     results.extend(run_split(args, m))
                     continue
+                kept = kept_fold(args, m, prof, fold)
+                if kept is not None:
+                    results.append(kept)
+                    continue
                 if path is None:
                     path = embedded_path(args.gguf) if m == "embedded" else build_shape(m, args.gguf,
                                                                                        Path(args.shapes_dir))
                 results.append(run_worker(args, m, prof, path, fold))
+                keep_fold(args, results[-1])
 
     timing = f"{args.epochs} epoch(s) per fold" if args.quality else f"timed steps: {args.steps} after {args.warmup}"
     print(f"\ndevice: {device}   date: {time.strftime('%Y-%m-%d')}   {timing}")

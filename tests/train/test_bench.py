@@ -57,10 +57,9 @@ def test_bench_quality_scores_reference_and_toolkit_out_of_fold(tmp_path):
     from train.config import DataArgs
     from train.data import make_folds, read_csv
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.bench", "--quality", "--models", "tiny-gemma2", "--folds", "0,1",
-         "--data", str(SAMPLE_TRAIN), "--shapes-dir", str(tmp_path / "shapes"), "--out-oof", str(tmp_path / "oof")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "train.bench", "--quality", "--models", "tiny-gemma2", "--folds", "0,1",
+           "--data", str(SAMPLE_TRAIN), "--shapes-dir", str(tmp_path / "shapes"), "--out-oof", str(tmp_path / "oof")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ds = read_csv(str(SAMPLE_TRAIN), DataArgs(train_csv=str(SAMPLE_TRAIN)))
     held_out = ds.ids[np.isin(make_folds(ds.labels, 5, 42), [0, 1])]
@@ -73,3 +72,15 @@ def test_bench_quality_scores_reference_and_toolkit_out_of_fold(tmp_path):
         assert f"tiny-gemma2  {recipe:<11} {len(held_out)} rows: exact match" in proc.stdout
     folds = pd.read_csv(tmp_path / "oof" / "folds.csv")
     assert list(folds["index"]) == list(ds.ids) and list(folds["fold"]) == list(make_folds(ds.labels, 5, 42))
+
+    # Run again after losing one fold (as if cut short there): only that fold trains, the others are kept.
+    reference = (tmp_path / "oof" / "tiny-gemma2_reference_oof.csv").read_bytes()
+    (tmp_path / "oof" / "folds" / "tiny-gemma2_toolkit_fold1.json").unlink()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(": kept from ") == 3 and "== tiny-gemma2 / toolkit / fold 1\n" in again.stderr
+    assert (tmp_path / "oof" / "tiny-gemma2_reference_oof.csv").read_bytes() == reference
+    assert (tmp_path / "oof" / "folds" / "tiny-gemma2_toolkit_fold1.json").is_file()
+    # kept folds made with other settings are not mixed in
+    other = subprocess.run(cmd + ["--epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert other.returncode != 0 and "was made with other settings" in other.stderr
