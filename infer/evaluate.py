@@ -165,11 +165,12 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     if fallback is None and tuned is not None:  # the default cascade falls back like the tuned decoding
         fallback = "none" if tuned.fallback is None else str(class_ids(names)[tuned.fallback])
     default = load_decoding(probs, names, None, fallback, log=log)
-    result = evaluate_arrays(p, y, names, default, tuned)
     if baseline is not None:  # every row of --probs must be in the baseline; its columns follow --probs
         base_ids, base_p, _ = read_probs(baseline, names)
-        result["baseline"] = {"probs": str(baseline),
-                              **compare(p, base_p[align_ids(probs, ids, baseline, base_ids)], y, default)}
+        comparison = compare(p, base_p[align_ids(probs, ids, baseline, base_ids)], y, default)
+    result = evaluate_arrays(p, y, names, default, tuned)
+    if baseline is not None:
+        result["baseline"] = {"probs": str(baseline), **comparison}
     probs = Path(probs)
     out_dir = probs.parent if out_dir is None else Path(out_dir)
     stem = probs.stem
@@ -179,7 +180,7 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     log(f"evaluate: {len(ids)} rows x {len(names)} classes of {probs} against {labels}{note}")
     log(table(result["metrics"]))
     if baseline is not None:
-        log("\n".join(compare_lines({k: v for k, v in result["baseline"].items() if k != "probs"}, baseline)))
+        log("\n".join(compare_lines(comparison, baseline)))
     tuned_on = tuned.meta.get("oof") if tuned is not None else None
     if tuned_on and Path(tuned_on).resolve() == Path(probs).resolve():
         nested = (tuned.meta.get("nested") or {}).get("pooled", {}).get("tuned", {})
