@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infer.io import InputError
+from core.io import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,15 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.io import (
-    InputError,
-    align_ids,
-    read_labels,
-    read_probs,
-    write_probs,
-)
-from infer.metrics import OBJECTIVES, objective_score, scores
-from infer.thresholds import DEFAULT_FALLBACK, cascade_steps
+from core.io import InputError, align_ids, progress_bar, read_labels, read_probs, write_probs
+from core.metrics import OBJECTIVES, objective_score, scores
+from core.thresholds import DEFAULT_FALLBACK, cascade_steps, decode_global
 
 DEFAULT_TRIALS = 100
 
@@ -56,7 +50,6 @@ def search_weights(oofs: Sequence[np.ndarray], labels: np.ndarray, objective: st
     """
     import optuna
 
-    from infer.tune import _bar, decode_global
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     m = len(oofs)
@@ -81,7 +74,7 @@ def search_weights(oofs: Sequence[np.ndarray], labels: np.ndarray, objective: st
     for j in range(m):
         study.enqueue_trial({f"w{i}": float(i == j) for i in range(m)})
     n = max(int(n_trials), m + 1)
-    bar = _bar(n, "blend weights", progress)
+    bar = progress_bar(n, "blend weights", progress)
     study.optimize(fn, n_trials=n, callbacks=[lambda s, t: bar.update(1)] if bar else None)
     if bar:
         bar.close()
@@ -96,7 +89,6 @@ def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence
 
     Returns ``{"folds", "per_fold": [{"fold", "rows", "weights", objective}], "pooled": scores}``.
     """
-    from infer.tune import decode_global
 
     y = np.asarray(labels).astype(np.int8)
     folds = np.asarray(folds)
@@ -168,7 +160,7 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     log(f"blend: {len(oof)} models; {len(oof_ids)} out-of-fold rows x {len(names)} classes; objective "
         f"{objective}, {n_trials} trials, seed {seed}")
     weights, best = search_weights(oofs, y, objective, n_trials, seed, fb, progress=progress)
-    from infer.thresholds import ThresholdSpec
+    from core.thresholds import ThresholdSpec
 
     default = ThresholdSpec(tuple(names), fallback=fb)
     rows = {path: scores(y, default.decode(p)) for path, p in zip(oof, oofs)}

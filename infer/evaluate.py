@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.io import InputError, align_ids, atomic_path, read_labels, read_probs, write_json
-from infer.metrics import exact_match, micro_f1, paired_difference, per_class_f1, scores
-from infer.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids, threshold
+from core.io import InputError, align_ids, atomic_path, read_labels, read_probs, write_json
+from core.metrics import exact_match, micro_f1, paired_difference, per_class_f1, scores
+from core.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids, threshold
 
 METRICS = ("exact_match", "micro_f1", "macro_f1", "weighted_f1")
 CURVE = tuple(round(0.05 * k, 2) for k in range(1, 20))

@@ -28,153 +28,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import re
 import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from infer.io import InputError, write_probs
-from train.config import ConfigError, DataArgs, RunConfig
-
-CONFIG_FILE = "run_config.yaml"
-LABELS_FILE = "label_names.json"
-INFO_FILE = "adapter_info.json"
-ADAPTER_CONFIG = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_FOLD_DIR = re.compile(r"^fold_(\d+)$")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Adapter discovery and validation (no torch, no model: cheap, and nothing is loaded before every check passes)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AdapterRef:
-    """One validated adapter folder and what it says about itself."""
-
-    spec: str
-    """What the user passed (folder, run folder or Hub id) that led to this adapter."""
-    folder: Path
-    cfg: RunConfig
-    label_names: list[str]
-    descriptions: dict[str, str] = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-    head_labels: int | None = None
-    """Rows of the saved ``score`` head (None when the weights file cannot be inspected cheaply)."""
-    weight: float = 1.0
-
-    @property
-    def name(self) -> str:
-        parts = self.folder.parts
-        return "/".join(parts[-2:]) if len(parts) >= 2 and _FOLD_DIR.match(parts[-2]) else self.folder.name
-
-    def base_key(self) -> tuple:
-        """Adapters with equal keys share one loaded base model."""
-        m, q = self.cfg.model, self.cfg.quantization
-        return (m.name_or_path, m.gguf_file, m.attn_implementation, m.dtype, m.cache_dir,
-                q.load_in_4bit, q.quant_type, q.double_quant, self.cfg.train.parallel == "split")
-
-    def describe(self) -> dict:
-        return {"spec": self.spec, "folder": str(self.folder), "name": self.name, "weight": self.weight,
-                "fold": self.info.get("fold"), "epoch": self.info.get("epoch"),
-                "base_model": self.info.get("base_model", self.cfg.model.name_or_path)}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read JSON: {e}") from None
-
-
-def head_label_count(folder: Path) -> int | None:
-    """Number of labels of the saved ``score`` head, read from the safetensors header (no tensor is loaded)."""
-    path = folder / WEIGHT_FILES[0]
-    if not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            keys = [k for k in f.keys() if re.search(r"(^|\.)score\.(modules_to_save\.[^.]+\.)?weight$", k)]
-            if not keys:
-                raise InputError(f"{path}: no score head weights in the adapter (was it trained with "
-                                 f"modules_to_save=['score']?)")
-            return int(f.get_slice(keys[0]).get_shape()[0])
-    except InputError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a truncated/corrupt file
-        raise InputError(f"{path}: cannot read the adapter weights: {e}") from None
-
-
-def is_adapter_folder(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
-
-
-def read_adapter(folder: str | Path, spec: str | None = None) -> AdapterRef:
-    """Validate one adapter folder and read its config, labels and head size.
-
-    Raises:
-        InputError: the folder or one of its files is missing/unreadable, or the head does not match the labels.
-    """
-    folder = Path(folder)
-    spec = str(folder) if spec is None else spec
-    if not folder.is_dir():
-        raise InputError(f"adapter folder not found: {folder}")
-    missing = [n for n in (ADAPTER_CONFIG, CONFIG_FILE, LABELS_FILE) if not (folder / n).is_file()]
-    if not any((folder / n).is_file() for n in WEIGHT_FILES):
-        missing.append(WEIGHT_FILES[0])
-    if missing:
-        raise InputError(f"{folder}: incomplete adapter folder, missing {', '.join(missing)}")
-    try:
-        cfg = RunConfig.from_yaml(folder / CONFIG_FILE)
-    except ConfigError as e:
-        raise InputError(str(e)) from None
-    labels = _read_json(folder / LABELS_FILE)
-    names = labels.get("label_names") if isinstance(labels, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise InputError(f"{folder / LABELS_FILE}: key 'label_names' must be a non-empty list of strings")
-    info = _read_json(folder / INFO_FILE) if (folder / INFO_FILE).is_file() else {}
-    head = head_label_count(folder)
-    if head is not None and head != len(names):
-        raise InputError(f"{folder / WEIGHT_FILES[0]}: the score head has {head} labels but {folder / LABELS_FILE} "
-                         f"lists {len(names)}")
-    return AdapterRef(spec=spec, folder=folder, cfg=cfg, label_names=list(names),
-                      descriptions=dict(labels.get("descriptions") or {}), info=info, head_labels=head)
-
-
-def run_adapters(run_dir: Path, spec: str, log=print) -> list[AdapterRef]:
-    """The finished folds' ``fold_K/<train.keep>`` adapters of a run folder, in fold order."""
-    try:
-        keep = RunConfig.from_yaml(run_dir / CONFIG_FILE).train.keep
-    except ConfigError as e:
-        raise InputError(str(e)) from None
-    folds = sorted((int(m.group(1)), p) for p in run_dir.iterdir()
-                   if p.is_dir() and (m := _FOLD_DIR.match(p.name)))
-    refs = []
-    for k, fold_dir in folds:
-        adapter = fold_dir / keep
-        finished = (fold_dir / "metrics.json").is_file() or not (fold_dir / "checkpoint").exists()
-        if not adapter.exists() or not finished:
-            log(f"{run_dir}: fold_{k} has no finished {keep!r} adapter, skipped")
-            continue
-        refs.append(read_adapter(adapter, spec))
-    if not refs:
-        raise InputError(f"{run_dir}: run folder without any finished fold adapter "
-                         f"(expected fold_K/{keep}/{ADAPTER_CONFIG})")
-    return refs
+from core.adapter import CONFIG_FILE, LABELS_FILE, AdapterRef, is_adapter_folder, read_adapter, run_adapters
+from core.config import ConfigError, DataArgs
+from core.errors import InputError
+from core.io import write_probs
 
 
 def expand(spec: str, log=print) -> list[AdapterRef]:
     """Resolve one ``--adapter`` value to its adapter folder(s). See the module docstring for the forms."""
-    from infer.hub import resolve_adapter
+    from core.hub import resolve_adapter
 
     path = resolve_adapter(spec)
     if is_adapter_folder(path):
@@ -198,7 +68,7 @@ def check_labels(refs: Sequence[AdapterRef], labels_like: str | Path | None = No
     if labels_like is not None:
         import pandas as pd
 
-        from train.data import label_columns
+        from core.data import label_columns
 
         path = Path(labels_like)
         if not path.is_file():
@@ -273,7 +143,7 @@ class Predictor:
 
     @property
     def device(self):
-        from train.loop import input_device
+        from core.model import input_device
 
         return input_device(self.model)
 
@@ -286,14 +156,14 @@ class Predictor:
         return w / w.sum()
 
     def token_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
-        from train.data import tokenize
+        from core.data import tokenize
 
         return tokenize(texts, self.tokenizer, max_length or self.data.max_length)
 
     def predict_token_ids(self, token_ids: list[list[int]], adapter: int = 0, batch_size: int = 64,
                           progress: bool = False) -> np.ndarray:
         """Probabilities of one adapter (by position), batched longest-first with dynamic padding."""
-        from train.loop import predict_probs
+        from core.model import predict_probs
 
         self.model.set_adapter(self.adapter_names[adapter])
         return predict_probs(self.model, token_ids, self.tokenizer.pad_token_id, batch_size, self.dtype,
@@ -344,7 +214,7 @@ def resolve_base(ref: AdapterRef, base_model: str | None = None, log=print) -> s
     """Local folder of the adapter's base model (its config's ``model``; or ``base_model`` if given)."""
     import dataclasses
 
-    from train.model import resolve_model_path
+    from core.model import resolve_model_path
 
     margs = ref.cfg.model
     if base_model is not None:
@@ -384,7 +254,7 @@ def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None
     import torch
     from peft import PeftModel
 
-    from train.model import load_classifier, load_tokenizer
+    from core.model import load_classifier, load_tokenizer
 
     keys = {r.base_key() for r in refs}
     if len(keys) > 1:
@@ -427,7 +297,7 @@ def load_predictor(adapter: str, device=None, base_model: str | None = None, log
 
 def read_inputs(input_csv: str | Path, refs: Sequence[AdapterRef]) -> dict[tuple, object]:
     """Read the input CSV once per distinct (id column, template); ids must agree. Returns key -> Dataset."""
-    from train.data import read_csv
+    from core.data import read_csv
 
     out = {}
     for r in refs:

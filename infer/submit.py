@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from infer.io import ID_COLUMN, InputError, align_ids, atomic_path, read_ids, read_probs
-from infer.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids
+from core.io import ID_COLUMN, InputError, align_ids, atomic_path, read_ids, read_probs
+from core.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids
 
 
 def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:

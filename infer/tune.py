@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.io import InputError, align_ids, read_labels, read_oof, versions, write_json
-from infer.metrics import OBJECTIVES, objective_score, scores
-from infer.thresholds import (
+from core.errors import InputError
+from core.io import align_ids, progress_bar, read_folds, read_labels, read_oof, versions, write_json
+from core.metrics import OBJECTIVES, objective_score, scores
+from core.thresholds import (
     DEFAULT_FALLBACK,
     DEFAULT_START,
     DEFAULT_STEP,
@@ -42,6 +43,7 @@ from infer.thresholds import (
     ThresholdSpec,
     cascade_steps,
     class_ids,
+    decode_global,
 )
 
 DEFAULT_TRIALS = 200
@@ -55,25 +57,6 @@ START_RANGE, STOP_RANGE, STEP_RANGE = (0.20, 0.90, 0.01), (0.02, 0.60, 0.01), (0
 # ---------------------------------------------------------------------------------------------------------------
 # Pure tuning math
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def decode_global(probs: np.ndarray, steps: Sequence[float], fallback: int | None,
-                  rowmax: np.ndarray | None = None) -> np.ndarray:
-    """``cascade(probs, steps, fallback)`` without class offsets, in one pass (same comparisons, same result).
-
-    A row's level is the first threshold below its maximum probability; ``rowmax`` may be precomputed.
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    s = np.asarray(steps, dtype=np.float64)
-    m = probs.max(axis=1) if rowmax is None else rowmax
-    hit = m[:, None] > s[None, :]
-    has = hit.any(axis=1)
-    t = s[hit.argmax(axis=1)]
-    preds = probs > t[:, None]
-    preds[~has] = False
-    if fallback is not None:
-        preds[~has, fallback] = True
-    return preds.astype(np.int8)
 
 
 def shrink_factors(labels: np.ndarray, k: float) -> np.ndarray:
@@ -114,7 +97,7 @@ def search_global(probs: np.ndarray, labels: np.ndarray, objective: str = "exact
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     study.enqueue_trial({"start": DEFAULT_START, "stop": DEFAULT_STOP, "step": DEFAULT_STEP})
-    bar = _bar(n_trials, desc, progress)
+    bar = progress_bar(n_trials, desc, progress)
     study.optimize(fn, n_trials=max(1, int(n_trials)), callbacks=[lambda s, t: bar.update(1)] if bar else None)
     if bar:
         bar.close()
@@ -277,7 +260,7 @@ def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
     pred_default = default.decode(probs)
     pred_tuned = np.zeros_like(pred_default)
     per_fold = []
-    bar = _bar(len(uniq), "nested estimate", progress)
+    bar = progress_bar(len(uniq), "nested estimate", progress)
     for f in uniq:
         test = folds == f
         spec = tune_thresholds(probs[~test], labels[~test], names, objective=objective, fallback=fallback,
@@ -296,14 +279,6 @@ def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
     pooled = {"default": scores(labels, pred_default), "tuned": scores(labels, pred_tuned)}
     return {"objective": objective, "folds": len(uniq), "per_fold": per_fold, "pooled": pooled,
             "gain": pooled["tuned"][objective] - pooled["default"][objective]}
-
-
-def _bar(total: int, desc: str, progress: bool):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,28 +342,6 @@ def resolve_fallback(label_names: Sequence[str], fallback: str | int | None, pat
         raise InputError(f"{path}: the default fallback class {fid} does not exist among its {len(ids)} classes "
                          f"(ids {min(ids)}..{max(ids)}); pass --fallback CLASS_ID (or --fallback none)")
     return ids.index(fid)
-
-
-def read_folds(path: str | Path, oof_path, oof_ids) -> np.ndarray:
-    """Fold of each OOF row from a ``folds.csv`` (columns index, fold), aligned by id."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: folds file not found")
-    try:
-        df = pd.read_csv(path)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read CSV: {e}") from None
-    for col in ("index", "fold"):
-        if col not in df.columns:
-            raise InputError(f"{path}: no {col!r} column (a folds file has columns index, fold)")
-    folds = pd.to_numeric(df["fold"], errors="coerce")
-    if folds.isna().any():
-        r = int(folds.isna().idxmax())
-        raise InputError(f"{path}: row {r + 2} column 'fold': {df['fold'].iloc[r]!r} is not an integer")
-    idx = align_ids(oof_path, oof_ids, path, df["index"].to_numpy())
-    return folds.to_numpy(dtype=np.int64)[idx]
 
 
 def resolve_folds(folds: str | Path | None, oof: str | Path, ids, fold_col: np.ndarray | None, kfolds: int,

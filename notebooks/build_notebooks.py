@@ -191,7 +191,7 @@ sh(f"{INFER} predict --adapter {shlex.quote(','.join(adapters))} --input {shlex.
    f"--out {probs} --batch-size {BATCH_SIZE}{weights}")'''),
         new_markdown_cell("## Tune thresholds on the out-of-fold probabilities"),
         new_code_cell('''\
-from infer.hub import resolve_adapter   # local folder of a path or an already pulled Hub id
+from core.hub import resolve_adapter  # local folder of a path or an already pulled Hub id
 
 thresholds = str(Path(WORK_DIR) / "thresholds.json")
 oof = OOF or str(resolve_adapter(adapters[0]) / "oof.csv")

@@ -29,8 +29,8 @@ TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def sample_prompts() -> list[str]:
     """The sample CSVs' texts formatted with the default template (what the tokenizer must cover)."""
-    from train.config import DEFAULT_TEMPLATE
-    from train.data import format_prompt
+    from core.config import DEFAULT_TEMPLATE
+    from core.data import format_prompt
 
     out = []
     for path in (SAMPLE_TRAIN, SAMPLE_TEST):

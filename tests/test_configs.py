@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import EMBEDDED_MODEL, ConfigError, RunConfig, apply_override
+from core.config import EMBEDDED_MODEL, ConfigError, RunConfig, apply_override
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -178,3 +178,14 @@ def test_yaml_file_errors_name_the_file(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert RunConfig.from_yaml(empty) == RunConfig()
+
+
+def test_removed_keys_load_at_their_old_default_only():
+    """Adapter folders saved before data.test_csv / train.log_every_steps were removed still load."""
+    old = RunConfig().to_dict()
+    old["data"]["test_csv"] = None
+    old["train"]["log_every_steps"] = 10
+    assert RunConfig.from_dict(old) == RunConfig()
+    old["data"]["test_csv"] = "test.csv"
+    with pytest.raises(ConfigError, match="data.test_csv"):
+        RunConfig.from_dict(old)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infer.io import InputError
-from train.config import ConfigError, RunConfig, add_config_arguments
+from core.config import ConfigError, RunConfig, add_config_arguments
+from core.io import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(resume, str):
             if not resume.startswith("hub:"):
                 raise InputError(f"--resume takes no value or hub:USER/NAME, got {resume!r}")
-            from infer.hub import pull_run
+            from core.hub import pull_run
 
             pull_run(resume.removeprefix("hub:"), cfg.output_dir)
             resume = True
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - TrainingError and friends: one clear line, traceback on demand
-        from train.loop import TrainingError
+        from core.errors import TrainingError
 
         if isinstance(e, TrainingError):
             print(f"error: {e}", file=sys.stderr)

@@ -37,12 +37,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from infer.io import InputError, atomic_dir, versions, write_json, write_text
-from train.artifacts import base_model_id
-from train.config import ConfigError, RunConfig, add_config_arguments
-from train.data import batch_order, collate, read_corpus, split_paths, tokenize
-from train.loop import Optimization, TrainingError, autocast, check_finite, kill_for_tests, step_seed
-from train.model import apply_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
+from core.adapter import base_model_id
+from core.config import ConfigError, RunConfig, add_config_arguments
+from core.data import collate, tokenize
+from core.errors import TrainingError
+from core.io import InputError, atomic_dir, versions, write_json, write_text
+from core.model import autocast, load_causal_lm, load_tokenizer, resolve_model_path
+from train.data import batch_order, read_corpus, split_paths
+from train.loop import Optimization, check_finite, kill_for_tests, step_seed
+from train.lora import apply_lora, count_parameters
 
 CHECKPOINT = Path("checkpoint") / "state.pt"
 RUN_FILE = "dapt_run.json"
@@ -51,9 +54,9 @@ LOGIT_CHUNK_ELEMENTS = 2 ** 26
 """Logits computed at once (64M: 256 MiB in fp32, 256 tokens of Gemma's 262k vocabulary)."""
 
 # Settings that do not change what a DAPT run computes: a resumed run may differ in these.
-_RESUME_FREE = ("output_dir", "data.train_csv", "data.test_csv", "data.id_column", "data.label_prefix",
+_RESUME_FREE = ("output_dir", "data.train_csv", "data.id_column", "data.label_prefix",
                 "data.label_columns", "data.label_names_csv", "model.num_labels", "lora.init_adapter", "loss.",
-                "cv.", "hub.", "train.head_lr", "train.save_every_steps", "train.log_every_steps", "train.keep",
+                "cv.", "hub.", "train.head_lr", "train.save_every_steps", "train.keep",
                 "train.parallel", "train.eval_batch_size", "train.nan_guard_steps")
 
 

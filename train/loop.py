@@ -14,16 +14,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from infer.io import atomic_path, write_json
-from infer.metrics import scores
-from infer.thresholds import cascade, threshold
-from train.config import RunConfig
-from train.data import batch_order, collate, split_by_tokens
+from core.config import RunConfig
+from core.data import collate
+from core.errors import TrainingError
+from core.io import atomic_path, write_json
+from core.metrics import scores
+from core.model import autocast, input_device, predict_probs
+from core.thresholds import cascade, threshold
+from train.data import batch_order, split_by_tokens
 from train.loss import multilabel_loss, pos_weight_from_labels
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, ...); the message says what to change."""
 
 
 @dataclass
@@ -91,8 +90,11 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
 
 
 def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
-    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                              get_linear_schedule_with_warmup)
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     warmup = int(round(cfg.train.warmup_ratio * total_steps))
     if cfg.train.scheduler == "cosine":
@@ -162,39 +164,6 @@ def kill_for_tests(resumed: bool, step: int) -> None:
     kill_at = os.environ.get("QLML_TEST_KILL_AT_STEP")
     if kill_at and not resumed and step >= int(kill_at):
         os._exit(137)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    enabled = dtype in (torch.float16, torch.bfloat16)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
-
-
-def input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
-@torch.no_grad()
-def predict_probs(model, token_ids: list[list[int]], pad_id: int, batch_size: int, dtype: torch.dtype,
-                  progress: bool = True, desc: str = "predict") -> np.ndarray:
-    """Sigmoid probabilities for every row, batched longest-first with dynamic padding; original order kept."""
-    was_training = model.training
-    model.eval()
-    device = input_device(model)
-    order = np.argsort([-len(t) for t in token_ids], kind="stable")
-    out = None
-    bar = tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, file=sys.stderr)
-    for start in bar:
-        idx = order[start:start + batch_size]
-        batch = collate([token_ids[i] for i in idx], pad_id)
-        with autocast(device, dtype):
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-        probs = torch.sigmoid(logits.float()).cpu().numpy()
-        if out is None:
-            out = np.zeros((len(token_ids), probs.shape[1]), dtype=np.float64)
-        out[idx] = probs
-    model.train(was_training)
-    return out
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -269,7 +238,7 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
         if env.is_main:
             opt.save(ckpt, state)
             if cfg.hub.push_checkpoints_to:  # Kaggle's 12-hour limit: the next session resumes from the Hub
-                from infer.hub import push_checkpoint
+                from core.hub import push_checkpoint
 
                 push_checkpoint(fold_dir.parent, cfg.hub.push_checkpoints_to, private=cfg.hub.private, log=log)
         env.barrier()

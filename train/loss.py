@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.config import LossArgs
+from core.config import LossArgs
 
 
 def pos_weight_from_labels(labels: np.ndarray, mode: str, max_weight: float) -> torch.Tensor | None:

@@ -12,14 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from infer.io import InputError, versions, write_json, write_probs, write_text
-from infer.metrics import scores
-from infer.thresholds import cascade, threshold
-from train.artifacts import save_adapter
-from train.config import ConfigError, RunConfig
-from train.data import make_folds, read_csv, read_label_descriptions, tokenize
+from core.adapter import save_adapter
+from core.config import ConfigError, RunConfig
+from core.data import read_csv, read_label_descriptions, tokenize
+from core.io import InputError, versions, write_json, write_probs, write_text
+from core.metrics import scores
+from core.model import load_classifier, load_tokenizer, resolve_model_path
+from core.thresholds import cascade, threshold
+from train.data import make_folds
 from train.loop import device_map_for, fit_fold, setup_dist, write_fold_metrics
-from train.model import apply_lora, count_parameters, load_classifier, load_tokenizer, resolve_model_path
+from train.lora import apply_lora, count_parameters
 
 
 def log(msg: str) -> None:

@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from infer.io import InputError, atomic_dir, versions, write_json, write_probs
-from train.config import ConfigError, RunConfig, add_config_arguments
-from train.data import make_folds, read_csv
+from core.config import ConfigError, RunConfig, add_config_arguments
+from core.data import read_csv
+from core.io import InputError, atomic_dir, versions, write_json, write_probs
+from train.data import make_folds
 from train.loop import evaluate
 
 
@@ -69,7 +70,7 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
     ds = read_csv(cfg.data.train_csv, cfg.data)
     test_ds = read_csv(test, cfg.data, labelled=False, label_names=ds.label_names) if test else None
     if folds:
-        from infer.tune import read_folds
+        from core.io import read_folds
 
         fold_of, source = read_folds(folds, ds.path, ds.ids), str(folds)
     else:

@@ -55,8 +55,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from infer.io import InputError, atomic_dir, versions, write_json
-from train.config import DEFAULT_TEMPLATE, ConfigError, ModelArgs
+from core.config import DEFAULT_TEMPLATE, ConfigError, ModelArgs
+from core.io import InputError, atomic_dir, versions, write_json
 from train.data import Corpus, read_corpus, split_paths
 
 TRIM_REPORT = "trim_report.json"
@@ -76,7 +76,7 @@ class TrimError(RuntimeError):
 
 def template_literal(template: str) -> str:
     """The template's own text (its fields empty)."""
-    from train.data import template_fields
+    from core.data import template_fields
 
     return template.format(**{f: "" for f in template_fields(template)})
 
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         margs, template = ModelArgs(), DEFAULT_TEMPLATE
         if args.config:
-            from train.config import RunConfig
+            from core.config import RunConfig
 
             cfg = RunConfig.from_yaml(args.config, [])
             margs, template = cfg.model, cfg.data.text_template
@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.template is not None:
             # A shell cannot easily pass a newline: accept the two-character escapes \n and \t.
             template = args.template.replace("\\n", "\n").replace("\\t", "\t")
-        from train.data import template_fields
+        from core.data import template_fields
 
         template_fields(template)  # a bad template is an input error before anything is loaded
         if Path(args.out).exists() and not args.overwrite:
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         corpus = read_corpus(split_paths(args.corpus), template, template_key="--template")
         evals = [read_corpus([p], template, what="eval corpus", template_key="--template")
                  for p in split_paths(args.eval)]
-        from train.model import resolve_model_path
+        from core.model import resolve_model_path
 
         model_path = resolve_model_path(margs)
         report = trim_vocab(model_path, corpus, args.out, template=template, keep_bytes=args.keep_bytes,

@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from core import hub as transport
+from core.io import InputError, read_probs
 from infer import hub
-from infer.io import InputError, read_probs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +63,7 @@ LABELS = [f"trend_id_res{i}" for i in range(3)]
 
 
 def make_fake_run(root: Path, thresholds: bool = False) -> Path:
-    from train.config import RunConfig
+    from core.config import RunConfig
 
     run = root / "myrun"
     cfg = RunConfig.from_dict({"cv": {"n_folds": 3}, "output_dir": str(run)})
@@ -243,17 +244,17 @@ def test_push_mocked(tmp_path, monkeypatch, capsys):
 
     # Checkpoints: the whole run folder, hidden temp files ignored; a failure does not stop training.
     FakeApi.calls, FakeApi.fail_upload = [], False
-    assert hub.push_checkpoint(run, "user/ckpt") is True
+    assert transport.push_checkpoint(run, "user/ckpt") is True
     _, repo, files, ignore = FakeApi.calls[-1]
-    assert repo == "user/ckpt" and "fold_2/checkpoint/state.pt" in files and ignore == hub.HIDDEN_PATTERNS
+    assert repo == "user/ckpt" and "fold_2/checkpoint/state.pt" in files and ignore == transport.HIDDEN_PATTERNS
     assert FakeApi.calls[1] == ("create_repo", "user/ckpt", True, True)
     FakeApi.fail_upload = True
-    assert hub.push_checkpoint(run, "user/ckpt") is False
+    assert transport.push_checkpoint(run, "user/ckpt") is False
     assert "warning: pushing checkpoints to user/ckpt failed" in capsys.readouterr().out
     with pytest.raises(hub.HubError):
-        hub.push_checkpoint(run, "user/ckpt", strict=True)
+        transport.push_checkpoint(run, "user/ckpt", strict=True)
     monkeypatch.delenv("HF_TOKEN")
-    assert hub.push_checkpoint(run, "user/ckpt") is False  # no token: warning only
+    assert transport.push_checkpoint(run, "user/ckpt") is False  # no token: warning only
 
 
 def _fake_hf_cache(cache: Path, repo: str, files_from: Path, ignore_checkpoints: bool = True,
@@ -271,22 +272,22 @@ def test_pull_and_resolve(tmp_path, monkeypatch):
     run = make_fake_run(tmp_path)
     cache = Path(hub.hf.constants.HF_HUB_CACHE)
     with pytest.raises(InputError, match=r"not in the local Hugging Face cache.*python -m infer pull user/my-run"):
-        hub.resolve_adapter("user/my-run")
+        transport.resolve_adapter("user/my-run")
     with pytest.raises(InputError, match="adapter folder not found"):
-        hub.resolve_adapter("./missing/folder")
-    assert hub.resolve_adapter(str(run)) == run
+        transport.resolve_adapter("./missing/folder")
+    assert transport.resolve_adapter(str(run)) == run
 
     snap = _fake_hf_cache(cache, "user/my-run", run)
-    assert hub.resolve_adapter("user/my-run") == snap
-    assert hub.resolve_adapter("hub:user/my-run/fold_0/last") == snap / "fold_0" / "last"
+    assert transport.resolve_adapter("user/my-run") == snap
+    assert transport.resolve_adapter("hub:user/my-run/fold_0/last") == snap / "fold_0" / "last"
     with pytest.raises(InputError, match="has no folder 'fold_9'"):
-        hub.resolve_adapter("user/my-run/fold_9")
+        transport.resolve_adapter("user/my-run/fold_9")
 
     # pull: offline -> cached copy; not cached -> one clear error.
     monkeypatch.setattr(hub.hf.constants, "HF_HUB_OFFLINE", True)
-    assert hub.pull("user/my-run") == str(snap)
+    assert transport.pull("user/my-run") == str(snap)
     with pytest.raises(hub.HubError, match="cannot pull user/other: Hub access is disabled"):
-        hub.pull("user/other")
+        transport.pull("user/other")
     monkeypatch.setattr(hub.hf.constants, "HF_HUB_OFFLINE", False)
 
     calls = []
@@ -300,12 +301,12 @@ def test_pull_and_resolve(tmp_path, monkeypatch):
         return "/cache/snap"
 
     monkeypatch.setattr(hub.hf, "snapshot_download", fake_download)
-    assert hub.pull("user/my-run", revision="v1", token="t") == "/cache/snap"
-    assert calls[-1][1]["ignore_patterns"] == hub.CHECKPOINT_PATTERNS and calls[-1][1]["revision"] == "v1"
-    assert hub.pull("user/my-run", include_checkpoints=True) == "/cache/snap"
+    assert transport.pull("user/my-run", revision="v1", token="t") == "/cache/snap"
+    assert calls[-1][1]["ignore_patterns"] == transport.CHECKPOINT_PATTERNS and calls[-1][1]["revision"] == "v1"
+    assert transport.pull("user/my-run", include_checkpoints=True) == "/cache/snap"
     assert calls[-1][1]["ignore_patterns"] is None
     with pytest.raises(hub.HubError, match=r"cannot pull user/down: the Hub could not be used \(ConnectionError"):
-        hub.pull("user/down")
+        transport.pull("user/down")
 
     parser = argparse.ArgumentParser()
     hub.register(parser.add_subparsers(dest="command", required=True))
@@ -320,14 +321,14 @@ def test_pull_run_restores_checkpoints(tmp_path, monkeypatch, capsys):
     out = tmp_path / "restored"
     (out / "fold_0").mkdir(parents=True)
     (out / "fold_0" / "metrics.json").write_text("local")  # local files win
-    hub.pull_run("user/ckpt", out)
+    transport.pull_run("user/ckpt", out)
     assert (out / "fold_2" / "checkpoint" / "state.pt").read_bytes() == b"x" * 100
     assert (out / "fold_0" / "metrics.json").read_text() == "local"
     assert (out / "run_config.yaml").read_text() == (run / "run_config.yaml").read_text()
     assert "restored" in capsys.readouterr().out
     (snap / "run_config.yaml").unlink()
     with pytest.raises(hub.HubError, match="no run_config.yaml"):
-        hub.pull_run("user/ckpt", tmp_path / "other")
+        transport.pull_run("user/ckpt", tmp_path / "other")
 
 
 def test_train_resume_from_hub_uses_pull_run(tmp_path, monkeypatch):
@@ -336,7 +337,7 @@ def test_train_resume_from_hub_uses_pull_run(tmp_path, monkeypatch):
     import train.run
 
     seen = {}
-    monkeypatch.setattr(hub, "pull_run", lambda repo, out: seen.update(repo=repo, out=out))
+    monkeypatch.setattr(transport, "pull_run", lambda repo, out: seen.update(repo=repo, out=out))
     monkeypatch.setattr(train.run, "main", lambda cfg, resume: seen.update(resume=resume))
     code = train_main.main(["--set", f"output_dir={tmp_path / 'r'}", "--resume", "hub:user/ckpt"])
     assert code == 0 and seen == {"repo": "user/ckpt", "out": str(tmp_path / "r"), "resume": True}

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.io import meta_path, read_probs, write_probs
 from infer.__main__ import main
-from infer.io import meta_path, read_probs, write_probs
 
 REPO = Path(__file__).resolve().parents[2]
 DLS = REPO.parent / "shared" / "data" / "dls"
@@ -196,8 +196,8 @@ def test_evaluate_prints_the_table_and_writes_pngs_and_metrics(data, capsys):
     m = json.loads((out_dir / "oof.eval.json").read_text())
     assert set(m["metrics"]) == {"threshold 0.5", "default cascade", "tuned"}
     assert set(m["per_class_f1"]["tuned"]) == set(NAMES) and len(m["curve"]["threshold"]) == 19
-    from infer.metrics import scores
-    from infer.thresholds import cascade
+    from core.metrics import scores
+    from core.thresholds import cascade
 
     assert m["metrics"]["default cascade"] == pytest.approx(scores(data["y"], cascade(data["p"])))
     # default --out-dir: beside the probability file
@@ -206,8 +206,8 @@ def test_evaluate_prints_the_table_and_writes_pngs_and_metrics(data, capsys):
 
 
 def test_evaluate_against_a_baseline_prints_the_paired_difference(data, capsys):
-    from infer.metrics import exact_match
-    from infer.thresholds import cascade
+    from core.metrics import exact_match
+    from core.thresholds import cascade
 
     d = data["dir"]
     rng = np.random.default_rng(7)
@@ -434,7 +434,7 @@ def test_atomic_writes_have_the_usual_permissions(tmp_path):
     """mkstemp/mkdtemp create 0600/0700; artifacts (shared, uploaded) must get the umask's permissions."""
     import os
 
-    from infer.io import atomic_dir, write_text
+    from core.io import atomic_dir, write_text
 
     old = os.umask(0o022)
     try:

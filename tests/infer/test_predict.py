@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from infer.io import InputError, meta_path, read_probs
+from core.io import InputError, meta_path, read_probs
 from infer.predict import load_predictor, predict, register
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ SAMPLE_TEST = REPO / "data" / "sample_test.csv"
 
 def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1)) -> Path:
     """Train ``folds`` of a 2-fold CV for 2 optimizer steps each; returns the run folder."""
-    from train.config import RunConfig
+    from core.config import RunConfig
     from train.run import main as run_main
 
     cfg = RunConfig.from_dict({
@@ -115,7 +115,7 @@ def test_run_folder_and_weights_average_the_adapters(tiny_run, test_csv, tmp_pat
 def test_batched_equals_one_at_a_time(tiny_run, test_csv):
     import torch
 
-    from train.data import read_csv
+    from core.data import read_csv
 
     p = load_predictor(str(tiny_run / "fold_0" / "last"), log=lambda m: None)
     texts = read_csv(test_csv, p.data, labelled=False).texts

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from infer.thresholds import ThresholdSpec, cascade, cascade_steps, class_ids, threshold
+from core.thresholds import ThresholdSpec, cascade, cascade_steps, class_ids, threshold
 from infer.tune import _ClassSearch, decode_global
 
 # The reference solution's thresholds, as literal floats.
@@ -108,7 +108,7 @@ def test_class_offsets_equal_literal_loop_with_per_class_thresholds(probs, data)
 @given(prob_matrix(min_cols=20, max_cols=25, elements=st.sampled_from(GRID)), st.data())
 def test_incremental_class_search_scores_match_cascade(probs, data):
     """The per-class tuner's incremental scores are exactly those of decoding with cascade()."""
-    from infer.metrics import objective_score
+    from core.metrics import objective_score
 
     rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
     y = (rng.random(probs.shape) < 0.2).astype(np.int8)

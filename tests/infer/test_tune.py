@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.metrics import exact_match, micro_f1, objective_score
+from core.thresholds import ThresholdSpec, cascade
 from infer.blend import blend_probs, search_weights
-from infer.metrics import exact_match, micro_f1, objective_score
-from infer.thresholds import ThresholdSpec, cascade
 from infer.tune import kfold, nested_estimate, search_offsets, shrink_factors, tune_thresholds
 
 NAMES = tuple(f"trend_id_res{j}" for j in range(20))
@@ -102,10 +102,10 @@ def test_blend_prefers_the_better_model():
 
 
 def test_nested_blend_tunes_each_folds_weights_on_the_other_folds():
+    from core.metrics import scores
+    from core.thresholds import cascade_steps
     from infer.blend import nested_blend
-    from infer.metrics import scores
     from infer.tune import decode_global
-    from infer.thresholds import cascade_steps
 
     rng = np.random.default_rng(1)
     y = np.zeros((300, 20), dtype=np.int8)
@@ -134,7 +134,7 @@ def test_spec_decode_matches_the_fast_global_decoder():
 
 
 def test_paired_difference_is_the_exact_match_gap_with_a_paired_interval():
-    from infer.metrics import paired_difference
+    from core.metrics import paired_difference
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, (400, 5))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from trainkit import ROOT, SAMPLE_TRAIN
 
 pytestmark = pytest.mark.slow
@@ -19,7 +18,7 @@ def test_bench_reference_toolkit_and_split_run_on_a_tiny_shape(tmp_path):
     # --split-gib 0.0348: two "GPUs" small enough that the tiny shape's 4 layers are placed 2 + 2 (the embedding,
     # 32 MiB, fills most of the first); LoRA from layer 1, so both parts train LoRA layers.
     proc = subprocess.run(
-        [sys.executable, "-m", "train.bench", "--models", "tiny-gemma2", "--profiles", "reference,toolkit,toolkit-split",
+        [sys.executable, "-m", "benchmarks.runner", "--models", "tiny-gemma2", "--profiles", "reference,toolkit,toolkit-split",
          "--steps", "2", "--warmup", "1", "--data", str(SAMPLE_TRAIN), "--shapes-dir", str(tmp_path / "shapes"),
          "--split-gib", "0.0348", "--out", str(out), "--set", "train.max_tokens_per_micro_batch=256",
          "--set", "lora.layers_from=1"],
@@ -39,7 +38,7 @@ def test_bench_reference_toolkit_and_split_run_on_a_tiny_shape(tmp_path):
 
 
 def test_split_plan_is_what_device_map_auto_gives_the_27b_on_two_t4s():
-    from train.bench import part_lora_layers, split_plan
+    from benchmarks.shapes import part_lora_layers, split_plan
 
     # transformers' balanced placement in 4-bit: embedding (2.4 GB) + 24 layers on GPU 0, 22 layers + head on GPU 1.
     assert split_plan("gemma-2-27b", 2, 15.0) == [(0, 24), (24, 46)]
@@ -54,10 +53,11 @@ def test_bench_quality_scores_reference_and_toolkit_out_of_fold(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from train.config import DataArgs
-    from train.data import make_folds, read_csv
+    from core.config import DataArgs
+    from core.data import read_csv
+    from train.data import make_folds
 
-    cmd = [sys.executable, "-m", "train.bench", "--quality", "--models", "tiny-gemma2", "--folds", "0,1",
+    cmd = [sys.executable, "-m", "benchmarks.runner", "--quality", "--models", "tiny-gemma2", "--folds", "0,1",
            "--data", str(SAMPLE_TRAIN), "--shapes-dir", str(tmp_path / "shapes"), "--out-oof", str(tmp_path / "oof")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainkit import ROOT, as_set_args, run_cli, tiny_overrides
 
 import train.dapt as dapt
-from infer.io import InputError
-from train.config import ConfigError, LoraArgs, ModelArgs, QuantizationArgs, RunConfig
-from train.data import collate, tokenize
-from train.model import _lora_suffix, apply_lora, load_causal_lm, load_classifier
-from trainkit import ROOT, as_set_args, run_cli, tiny_overrides
+from core.config import ConfigError, LoraArgs, ModelArgs, QuantizationArgs, RunConfig
+from core.data import collate, tokenize
+from core.io import InputError
+from core.model import load_causal_lm, load_classifier
+from train.lora import _lora_suffix, apply_lora
 
 CPU = torch.device("cpu")
 SAMPLE_TEST = ROOT / "data" / "sample_test.csv"

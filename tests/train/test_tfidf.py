@@ -8,14 +8,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from infer.io import read_probs
-from infer.metrics import exact_match
-from infer.thresholds import cascade
-from train.config import RunConfig
-from train.data import make_folds, read_csv
-from train.tfidf import fit_predict, main
 from trainkit import ROOT, SAMPLE_TRAIN, write_rows
+
+from core.config import RunConfig
+from core.data import read_csv
+from core.io import read_probs
+from core.metrics import exact_match
+from core.thresholds import cascade
+from train.data import make_folds
+from train.tfidf import fit_predict, main
 
 SAMPLE_TEST = ROOT / "data" / "sample_test.csv"
 

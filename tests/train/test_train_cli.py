@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from trainkit import ROOT, as_set_args, run_cli, tiny_overrides, write_rows
 
 import train.__main__ as cli
-from trainkit import ROOT, as_set_args, run_cli, tiny_overrides, write_rows
 
 
 def csv_variant(tmp_path, kind):

@@ -10,14 +10,21 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trainkit import ROOT, SAMPLE_TRAIN, write_rows
 
-from infer.io import InputError
-from train.config import DEFAULT_TEMPLATE, DataArgs, LossArgs
-from train.data import (batch_order, collate, format_prompt, format_value, label_columns, make_folds, read_csv,
-                        read_label_descriptions, split_by_tokens, template_fields)
+from core.config import DEFAULT_TEMPLATE, DataArgs, LossArgs
+from core.data import (
+    collate,
+    format_prompt,
+    format_value,
+    label_columns,
+    read_csv,
+    read_label_descriptions,
+    template_fields,
+)
+from core.io import InputError
+from train.data import batch_order, make_folds, split_by_tokens
 from train.loss import multilabel_loss, pos_weight_from_labels
-from trainkit import SAMPLE_TRAIN, ROOT, write_rows
-
 
 # --- prompt formatting ------------------------------------------------------------------------------------------
 

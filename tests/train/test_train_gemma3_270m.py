@@ -10,14 +10,13 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from infer.io import read_probs
-from train.config import RunConfig
-from train.data import read_csv, tokenize
-from train.loop import predict_probs
-from train.model import load_classifier, load_tokenizer, resolve_model_path
-from train.run import main
 from trainkit import ROOT, write_rows
+
+from core.config import RunConfig
+from core.data import read_csv, tokenize
+from core.io import read_probs
+from core.model import load_classifier, load_tokenizer, predict_probs, resolve_model_path
+from train.run import main
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from infer.io import InputError
-from train.config import LoraArgs, ModelArgs, QuantizationArgs
-from train.loop import predict_probs
-from train.model import apply_lora, count_parameters, load_classifier, load_tokenizer, resolve_model_path
+from core.config import LoraArgs, ModelArgs, QuantizationArgs
+from core.io import InputError
+from core.model import load_classifier, load_tokenizer, predict_probs, resolve_model_path
+from train.lora import apply_lora, count_parameters
 
 CPU = torch.device("cpu")
 ARCHS = ["gemma2", "mistral", "gemma3"]
@@ -139,7 +139,7 @@ def test_resolve_model_path(tiny_model, tmp_path):
 def test_evaluation_leaves_the_4bit_weights_and_gradients_alone(tiny_model):
     """bitsandbytes repacks 4-bit weights in place at the first eval forward on AVX512-BF16 CPUs (bf16 scales, a
     kernel without autograd); load_classifier keeps the training layout, so evaluating mid-training changes nothing."""
-    from train.data import collate
+    from core.data import collate
 
     def grads(model, tok, evaluate_first):
         rows = [tok("курьер опоздал на час")["input_ids"], tok("всё очень дорого")["input_ids"]]

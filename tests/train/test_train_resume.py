@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from train.config import RunConfig
-from train.run import main
 from trainkit import as_set_args, run_cli, tiny_overrides
+
+from core.config import RunConfig
+from train.run import main
 
 
 def overrides(model, csv, out, accum):

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
-from infer.io import InputError, read_probs
-from train.data import read_csv, tokenize
-from train.loop import predict_probs
-from train.model import apply_lora, load_classifier, load_tokenizer
-from train.run import main
 from trainkit import tiny_config_for, write_rows
+
+from core.data import read_csv, tokenize
+from core.io import InputError, read_probs
+from core.model import load_classifier, load_tokenizer, predict_probs
+from train.lora import apply_lora
+from train.run import main
 
 ARCHS = ["gemma2", "mistral", "gemma3"]
 LABELS = [f"trend_id_res{i}" for i in range(20)]

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import SAMPLE_TEST, SAMPLE_TRAIN, sample_prompts, tiny_config
 
-from infer.io import InputError
-from train.config import DEFAULT_TEMPLATE, LoraArgs, ModelArgs, QuantizationArgs
+from core.config import DEFAULT_TEMPLATE, LoraArgs, ModelArgs, QuantizationArgs
+from core.io import InputError
 from train.vocab import ID_MAP, TRIM_REPORT, main, read_corpus, trim_tokenizer_json, trim_vocab
 
 CPU = torch.device("cpu")
@@ -234,8 +234,9 @@ def test_trimmed_folder_trains_like_any_model(trimmed_bpe):
     """The toolkit's 4-bit loader and LoRA wiring take the trimmed folder with no special case."""
     import bitsandbytes as bnb
 
-    from train.data import collate
-    from train.model import apply_lora, load_classifier
+    from core.data import collate
+    from core.model import load_classifier
+    from train.lora import apply_lora
 
     out, report = trimmed_bpe
     path = str(out)

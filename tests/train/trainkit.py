@@ -48,7 +48,7 @@ def tiny_overrides(model_dir: Path, train_csv: Path, output_dir: Path, **extra) 
 
 def tiny_config_for(model_dir: Path, train_csv: Path, output_dir: Path, **extra):
     """A validated RunConfig for :func:`tiny_overrides` (``section__key=value`` keyword overrides)."""
-    from train.config import RunConfig
+    from core.config import RunConfig
 
     return RunConfig.from_dict(tiny_overrides(model_dir, train_csv, output_dir, **extra))
 

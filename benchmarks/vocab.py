@@ -1,6 +1,6 @@
 """Before/after figures for vocabulary trimming (``python -m train trim-vocab``), side by side, in one run.
 
-    python -m train.bench_vocab --trimmed /tmp/g3-dls \\
+    python -m benchmarks.vocab --trimmed /tmp/g3-dls \\
         [--model embedded:gemma-3-270m] [--corpus ../shared/data/dls/train.csv,../shared/data/dls/test.csv] \\
         [--prompts 20] [--train-steps 3] [--batch 8]
 
@@ -60,10 +60,11 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from train.artifacts import save_adapter
-    from train.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
-    from train.data import collate, read_csv
-    from train.model import apply_lora, count_parameters, load_classifier
+    from core.adapter import save_adapter
+    from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
+    from core.data import collate, read_csv
+    from core.model import load_classifier
+    from train.lora import apply_lora, count_parameters
 
     torch.manual_seed(0)
     cfg = RunConfig()
@@ -116,7 +117,7 @@ def worker(args) -> None:
 
 
 def run_variant(path: str, data: str, tmp: Path, name: str, args, head_in: Path | None = None) -> dict:
-    cmd = [sys.executable, "-m", "train.bench_vocab", "--worker", path, "--data", data,
+    cmd = [sys.executable, "-m", "benchmarks.vocab", "--worker", path, "--data", data,
            "--prompts", str(args.prompts), "--train-steps", str(args.train_steps), "--batch", str(args.batch),
            "--result", str(tmp / f"{name}.json"), "--logits-out", str(tmp / f"{name}.npy"),
            "--head-out", str(tmp / "head.pt")]
@@ -128,7 +129,7 @@ def run_variant(path: str, data: str, tmp: Path, name: str, args, head_in: Path 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.bench_vocab", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.vocab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded:gemma-3-270m")
     p.add_argument("--trimmed", required=False, help="trimmed model folder (made with trim-vocab if missing)")
@@ -150,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from train.config import ModelArgs
-    from train.model import resolve_model_path
+    from core.config import ModelArgs
+    from core.model import resolve_model_path
     from train.vocab import TRIM_REPORT, read_corpus, split_paths, trim_vocab
 
     corpus_paths = split_paths([args.corpus])

@@ -65,6 +65,25 @@ def cascade(probs: np.ndarray, steps: Sequence[float] | None = None, fallback: i
     return preds
 
 
+def decode_global(probs: np.ndarray, steps: Sequence[float], fallback: int | None,
+                  rowmax: np.ndarray | None = None) -> np.ndarray:
+    """``cascade(probs, steps, fallback)`` without class offsets, in one pass (same comparisons, same result).
+
+    A row's level is the first threshold below its maximum probability; ``rowmax`` may be precomputed.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    s = np.asarray(steps, dtype=np.float64)
+    m = probs.max(axis=1) if rowmax is None else rowmax
+    hit = m[:, None] > s[None, :]
+    has = hit.any(axis=1)
+    t = s[hit.argmax(axis=1)]
+    preds = probs > t[:, None]
+    preds[~has] = False
+    if fallback is not None:
+        preds[~has, fallback] = True
+    return preds.astype(np.int8)
+
+
 def threshold(probs: np.ndarray, t: float = 0.5) -> np.ndarray:
     """Plain thresholding (probability strictly greater than ``t``), no fallback."""
     return (np.asarray(probs) > t).astype(np.int8)

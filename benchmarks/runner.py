@@ -1,11 +1,11 @@
 """Training speed and memory: the reference notebook's recipe vs the toolkit's default path, side by side.
 
 Usage (one GPU; each measurement runs in its own process so peak memory is clean):
-    python -m train.bench --models embedded,gemma-2-9b,mistral-7b,gemma-2-27b --steps 30
-    python -m train.bench --models gemma-2-9b --profiles toolkit-t4          # only the T4 (15 GiB, fp16) profile
-    python -m train.bench --models gemma-2-27b --profiles toolkit-split      # per-GPU peaks of the 2x T4 split
-    python -m train.bench --quality --epochs 1                                # exact match, fold 0, real 270M
-    python -m train.bench --quality --epochs 1 --folds 0,1,2,3,4 --out-oof DIR # out-of-fold, all 5 folds
+    python -m benchmarks.runner --models embedded,gemma-2-9b,mistral-7b,gemma-2-27b --steps 30
+    python -m benchmarks.runner --models gemma-2-9b --profiles toolkit-t4          # only the T4 (15 GiB, fp16) profile
+    python -m benchmarks.runner --models gemma-2-27b --profiles toolkit-split      # per-GPU peaks of the 2x T4 split
+    python -m benchmarks.runner --quality --epochs 1                                # exact match, fold 0, real 270M
+    python -m benchmarks.runner --quality --epochs 1 --folds 0,1,2,3,4 --out-oof DIR # out-of-fold, all 5 folds
 
 Recipes:
   reference   HF Trainer, micro-batch 2, grad-accum 2, fp16, LoRA r16 on q/k/v of the upper layers, gradient
@@ -36,284 +36,21 @@ from pathlib import Path
 
 import numpy as np
 
-DLS = "../shared/data/dls/train.csv"
-SHAPES = {
-    # Real shapes; vocab 262144 for the Gemmas so the Gemma 3 tokenizer's ids fit (Gemma-2's is 256000: +1.4%).
-    "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=256, intermediate_size=14336, vocab_size=262144,
-                       query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
-                       final_logit_softcapping=30.0),
-    "gemma-2-27b": dict(model_type="gemma2", hidden_size=4608, num_hidden_layers=46, num_attention_heads=32,
-                        num_key_value_heads=16, head_dim=128, intermediate_size=36864, vocab_size=262144,
-                        query_pre_attn_scalar=144, sliding_window=4096, attn_logit_softcapping=50.0,
-                        final_logit_softcapping=30.0),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=32000,
-                       sliding_window=None),
-    "tiny-gemma2": dict(model_type="gemma2", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=262144,
-                        query_pre_attn_scalar=16, sliding_window=64, attn_logit_softcapping=50.0,
-                        final_logit_softcapping=30.0),
-}
-CONFIGS = {"embedded": "configs/gemma-3-270m/qlora.yaml", "gemma-2-9b": "configs/gemma-2-9b/qlora.yaml",
-           "gemma-2-27b": "configs/gemma-2-27b/qlora.yaml", "mistral-7b": "configs/mistral-7b/qlora.yaml",
-           "tiny-gemma2": "configs/gemma-2-9b/qlora.yaml"}
-# The 9B config adapts layers 16+; the tiny shape (a CPU smoke test of this script) has 4, so the upper half.
-CONFIG_OVERRIDES = {"tiny-gemma2": ["lora.layers_from=2"]}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "A10G": 125.0}
-REF_LAYERS_FROM = {"gemma2": 16, "mistral": 8}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- shared inputs
-TOKENIZER_DIR: str | None = None  # --tokenizer: a folder with the Gemma tokenizer, instead of the embedded model's
-
-
-def tokenizer_path(gguf: str | None) -> str:
-    return TOKENIZER_DIR or embedded_path(gguf)
-
-
-def embedded_path(gguf: str | None) -> str:
-    from train.config import EMBEDDED_MODEL, ModelArgs
-    from train.model import resolve_model_path
-
-    return resolve_model_path(ModelArgs(name_or_path=EMBEDDED_MODEL, gguf_file=gguf), log=log)
-
-
-def shape_config(name: str, layers: tuple[int, int] | None = None):
-    """The config of a real shape, or of the layers ``[start, stop)`` of it (one device's part of a split).
-
-    A part that does not start at layer 0 holds no embedding matrix on its device: its vocabulary shrinks to 256
-    rows (token ids are folded into it; ids don't change speed or memory).
-    """
-    from transformers import AutoConfig
-
-    spec = dict(SHAPES[name])
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-    if layers is None:
-        return config
-    start, stop = layers
-    spec.update(num_hidden_layers=stop - start, vocab_size=spec["vocab_size"] if start == 0 else 256)
-    if getattr(config, "layer_types", None):  # Gemma-2 alternates sliding / full attention by layer index
-        spec["layer_types"] = config.layer_types[start:stop]
-    return AutoConfig.for_model(config.model_type, **spec, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-
-
-def build_shape(name: str, gguf: str | None, root: Path, layers: tuple[int, int] | None = None) -> str:
-    """A random-weight checkpoint of a real shape or of a part of it (bf16, built on the GPU), with the Gemma 3
-    tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = root / (name if layers is None else f"{name}-layers{layers[0]}-{layers[1]}")
-    if (target / "config.json").is_file():
-        return str(target)
-    t0 = time.time()
-    config = shape_config(name, layers)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(tokenizer_path(gguf)).save_pretrained(target)
-    del model
-    log(f"built random {target.name} in {time.time() - t0:.0f}s")
-    return str(target)
-
-
-def split_plan(name: str, n_devices: int = 2, gib: float = 15.0) -> list[tuple[int, int]]:
-    """The decoder layers ``[start, stop)`` that each GPU holds when the toolkit loads this shape in 4-bit with
-    ``device_map="auto"`` (``train.parallel: split``) on ``n_devices`` GPUs of ``gib`` GiB.
-
-    Runs transformers' own placement (balanced memory, decoder layers never split, 4-bit sizes from the
-    bitsandbytes quantizer) on the meta device, so no GPU is needed. The embedding is on the first device, the
-    final norm and the ``score`` head on the last (checked).
-    """
-    from unittest import mock
-
-    import torch
-    import transformers.integrations.accelerate as hf_accelerate
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
-    from transformers.quantizers import AutoHfQuantizer
-
-    config = shape_config(name)
-    config.num_labels = 50
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float16)
-    quantizer = AutoHfQuantizer.from_config(bnb, pre_quantized=False)
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float16)
-    quantizer.preprocess_model(model, dtype=torch.float16, device_map="auto")
-    budget = {i: int(gib * 2**30) for i in range(n_devices)}
-    # transformers reads the free memory of the GPUs it sees; here the GPUs are described, not present.
-    with mock.patch.object(hf_accelerate, "get_max_memory", lambda max_memory=None: dict(max_memory)):
-        device_map = hf_accelerate._get_device_map(model, "auto", budget, quantizer)
-
-    def placed(module: str):  # the device of the closest enclosing entry ("" = the whole model)
-        return device_map[max((k for k in device_map if k == "" or module == k or module.startswith(k + ".")),
-                              key=len)]
-
-    layer_device = [placed(f"model.layers.{i}") for i in range(config.num_hidden_layers)]
-    if layer_device != sorted(layer_device) or placed("model.embed_tokens") != layer_device[0] \
-            or placed("score") != layer_device[-1]:
-        raise RuntimeError(f"unexpected placement for {name}: {device_map}")
-    plan = []
-    for d in sorted(set(layer_device)):
-        idx = [i for i, x in enumerate(layer_device) if x == d]
-        plan.append((idx[0], idx[-1] + 1))
-    return plan
-
-
-def dls_tokens(data: str, gguf: str | None, vocab_size: int, rows: int | None = None):
-    """DLS prompts tokenised with the Gemma tokenizer (ids folded into the model's vocab), labels, ids."""
-    from train.config import DataArgs
-    from train.data import read_csv, tokenize
-    from train.model import load_tokenizer
-
-    ds = read_csv(data, DataArgs(train_csv=data))
-    tok = load_tokenizer(tokenizer_path(gguf))
-    ids = tokenize(ds.texts, tok, 256)
-    if vocab_size < len(tok):
-        ids = [[i % vocab_size for i in row] for row in ids]
-    n = rows or len(ids)
-    return ids[:n], ds.labels[:n]
-
-
-def peak_tflops() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def non_embedding_params(model) -> int:
-    n = 0
-    for name, p in model.named_parameters():
-        if "embed" in name or "score" in name or "lora_" in name:
-            continue
-        n += p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
-    return n
-
-
-def summarise(step_log: list, warmup: int, n_params: int) -> dict:
-    """Throughput over the optimizer steps after ``warmup`` (step_log: (end time, rows, real, padded) per step)."""
-    steps = step_log[warmup:]
-    if len(steps) < 2:
-        raise RuntimeError(f"need more than {warmup + 1} steps to measure, got {len(step_log)}")
-    seconds = steps[-1][0] - steps[0][0]
-    rows = sum(s[1] for s in steps[1:])
-    real = sum(s[2] for s in steps[1:])
-    padded = sum(s[3] for s in steps[1:])
-    out = {"steps_timed": len(steps) - 1, "seconds": round(seconds, 3), "samples_per_s": rows / seconds,
-           "real_tokens_per_s": real / seconds, "padding_fraction": 1 - real / padded,
-           "s_per_step": seconds / (len(steps) - 1), "non_embedding_params": n_params}
-    peak = peak_tflops()
-    out["mfu"] = 4 * n_params * out["real_tokens_per_s"] / (peak * 1e12) if peak else None
-    return out
-
-
-def rss_peak_gib() -> float:
-    """Peak resident memory of this process (the memory figure on a CPU; on Linux ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def gpu_peak_gib() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
-# ---------------------------------------------------------------------------------------------- workers
-def run_reference(path: str, ids, labels, steps: int, warmup: int, epochs: float | None = None,
-                  val=None) -> dict:
-    """The reference notebook's recipe, reproduced with HF Trainer."""
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig, Trainer,
-                              TrainerCallback, TrainingArguments)
-
-    from train.model import load_tokenizer
-
-    tok = load_tokenizer(path)
-    config = AutoConfig.from_pretrained(path)
-    # fp16 as the reference on a GPU; fp32 on the CPU, where fp16 matmuls are emulated (~20x slower) and the
-    # Trainer has no fp16 mixed precision anyway.
-    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype)
-    torch.manual_seed(42)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=labels.shape[1], problem_type="multi_label_classification", quantization_config=bnb,
-        dtype=dtype, device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
-        attn_implementation="eager" if config.model_type == "gemma2" else "sdpa")
-    model.config.pad_token_id = tok.pad_token_id
-    n_params = non_embedding_params(model)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    n_layers = config.num_hidden_layers
-    layers_from = min(REF_LAYERS_FROM.get(config.model_type, 0), n_layers // 2)
-    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"],
-                      layers_to_transform=list(range(layers_from, n_layers)), task_type=TaskType.SEQ_CLS)
-    model = get_peft_model(model, lcfg)
-    rows = [{"input_ids": x, "attention_mask": [1] * len(x), "labels": [float(v) for v in y]}
-            for x, y in zip(ids, labels)]
-    counts = {"real": 0, "padded": 0}
-    step_log: list = []
-
-    def collate(batch):
-        width = max(len(b["input_ids"]) for b in batch)
-        out = {"input_ids": torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long),
-               "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
-               "labels": torch.tensor([b["labels"] for b in batch], dtype=torch.float32)}
-        for i, b in enumerate(batch):
-            out["input_ids"][i, :len(b["input_ids"])] = torch.tensor(b["input_ids"])
-            out["attention_mask"][i, :len(b["input_ids"])] = 1
-        counts["real"] += int(out["attention_mask"].sum())
-        counts["padded"] += out["attention_mask"].numel()
-        return out
-
-    class Timer(TrainerCallback):
-        last = (0, 0)
-
-        def on_step_end(self, args, state, control, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            real, padded = counts["real"] - self.last[0], counts["padded"] - self.last[1]
-            self.last = (counts["real"], counts["padded"])
-            step_log.append((time.perf_counter(), 4, real, padded))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=2e-4,
-            fp16=torch.cuda.is_available(), optim="adamw_8bit" if torch.cuda.is_available() else "adamw_torch",
-            max_steps=-1 if epochs else steps + warmup + 1, num_train_epochs=epochs or 1, warmup_steps=0.1,
-            lr_scheduler_type="linear", save_strategy="no", report_to=[], logging_steps=50, seed=42,
-            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Timer()])
-        trainer.train()
-    out = {"recipe": "reference", "peak_gib": gpu_peak_gib(), "rss_gib": rss_peak_gib(),
-           **summarise(step_log, warmup if not epochs else 1, n_params)}
-    if val is not None:
-        from train.loop import predict_probs
-
-        out["val_probs"] = predict_probs(model, val[0], tok.pad_token_id, 64, dtype).tolist()
-    return out
-
-
-def part_lora_layers(model_key: str, overrides: list[str], layers: tuple[int, int]) -> list[int]:
-    """The config's LoRA layers that fall in ``[start, stop)``, renumbered from 0 (one device's part)."""
-    from train.config import RunConfig
-
-    lora = RunConfig.from_yaml(CONFIGS[model_key], [*CONFIG_OVERRIDES.get(model_key, []), *overrides]).lora
-    n_layers = SHAPES[model_key]["num_hidden_layers"]
-    full = lora.layers_to_transform if lora.layers_to_transform is not None else range(lora.layers_from or 0, n_layers)
-    return [i - layers[0] for i in full if layers[0] <= i < layers[1]]
+import benchmarks.shapes as shapes
+from benchmarks.measure import gpu_peak_gib, non_embedding_params, rss_peak_gib, summarise
+from benchmarks.reference import run_reference
+from benchmarks.shapes import (
+    CONFIG_OVERRIDES,
+    CONFIGS,
+    DLS,
+    SHAPES,
+    build_shape,
+    dls_tokens,
+    embedded_path,
+    log,
+    part_lora_layers,
+    split_plan,
+)
 
 
 def run_toolkit(path: str, model_key: str, ids, labels, steps: int, warmup: int, t4: bool,
@@ -322,9 +59,10 @@ def run_toolkit(path: str, model_key: str, ids, labels, steps: int, warmup: int,
     """The toolkit's loop; with ``layers``, on that part of the model only (one device's share of a split)."""
     import torch
 
-    from train.config import RunConfig
+    from core.config import RunConfig
+    from core.model import load_classifier
     from train.loop import DistEnv, fit_fold
-    from train.model import apply_lora, load_classifier
+    from train.lora import apply_lora
 
     over = [f"model.name_or_path={path}", "train.save_every_steps=0", "cv.folds=[0]",
             *CONFIG_OVERRIDES.get(model_key, []), *(overrides or [])]
@@ -400,8 +138,8 @@ def worker(args) -> None:
         out = run_toolkit(path, args.model, ids, labels, args.steps, args.warmup, args.worker == "toolkit-t4",
                           args.epochs if args.quality else None, val, args.set)
     if val is not None:
-        from infer.metrics import scores
-        from infer.thresholds import cascade, threshold
+        from core.metrics import scores
+        from core.thresholds import cascade, threshold
 
         probs = np.asarray(out["val_probs"])
         out["val_t0.5"] = scores(val[1], threshold(probs))
@@ -418,7 +156,7 @@ def fmt(v, spec=".2f"):
 
 def run_worker(args, model: str, recipe: str, path: str, fold: int, extra: list[str] | None = None) -> dict:
     """One measurement in its own process (clean peak memory); its RESULT line, or the error it ended with."""
-    cmd = [sys.executable, "-m", "train.bench", "--worker", recipe, "--model", model, "--model-path", path,
+    cmd = [sys.executable, "-m", "benchmarks.runner", "--worker", recipe, "--model", model, "--model-path", path,
            "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--epochs", str(args.epochs), "--fold", str(fold)] + (["--quality"] if args.quality else [])
     cmd += extra or []
@@ -471,7 +209,7 @@ def keep_fold(args, res: dict) -> None:
     so that a run cut short (hours on a CPU) goes on where it stopped when started again with the same --out-oof."""
     path = _fold_file(args, res["model"], res["recipe"], res.get("fold", 0))
     if path is not None and "error" not in res:
-        from infer.io import write_json
+        from core.io import write_json
 
         write_json(path, {"settings": _fold_settings(args), "result": res})
 
@@ -494,11 +232,12 @@ def out_of_fold(args, results: list, models: list, profiles: list, folds: list) 
     """Each recipe's held-out probabilities over all the folds run, scored together (and written with --out-oof)."""
     import pandas as pd
 
-    from infer.io import write_probs, write_text
-    from infer.metrics import scores
-    from infer.thresholds import cascade, threshold
-    from train.config import DataArgs
-    from train.data import make_folds, read_csv
+    from core.config import DataArgs
+    from core.data import read_csv
+    from core.io import write_probs, write_text
+    from core.metrics import scores
+    from core.thresholds import cascade, threshold
+    from train.data import make_folds
 
     ds = read_csv(args.data, DataArgs(train_csv=args.data))
     if args.out_oof:  # the split, as a run's folds.csv: `infer tune/blend --folds` use the same folds
@@ -524,7 +263,7 @@ def out_of_fold(args, results: list, models: list, profiles: list, folds: list) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.runner", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None, help="default: embedded,gemma-2-9b (--quality: embedded)")
     p.add_argument("--profiles", default="reference,toolkit,toolkit-t4")
@@ -550,15 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    global TOKENIZER_DIR
-    TOKENIZER_DIR = args.tokenizer
+    shapes.TOKENIZER_DIR = args.tokenizer
     if args.worker:
         worker(args)
         return 0
 
     import torch
 
-    from train.config import RunConfig
+    from core.config import RunConfig
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     models = (args.models or ("embedded" if args.quality else "embedded,gemma-2-9b")).split(",")
@@ -623,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         r.pop("val_probs", None)
         r.pop("val_rows", None)
     if args.out:
-        from infer.io import write_json
+        from core.io import write_json
 
         write_json(args.out, {"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
                               "results": results})

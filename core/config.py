@@ -1,6 +1,6 @@
 """Typed run configuration, loaded from YAML with dotted ``key=value`` overrides.
 
-Only stdlib + PyYAML are imported here so that ``infer`` and the CPU tests can load configs cheaply.
+Only stdlib + PyYAML are imported here so that every command and the CPU tests can load configs cheaply.
 Unknown keys, wrong types and inconsistent values raise :class:`ConfigError`, which names the key.
 """
 
@@ -16,12 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from core.errors import ConfigError
+
 DEFAULT_TEMPLATE = "user assesment: {assessment}\n\nTags: {tags}\n\nReview: {text}"
 EMBEDDED_MODEL = "embedded:gemma-3-270m"
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key(s) and, where known, the file."""
 
 
 @dataclass
@@ -69,8 +67,6 @@ class LoraArgs:
 class DataArgs:
     train_csv: str = "data/sample_train.csv"
     """Labelled CSV: an id column, the template's text columns and one 0/1 column per class."""
-    test_csv: str | None = None
-    """Unlabelled CSV to predict after training (optional)."""
     id_column: str = "index"
     text_template: str = DEFAULT_TEMPLATE
     """Python format string over CSV columns. Missing values become ''; set literals like {A,B} lose braces."""
@@ -131,7 +127,6 @@ class TrainArgs:
     """Abort with a clear message if the loss is not finite during the first N optimizer steps."""
     parallel: Literal["auto", "single", "ddp", "split"] = "auto"
     """``ddp``: one 4-bit copy per rank (torchrun); ``split``: layers spread over all visible GPUs."""
-    log_every_steps: int = 10
 
 
 @dataclass
@@ -214,9 +209,15 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
+REMOVED_KEYS = {"data.test_csv": None, "train.log_every_steps": 10}
+"""Keys that did nothing and were removed; a saved ``run_config.yaml`` that has them at their old default still
+loads (older adapter folders), any other value is an error like any unknown key."""
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    raw = {k: v for k, v in raw.items() if REMOVED_KEYS.get(prefix + k, object()) != v}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)

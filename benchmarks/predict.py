@@ -1,8 +1,8 @@
 """Prediction throughput: batched (length-sorted, dynamic padding) vs one row at a time, same model, one process.
 
 Usage:
-    python -m infer.bench_predict --adapter adapters/gemma-3-270m/fold_0/last --input data/sample_test.csv
-    python -m infer.bench_predict --adapter RUN --input test.csv --rows 2000 --batch-size 128 --json bench.json
+    python -m benchmarks.predict --adapter adapters/gemma-3-270m/fold_0/last --input data/sample_test.csv
+    python -m benchmarks.predict --adapter RUN --input test.csv --rows 2000 --batch-size 128 --json bench.json
 
 A run folder benchmarks its first fold's adapter. Both passes use the same pre-tokenised prompts (tokenisation
 is not timed) after one warm-up batch, interleaved ``--repeats`` times (medians reported: shared machines are
@@ -24,10 +24,10 @@ def bench(adapter: str, input_csv: str, rows: int | None = None, batch_size: int
           repeats: int = 3, log=print) -> dict:
     import torch
 
-    from infer.io import InputError
+    from core.data import read_csv
+    from core.io import InputError
+    from core.model import autocast
     from infer.predict import collect, load_refs
-    from train.data import read_csv
-    from train.loop import autocast
 
     if repeats < 1 or batch_size < 1:
         raise InputError(f"--repeats and --batch-size must be >= 1, got {repeats} and {batch_size}")
@@ -91,7 +91,7 @@ def bench(adapter: str, input_csv: str, rows: int | None = None, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m infer.bench_predict", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, help="adapter folder, run folder (first fold) or cached Hub id")
     ap.add_argument("--input", required=True, help="CSV with the id column and the template's columns")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes of each (median reported)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
-    from infer.io import InputError, write_json
+    from core.io import InputError, write_json
 
     try:
         result = bench(args.adapter, args.input, args.rows, args.batch_size, args.device, args.repeats)

@@ -1,4 +1,4 @@
-"""Artifact I/O shared by ``train`` and ``infer``: atomic writes and the probability-file format.
+"""Artifact I/O: atomic writes and the probability-file format.
 
 A probability file is a CSV whose first column is ``index`` (row id) followed by one column per class,
 named as the labels it was trained on, values in [0, 1]. Each CSV artifact may carry a sidecar
@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,13 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from infer.thresholds import numbered
+from core.errors import InputError
+from core.thresholds import numbered
 
 ID_COLUMN = "index"
-
-
-class InputError(ValueError):
-    """Bad user input (file, column, row); the message names what is wrong."""
 
 
 def _umask() -> int:
@@ -321,3 +319,32 @@ def align_ids(path: str | Path, ids: Sequence, ref_path: str | Path, ref_ids: Se
         raise InputError(f"{path}: has no row for id {ref_keys[r]} (row {r + 2} of {ref_path}); "
                          f"{len(ref_keys) - len(keys)} id(s) of {ref_path} are missing")
     return idx
+
+
+def read_folds(path: str | Path, oof_path, oof_ids) -> np.ndarray:
+    """Fold of each OOF row from a ``folds.csv`` (columns index, fold), aligned by id."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: folds file not found")
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{path}: cannot read CSV: {e}") from None
+    for col in ("index", "fold"):
+        if col not in df.columns:
+            raise InputError(f"{path}: no {col!r} column (a folds file has columns index, fold)")
+    folds = pd.to_numeric(df["fold"], errors="coerce")
+    if folds.isna().any():
+        r = int(folds.isna().idxmax())
+        raise InputError(f"{path}: row {r + 2} column 'fold': {df['fold'].iloc[r]!r} is not an integer")
+    idx = align_ids(oof_path, oof_ids, path, df["index"].to_numpy())
+    return folds.to_numpy(dtype=np.int64)[idx]
+
+
+def progress_bar(total: int, desc: str, progress: bool):
+    """A tqdm bar on stderr for ``total`` items of long work (tuning trials, ...); None when ``progress`` is off."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
