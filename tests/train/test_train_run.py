@@ -218,7 +218,7 @@ def test_empty_texts_missing_tags_and_emoji_are_valid(tiny_models, tmp_path, arc
 
 def test_checkpoints_are_pushed_when_configured(tiny_model, small_csv, tmp_path, monkeypatch):
     """hub.push_checkpoints_to: every checkpoint (here every 2 steps + epoch ends) is pushed right after it is saved."""
-    import infer.hub
+    import core.hub
 
     pushed = []
 
@@ -226,7 +226,7 @@ def test_checkpoints_are_pushed_when_configured(tiny_model, small_csv, tmp_path,
         pushed.append((Path(run_dir), repo, private, (Path(run_dir) / "fold_0/checkpoint/state.pt").is_file()))
         return True
 
-    monkeypatch.setattr(infer.hub, "push_checkpoint", fake_push)
+    monkeypatch.setattr(core.hub, "push_checkpoint", fake_push)
     cfg = tiny_config_for(tiny_model, small_csv, tmp_path / "run", train__save_every_steps=2, train__num_epochs=1,
                           hub__push_checkpoints_to="user/ckpt", hub__private=False)
     main(cfg)
