@@ -20,7 +20,7 @@ from core.errors import TrainingError
 from core.io import atomic_path, write_json
 from core.metrics import scores
 from core.model import autocast, input_device, predict_probs
-from core.thresholds import cascade, threshold
+from core.thresholds import ThresholdSpec, threshold
 from train.data import batch_order, split_by_tokens
 from train.loss import multilabel_loss, pos_weight_from_labels
 
@@ -193,10 +193,11 @@ def allreduce_grads(params: list[torch.Tensor], world_size: int) -> None:
         offset += n
 
 
-def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Metrics at 0.5 (plain threshold) and with the default cascade; flat keys like ``cascade/exact_match``."""
+def evaluate(probs: np.ndarray, labels: np.ndarray, decode: ThresholdSpec) -> dict[str, float]:
+    """Metrics at 0.5 (plain threshold) and with the run's cascade (``decode``: the config's ``decode`` section);
+    flat keys like ``cascade/exact_match``."""
     out = {}
-    for name, preds in [("t0.5", threshold(probs, 0.5)), ("cascade", cascade(probs))]:
+    for name, preds in [("t0.5", threshold(probs, 0.5)), ("cascade", decode.decode(probs))]:
         for k, v in scores(labels, preds).items():
             out[f"{name}/{k}"] = v
     return out
@@ -204,12 +205,17 @@ def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, token_ids: list[list[int]],
              labels: np.ndarray, fold_of_row: np.ndarray, fold_dir: Path, env: DistEnv, save_adapter,
-             log=print) -> dict:
+             log=print, decode: ThresholdSpec | None = None) -> dict:
     """Train one fold (resuming from ``fold_dir/checkpoint`` if present); returns the fold's result.
 
-    ``save_adapter(model, folder, extra)`` writes an adapter folder (see train.artifacts).
+    ``save_adapter(model, folder, extra)`` writes an adapter folder (see core.adapter). ``decode`` is the run's
+    cascade (``ThresholdSpec.from_decode(label_names, cfg.decode)``); None: the config's steps with an argmax
+    fallback (for callers without label names, e.g. benchmarks).
     """
     t = cfg.train
+    if decode is None:
+        d = cfg.decode
+        decode = ThresholdSpec(tuple(map(str, range(labels.shape[1]))), d.start, d.stop, d.step, "argmax")
     device = input_device(model)
     train_idx = np.flatnonzero(fold_of_row != fold)
     val_idx = np.flatnonzero(fold_of_row == fold)
@@ -308,7 +314,7 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
             probs = predict_probs(model, [token_ids[i] for i in val_idx], tokenizer.pad_token_id,
                                   t.eval_batch_size, dtype, desc=f"fold {fold} eval")
             model.train()
-            metrics = evaluate(probs, labels[val_idx])
+            metrics = evaluate(probs, labels[val_idx], decode)
             row = {"epoch": epoch + 1, "step": state["step"], **metrics}
             state["history"].append(row)
             log(f"fold {fold} epoch {epoch + 1}: exact-match {metrics['t0.5/exact_match']:.4f} @0.5, "

@@ -18,7 +18,7 @@ from core.data import read_csv, read_label_descriptions, tokenize
 from core.io import InputError, versions, write_json, write_probs, write_text
 from core.metrics import scores
 from core.model import load_classifier, load_tokenizer, resolve_model_path
-from core.thresholds import cascade, threshold
+from core.thresholds import ThresholdSpec, threshold
 from train.data import make_folds
 from train.loop import device_map_for, fit_fold, setup_dist, write_fold_metrics
 from train.lora import apply_lora, count_parameters
@@ -67,6 +67,10 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
     if cfg.model.num_labels is not None and cfg.model.num_labels != len(label_names):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} but {ds.path} has {len(label_names)} label "
                           f"columns ({label_names[0]} .. {label_names[-1]})")
+    try:
+        decode = ThresholdSpec.from_decode(label_names, cfg.decode)
+    except ValueError as e:
+        raise ConfigError(f"decode.fallback: {e}") from None
     descriptions = read_label_descriptions(cfg.data.label_names_csv, label_names)
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, label_names)
@@ -78,6 +82,8 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
     folds = cfg.cv.folds if cfg.cv.folds is not None else list(range(cfg.cv.n_folds))
     lengths = np.array([len(t) for t in token_ids])
     if env.is_main:
+        if cfg.data.label_columns is None and cfg.data.label_prefix is None:
+            log(f"label columns detected (only 0/1 values; set data.label_columns to choose): {label_names}")
         log(f"data: {len(ds.ids)} rows x {len(label_names)} labels from {ds.path}; tokens median "
             f"{int(np.median(lengths))}, max {lengths.max()} (max_length {cfg.data.max_length}); "
             f"folds {folds} of {cfg.cv.n_folds}; world size {env.world_size} on {env.device}")
@@ -121,7 +127,8 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
         def saver(m, folder, extra, _tok=tok):
             save_adapter(m, _tok, folder, cfg, label_names, descriptions, {**extra, "parameters": params})
 
-        res = fit_fold(cfg, fold, model, tok, dtype, token_ids, ds.labels, fold_of_row, fold_dir, env, saver, log=log)
+        res = fit_fold(cfg, fold, model, tok, dtype, token_ids, ds.labels, fold_of_row, fold_dir, env, saver, log=log,
+                       decode=decode)
         if env.is_main:
             write_fold_metrics(fold_dir, res)
         results.append(res)
@@ -132,7 +139,7 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
 
     summary = {}
     if env.is_main:
-        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start)
+        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode)
     env.barrier()
     if env.world_size > 1:
         torch.distributed.destroy_process_group()
@@ -140,7 +147,7 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
 
 
 def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], results: list[dict],
-                  seconds: float) -> dict:
+                  seconds: float, decode: ThresholdSpec) -> dict:
     """Out-of-fold probabilities of the trained folds + a summary JSON (metrics, throughput, provenance)."""
     idx = np.concatenate([r["val_index"] for r in results])
     probs = np.concatenate([np.asarray(r["probs"]) for r in results])
@@ -152,7 +159,7 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
     write_probs(run_dir / "oof.csv", ds.ids[idx], probs, label_names, meta=meta)
     y = ds.labels[idx]
     oof = {f"t0.5/{k}": v for k, v in scores(y, threshold(probs, 0.5)).items()}
-    oof.update({f"cascade/{k}": v for k, v in scores(y, cascade(probs)).items()})
+    oof.update({f"cascade/{k}": v for k, v in scores(y, decode.decode(probs)).items()})
     per_fold = [r["history"][-1] if cfg.train.keep == "last" else r["best"] for r in results]
     keys = [k for k in per_fold[0] if "/" in k]
     mean = {k: float(np.mean([m[k] for m in per_fold])) for k in keys}
