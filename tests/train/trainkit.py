@@ -66,6 +66,11 @@ def as_set_args(raw: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def kill_at_launcher(step: int) -> list[str]:
+    """A ``run_cli`` launcher: ``python -m train`` killed (exit 137) after its first checkpoint at step >= ``step``."""
+    return [sys.executable, str(Path(__file__).with_name("kill_at.py")), str(step)]
+
+
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 300, module: str = "train",
             launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m train ARGS`` (or a launcher such as torchrun) from the repo root; output captured."""
