@@ -144,6 +144,10 @@ class TrainArgs:
     """Abort with a clear message if the loss is not finite during the first N optimizer steps."""
     parallel: Literal["auto", "single", "ddp", "split"] = "auto"
     """``ddp``: one 4-bit copy per rank (torchrun); ``split``: layers spread over all visible GPUs."""
+    split_gpu_memory_gib: float = 12.0
+    """``split``: GiB of each GPU the weights may fill; the rest is headroom for activations and the optimizer (a T4
+    has 15 usable: 12 leaves 3, so transformers' placement spreads the 27B's ~15 GB of 4-bit weights over both GPUs
+    instead of filling GPU 0 first)."""
 
 
 @dataclass
@@ -331,6 +335,8 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         problems.append("decode.fallback must be a label name, 'argmax' or 'none'")
     if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < 1:
         problems.append(f"train.max_tokens_per_micro_batch must be >= 1 (or null), got {t.max_tokens_per_micro_batch}")
+    if t.split_gpu_memory_gib <= 0:
+        problems.append(f"train.split_gpu_memory_gib must be > 0, got {t.split_gpu_memory_gib}")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
     if problems:

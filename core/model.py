@@ -145,8 +145,14 @@ def _prepare_loaded(model, tok, dtype: torch.dtype):
     return model
 
 
+def split_max_memory(gib: float, n_gpus: int) -> dict:
+    """``max_memory`` for ``device_map="auto"`` over ``n_gpus`` GPUs: ``gib`` each for weights, none on the CPU."""
+    return {**{i: f"{gib:g}GiB" for i in range(n_gpus)}, "cpu": "0GiB"}
+
+
 def load_classifier(path: str, num_labels: int, margs: ModelArgs, qargs: QuantizationArgs, device: torch.device,
-                    device_map=None, seed: int = 0, problem_type: str = "multi_label_classification"):
+                    device_map=None, seed: int = 0, problem_type: str = "multi_label_classification",
+                    max_memory: dict | None = None):
     """Base model with a fresh (seeded) ``score`` head, 4-bit linear layers where configured.
 
     Returns (model, tokenizer, compute dtype).
@@ -157,6 +163,8 @@ def load_classifier(path: str, num_labels: int, margs: ModelArgs, qargs: Quantiz
     if device_map is None:
         device_map = {"": device}
     torch.manual_seed(seed)  # the score head's init
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
     model = AutoModelForSequenceClassification.from_pretrained(path, device_map=device_map, num_labels=num_labels,
                                                                problem_type=problem_type, **kwargs)
     return _prepare_loaded(model, tok, dtype), tok, dtype

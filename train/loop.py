@@ -18,7 +18,7 @@ from core.data import collate
 from core.errors import TrainingError
 from core.io import atomic_path, write_json
 from core.metrics import scores
-from core.model import autocast, input_device, predict_probs
+from core.model import autocast, input_device, predict_probs, split_max_memory
 from core.thresholds import ThresholdSpec, threshold
 from train import checkpoint
 from train.checkpoint import Progress
@@ -63,11 +63,13 @@ def setup_dist(parallel: str) -> DistEnv:
     return DistEnv(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
 
 
-def device_map_for(cfg: RunConfig, env: DistEnv):
-    """One full copy per rank (DDP / single) or the layers split over all visible GPUs (model parallel)."""
-    if cfg.train.parallel == "split" and torch.cuda.device_count() > 1:
-        return "auto"
-    return {"": env.device}
+def device_map_for(cfg: RunConfig, env: DistEnv) -> tuple:
+    """(device_map, max_memory): one full copy per rank (DDP / single), or the layers split over all visible GPUs
+    (model parallel) with ``train.split_gpu_memory_gib`` of each for weights."""
+    n_gpus = torch.cuda.device_count()
+    if cfg.train.parallel == "split" and n_gpus > 1:
+        return "auto", split_max_memory(cfg.train.split_gpu_memory_gib, n_gpus)
+    return {"": env.device}, None
 
 
 def evaluate(probs: np.ndarray, labels: np.ndarray, decode: ThresholdSpec) -> dict[str, float]:

@@ -204,8 +204,9 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
             results.append(res)
             continue
         fold_dir.mkdir(parents=True, exist_ok=True)
+        device_map, max_memory = device_map_for(cfg, env)
         model, tok, dtype = load_classifier(model_path, len(label_names), cfg.model, cfg.quantization, env.device,
-                                            device_map=device_map_for(cfg, env), seed=cfg.train.seed + fold)
+                                            device_map=device_map, seed=cfg.train.seed + fold, max_memory=max_memory)
         model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
         params = count_parameters(model)
         if env.is_main:
