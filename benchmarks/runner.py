@@ -143,7 +143,7 @@ def worker(args) -> None:
 
         probs = np.asarray(out["val_probs"])
         out["val_t0.5"] = scores(val[1], threshold(probs))
-        out["val_cascade"] = scores(val[1], cascade(probs))
+        out["val_cascade"] = scores(val[1], cascade(probs, fallback=DLS_FALLBACK))
         out["fold"], out["val_rows"] = args.fold, va.tolist()
     out["model"] = args.model
     print("RESULT " + json.dumps(out), flush=True)
@@ -239,7 +239,7 @@ def out_of_fold(args, results: list, models: list, profiles: list, folds: list) 
     from core.thresholds import cascade, threshold
     from train.data import make_folds
 
-    ds = read_csv(args.data, DataArgs(train_csv=args.data))
+    ds = read_csv(args.data, DataArgs(train_csv=args.data, **DLS_DATA))
     if args.out_oof:  # the split, as a run's folds.csv: `infer tune/blend --folds` use the same folds
         folds_csv = pd.DataFrame({"index": ds.ids, "fold": make_folds(ds.labels, 5, 42)}).to_csv(index=False)
         write_text(Path(args.out_oof) / "folds.csv", folds_csv)
@@ -252,7 +252,8 @@ def out_of_fold(args, results: list, models: list, profiles: list, folds: list) 
                 continue
             rows = np.concatenate([r["val_rows"] for r in runs])
             probs = np.concatenate([np.asarray(r["val_probs"]) for r in runs])
-            at5, cas = scores(ds.labels[rows], threshold(probs)), scores(ds.labels[rows], cascade(probs))
+            at5 = scores(ds.labels[rows], threshold(probs))
+            cas = scores(ds.labels[rows], cascade(probs, fallback=DLS_FALLBACK))
             print(f"{m:<12} {prof:<11} {len(rows)} rows: exact match {at5['exact_match']:.4f} @0.5, "
                   f"{cas['exact_match']:.4f} cascade; micro-F1 {cas['micro_f1']:.4f}, macro-F1 {cas['macro_f1']:.4f}")
             if args.out_oof:

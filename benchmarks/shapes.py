@@ -11,6 +11,11 @@ import time
 from pathlib import Path
 
 DLS = "../shared/data/dls/train.csv"
+DLS_DATA = dict(id_column="index", text_template="user assesment: {assessment}\n\nTags: {tags}\n\nReview: {text}",
+                label_prefix="trend_id_res")
+"""The DLS columns and the reference prompt (the benchmarks measure on the DLS data; the toolkit knows none of it)."""
+DLS_FALLBACK = 19
+"""Class 19, "no meaning": the reference solution's cascade fallback on the DLS data."""
 SHAPES = {
     # Real shapes; vocab 262144 for the Gemmas so the Gemma 3 tokenizer's ids fit (Gemma-2's is 256000: +1.4%).
     "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
@@ -143,7 +148,7 @@ def dls_tokens(data: str, gguf: str | None, vocab_size: int, rows: int | None = 
     from core.data import read_csv, tokenize
     from core.model import load_tokenizer
 
-    ds = read_csv(data, DataArgs(train_csv=data))
+    ds = read_csv(data, DataArgs(train_csv=data, **DLS_DATA))
     tok = load_tokenizer(tokenizer_path(gguf))
     ids = tokenize(ds.texts, tok, 256)
     if vocab_size < len(tok):

@@ -18,7 +18,7 @@ import yaml
 
 from core.errors import ConfigError
 
-DEFAULT_TEMPLATE = "user assesment: {assessment}\n\nTags: {tags}\n\nReview: {text}"
+DEFAULT_TEMPLATE = "{text}"
 EMBEDDED_MODEL = "embedded:gemma-3-270m"
 
 
@@ -67,17 +67,34 @@ class LoraArgs:
 class DataArgs:
     train_csv: str = "data/sample_train.csv"
     """Labelled CSV: an id column, the template's text columns and one 0/1 column per class."""
-    id_column: str = "index"
+    id_column: str = "id"
+    """The column holding each row's id (any name; ids must be unique)."""
     text_template: str = DEFAULT_TEMPLATE
-    """Python format string over CSV columns. Missing values become ''; set literals like {A,B} lose braces."""
-    label_prefix: str | None = "trend_id_res"
+    """Python format string over CSV columns, e.g. ``"Rating: {stars}\\n\\n{title}: {body}"``. Missing values become
+    ''; set literals like {A,B} lose braces."""
+    label_prefix: str | None = None
     """Label columns are those starting with this prefix, ordered by their numeric suffix."""
     label_columns: list[str] | None = None
-    """Explicit label columns (overrides ``label_prefix``)."""
+    """Explicit label columns (overrides ``label_prefix``). With neither set, the label columns are detected: every
+    column other than the id and the template's fields that holds only 0/1 values (the list is printed)."""
     label_names_csv: str | None = None
     """Optional CSV of human-readable class names (first column id, second column name)."""
     max_length: int = 256
     """Tokens; longer prompts are truncated (DLS prompts: median 40, max 127 with a Gemma tokenizer)."""
+
+
+@dataclass
+class DecodeArgs:
+    """How probabilities become a label set (per-epoch eval, ``summary.json``, ``keep: best``, and the default of
+    ``infer tune / submit / evaluate / blend``): the cascade tries ``start``, ``start - step``, ... ``stop`` in turn
+    and takes every class above the first threshold that selects any; rows none selects get ``fallback``."""
+
+    start: float = 0.55
+    stop: float = 0.20
+    step: float = 0.05
+    fallback: str = "argmax"
+    """A label name (e.g. a "no meaning" class), ``argmax`` (the most probable class: most multilabel data has at
+    least one label a row) or ``none`` (an empty prediction is allowed)."""
 
 
 @dataclass
@@ -127,6 +144,10 @@ class TrainArgs:
     """Abort with a clear message if the loss is not finite during the first N optimizer steps."""
     parallel: Literal["auto", "single", "ddp", "split"] = "auto"
     """``ddp``: one 4-bit copy per rank (torchrun); ``split``: layers spread over all visible GPUs."""
+    split_gpu_memory_gib: float = 12.0
+    """``split``: GiB of each GPU the weights may fill; the rest is headroom for activations and the optimizer (a T4
+    has 15 usable: 12 leaves 3, so transformers' placement spreads the 27B's ~15 GB of 4-bit weights over both GPUs
+    instead of filling GPU 0 first)."""
 
 
 @dataclass
@@ -149,6 +170,7 @@ class RunConfig:
     quantization: QuantizationArgs = field(default_factory=QuantizationArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    decode: DecodeArgs = field(default_factory=DecodeArgs)
     loss: LossArgs = field(default_factory=LossArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     cv: CVArgs = field(default_factory=CVArgs)
@@ -304,10 +326,17 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
             problems.append(f"cv.folds must be a non-empty list of fold indices in [0, {cv.n_folds}), got {cv.folds}")
     if cfg.model.num_labels is not None and cfg.model.num_labels < 1:
         problems.append(f"model.num_labels must be >= 1, got {cfg.model.num_labels}")
-    if cfg.data.label_prefix is None and not cfg.data.label_columns:
-        problems.append("data.label_prefix or data.label_columns must be set")
+    d = cfg.decode
+    if d.step <= 0:
+        problems.append(f"decode.step must be > 0, got {d.step}")
+    if not 0 <= d.stop <= d.start <= 1:
+        problems.append(f"decode.stop and decode.start must satisfy 0 <= stop <= start <= 1, got {d.stop}, {d.start}")
+    if not d.fallback.strip():
+        problems.append("decode.fallback must be a label name, 'argmax' or 'none'")
     if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < 1:
         problems.append(f"train.max_tokens_per_micro_batch must be >= 1 (or null), got {t.max_tokens_per_micro_batch}")
+    if t.split_gpu_memory_gib <= 0:
+        problems.append(f"train.split_gpu_memory_gib must be > 0, got {t.split_gpu_memory_gib}")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
     if problems:

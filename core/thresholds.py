@@ -2,7 +2,8 @@
 
 The default is the reference solution's cascade: for each row, try thresholds 0.55, 0.50, ..., 0.20 in
 order and take every class with probability strictly greater than the first threshold that selects at
-least one class; if none does, predict the fallback class (19, "no meaning" in the DLS data).
+least one class; if none does, predict the fallback: a fixed class (a data set's "no meaning" class), the row's
+most probable class (``"argmax"``, the default) or nothing (``None``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,57 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-DEFAULT_START, DEFAULT_STOP, DEFAULT_STEP, DEFAULT_FALLBACK = 0.55, 0.20, 0.05, 19
+ARGMAX = "argmax"
+DEFAULT_START, DEFAULT_STOP, DEFAULT_STEP, DEFAULT_FALLBACK = 0.55, 0.20, 0.05, ARGMAX
+Fallback = int | str | None
+"""A class position, :data:`ARGMAX` (each row's most probable class) or None (empty)."""
+
+
+def check_fallback(fallback: Fallback, n_labels: int) -> None:
+    if fallback is None or fallback == ARGMAX:
+        return
+    if isinstance(fallback, bool) or not isinstance(fallback, (int, np.integer)) or not 0 <= fallback < n_labels:
+        raise ValueError(f"fallback class {fallback!r} is out of range for {n_labels} classes "
+                         f"(a class position, {ARGMAX!r} or None)")
+
+
+def apply_fallback(preds: np.ndarray, probs: np.ndarray, empty: np.ndarray, fallback: Fallback) -> None:
+    """Set the fallback class on the rows ``empty`` (boolean mask) of ``preds`` in place."""
+    if fallback is None or not empty.any():
+        return
+    rows = np.flatnonzero(empty)
+    cols = probs[rows].argmax(axis=1) if fallback == ARGMAX else fallback
+    preds[rows, cols] = 1
+
+
+def resolve_fallback(label_names: Sequence[str], value) -> Fallback:
+    """A fallback as a user writes it -> as :func:`cascade` takes it.
+
+    ``value``: a label name (``label12``), a class id as written in submissions (``12``, see
+    :func:`class_ids`), ``"argmax"``, or ``"none"`` / None.
+
+    Raises:
+        ValueError: no such label or class id (the message lists what is valid).
+    """
+    if value is None or str(value).strip().lower() == "none":
+        return None
+    text = str(value).strip()
+    if text.lower() == ARGMAX:
+        return ARGMAX
+    names = [str(n) for n in label_names]
+    if text in names:
+        return names.index(text)
+    ids = class_ids(label_names)
+    if text.lstrip("-").isdigit() and int(text) in ids:
+        return ids.index(int(text))
+    shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    raise ValueError(f"fallback {text!r} is neither a label ({shown}), a class id ({min(ids)}..{max(ids)}), "
+                     f"'argmax' nor 'none'")
+
+
+def fallback_name(label_names: Sequence[str], fallback: Fallback) -> str:
+    """How a resolved fallback is written back into configs and reports."""
+    return "none" if fallback is None else ARGMAX if fallback == ARGMAX else str(label_names[fallback])
 
 
 def cascade_steps(start: float = DEFAULT_START, stop: float = DEFAULT_STOP, step: float = DEFAULT_STEP) -> tuple:
@@ -26,14 +77,15 @@ def cascade_steps(start: float = DEFAULT_START, stop: float = DEFAULT_STOP, step
     return tuple(round(start - i * step, 10) for i in range(n))
 
 
-def cascade(probs: np.ndarray, steps: Sequence[float] | None = None, fallback: int | None = DEFAULT_FALLBACK,
+def cascade(probs: np.ndarray, steps: Sequence[float] | None = None, fallback: Fallback = DEFAULT_FALLBACK,
             class_offsets: np.ndarray | None = None) -> np.ndarray:
     """Vectorised cascade decoding.
 
     Args:
         probs: N x L probabilities.
         steps: strictly decreasing thresholds (default 0.55 .. 0.20 by 0.05).
-        fallback: class predicted for rows that no threshold selects; ``None`` leaves them empty.
+        fallback: for rows that no threshold selects: a class position, ``"argmax"`` (the row's most probable
+            class) or ``None`` (left empty).
         class_offsets: optional per-class additive offsets to every threshold (length L), e.g. tuned ones.
 
     Returns:
@@ -46,8 +98,7 @@ def cascade(probs: np.ndarray, steps: Sequence[float] | None = None, fallback: i
     if not steps or any(b >= a for a, b in zip(steps, steps[1:])):
         raise ValueError(f"steps must be a non-empty strictly decreasing sequence, got {steps}")
     n, n_labels = probs.shape
-    if fallback is not None and not 0 <= fallback < n_labels:
-        raise ValueError(f"fallback class {fallback} is out of range for {n_labels} classes")
+    check_fallback(fallback, n_labels)
     offsets = np.zeros(n_labels) if class_offsets is None else np.asarray(class_offsets, dtype=np.float64)
     if offsets.shape != (n_labels,):
         raise ValueError(f"class_offsets must have length {n_labels}, got shape {offsets.shape}")
@@ -60,12 +111,11 @@ def cascade(probs: np.ndarray, steps: Sequence[float] | None = None, fallback: i
         undecided &= ~chosen
         if not undecided.any():
             break
-    if fallback is not None:
-        preds[undecided, fallback] = 1
+    apply_fallback(preds, probs, undecided, fallback)
     return preds
 
 
-def decode_global(probs: np.ndarray, steps: Sequence[float], fallback: int | None,
+def decode_global(probs: np.ndarray, steps: Sequence[float], fallback: Fallback,
                   rowmax: np.ndarray | None = None) -> np.ndarray:
     """``cascade(probs, steps, fallback)`` without class offsets, in one pass (same comparisons, same result).
 
@@ -79,9 +129,9 @@ def decode_global(probs: np.ndarray, steps: Sequence[float], fallback: int | Non
     t = s[hit.argmax(axis=1)]
     preds = probs > t[:, None]
     preds[~has] = False
-    if fallback is not None:
-        preds[~has, fallback] = True
-    return preds.astype(np.int8)
+    preds = preds.astype(np.int8)
+    apply_fallback(preds, probs, ~has, fallback)
+    return preds
 
 
 def threshold(probs: np.ndarray, t: float = 0.5) -> np.ndarray:
@@ -97,9 +147,19 @@ class ThresholdSpec:
     start: float = DEFAULT_START
     stop: float = DEFAULT_STOP
     step: float = DEFAULT_STEP
-    fallback: int | None = DEFAULT_FALLBACK
+    fallback: Fallback = DEFAULT_FALLBACK
     class_offsets: tuple[float, ...] | None = None
     meta: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_decode(cls, label_names: Sequence[str], decode) -> ThresholdSpec:
+        """The cascade of a config's ``decode`` section (any object with start / stop / step / fallback).
+
+        Raises:
+            ValueError: a fallback that is not a label of ``label_names`` (see :func:`resolve_fallback`).
+        """
+        return cls(tuple(label_names), float(decode.start), float(decode.stop), float(decode.step),
+                   resolve_fallback(label_names, decode.fallback))
 
     @property
     def steps(self) -> tuple:
@@ -125,7 +185,7 @@ class ThresholdSpec:
 
 
 def numbered(label_names: Sequence[str]) -> tuple[str, list[int]] | None:
-    """(prefix, integers) when every label is one shared prefix + an integer (``trend_id_res7``), else None."""
+    """(prefix, integers) when every label is one shared prefix + an integer (``label7``), else None."""
     import re
 
     matches = [re.match(r"^(.*?)(\d+)$", str(n)) for n in label_names]
@@ -136,7 +196,7 @@ def numbered(label_names: Sequence[str]) -> tuple[str, list[int]] | None:
 
 def class_ids(label_names: Sequence[str]) -> list[int]:
     """The class id of each label as written in a submission: the integer suffix when every label is one prefix +
-    a distinct integer (``trend_id_res7`` -> 7), else the column position."""
+    a distinct integer (``label7`` -> 7), else the column position."""
     parts = numbered(label_names)
     if parts is not None and len(set(parts[1])) == len(parts[1]):
         return parts[1]

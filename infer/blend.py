@@ -26,7 +26,7 @@ import numpy as np
 
 from core.io import InputError, align_ids, progress_bar, read_labels, read_probs, write_probs
 from core.metrics import OBJECTIVES, objective_score, scores
-from core.thresholds import DEFAULT_FALLBACK, cascade_steps, decode_global
+from core.thresholds import DEFAULT_FALLBACK, Fallback, cascade_steps, decode_global
 
 DEFAULT_TRIALS = 100
 
@@ -39,7 +39,7 @@ def blend_probs(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.nda
 
 
 def search_weights(oofs: Sequence[np.ndarray], labels: np.ndarray, objective: str = "exact_match",
-                   n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: int | None = DEFAULT_FALLBACK,
+                   n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: Fallback = DEFAULT_FALLBACK,
                    steps: Sequence[float] | None = None, progress: bool = False) -> tuple[list[float], float]:
     """Blend weights maximising the objective of the cascade on the blended OOF (Optuna TPE, seeded).
 
@@ -83,7 +83,7 @@ def search_weights(oofs: Sequence[np.ndarray], labels: np.ndarray, objective: st
 
 
 def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence[int], objective: str = "exact_match",
-                 n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: int | None = DEFAULT_FALLBACK) -> dict:
+                 n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: Fallback = DEFAULT_FALLBACK) -> dict:
     """Honest estimate of the blend: tune the weights on all folds but one, decode the left-out fold's blend with
     the default cascade, rotate; the left-out predictions are pooled.
 
@@ -131,11 +131,11 @@ def _read_group(paths: Sequence[str], names: Sequence[str] | None):
 def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str | Path, out: str | Path | None = None,
               out_oof: str | Path | None = None, objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS,
               seed: int = 0, fallback=None, folds: str | Path | None = None, kfolds: int = 5, nested: bool = True,
-              progress: bool = True, log=print) -> dict:
+              progress: bool = True, log=print, id_column: str | None = None) -> dict:
     """Read and validate everything, tune the weights (and estimate the blend's score honestly, nested over the
     folds: ``folds`` file, else RUN/folds.csv beside the first OOF file, else a seeded K-fold), then write the
     blended file(s)."""
-    from infer.tune import resolve_fallback, resolve_folds
+    from infer.tune import default_spec, labels_id_column, resolve_folds
 
     oof = _split(oof, "--oof")
     probs = None if probs is None else _split(probs, "--probs")  # None: measure the blend on OOF rows only
@@ -150,19 +150,17 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     if len(oof) < 2:
         raise InputError("blend needs at least two models (--probs a.csv,b.csv --oof a_oof.csv,b_oof.csv)")
     oof_ids, oofs, names = _read_group(oof, None)
-    label_ids, y_all = read_labels(labels, names, probs_path=oof[0])
+    label_ids, y_all = read_labels(labels, names, probs_path=oof[0], id_column=labels_id_column(oof[0], id_column))
     y = y_all[align_ids(oof[0], oof_ids, labels, label_ids)]
     test_ids, tests, _ = _read_group(probs, names) if probs is not None else (None, None, None)
-    fb = resolve_fallback(names, DEFAULT_FALLBACK if fallback is None else fallback, oof[0], fallback is not None)
+    default = default_spec(oof[0], names, fallback, log=log)
+    fb = default.fallback
     if probs is not None:
         out = Path(probs[0]).with_name("blend.csv") if out is None else Path(out)
 
     log(f"blend: {len(oof)} models; {len(oof_ids)} out-of-fold rows x {len(names)} classes; objective "
         f"{objective}, {n_trials} trials, seed {seed}")
     weights, best = search_weights(oofs, y, objective, n_trials, seed, fb, progress=progress)
-    from core.thresholds import ThresholdSpec
-
-    default = ThresholdSpec(tuple(names), fallback=fb)
     rows = {path: scores(y, default.decode(p)) for path, p in zip(oof, oofs)}
     blended_oof = blend_probs(oofs, weights)
     rows["blend (in-sample)"] = scores(y, default.decode(blended_oof))
@@ -215,7 +213,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=OBJECTIVES, default="exact_match")
     p.add_argument("--n-trials", type=int, default=DEFAULT_TRIALS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fallback", help=f"class id of the cascade's fallback (default {DEFAULT_FALLBACK}; 'none')")
+    p.add_argument("--id-column",
+                   help="id column of the labelled / --ids CSV (default: the run's data.id_column, else index)")
+    p.add_argument("--fallback", help="for rows no threshold selects: a label name, a class id, 'argmax' or 'none' "
+                                      "(default: decode.fallback of the run that wrote the file, else argmax)")
     p.add_argument("--folds", help="folds CSV (index, fold) for the nested estimate (default: RUN/folds.csv beside "
                                    "the first --oof file, else a seeded K-fold)")
     p.add_argument("--kfold", type=int, default=5, help="folds of the fallback split")
@@ -231,7 +232,7 @@ def _cli(args) -> int:
             raise InputError(f"--n-trials must be >= 1, got {args.n_trials}")
         run_blend(args.probs, args.oof, args.labels, args.out, args.out_oof, args.objective, args.n_trials,
                   args.seed, args.fallback, folds=args.folds, kfolds=args.kfold, nested=not args.no_nested,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, id_column=args.id_column)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

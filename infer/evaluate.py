@@ -29,7 +29,7 @@ import numpy as np
 
 from core.io import InputError, align_ids, atomic_path, read_labels, read_probs, write_json
 from core.metrics import exact_match, micro_f1, paired_difference, per_class_f1, scores
-from core.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids, threshold
+from core.thresholds import ThresholdSpec, fallback_name, threshold
 
 METRICS = ("exact_match", "micro_f1", "macro_f1", "weighted_f1")
 CURVE = tuple(round(0.05 * k, 2) for k in range(1, 20))
@@ -150,12 +150,14 @@ def plot_curve(result: dict, path: Path, title: str) -> None:
 
 
 def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | None = None,
-             out_dir: str | Path | None = None, fallback=None, log=print, baseline: str | Path | None = None) -> dict:
+             out_dir: str | Path | None = None, fallback=None, log=print, baseline: str | Path | None = None,
+             id_column: str | None = None) -> dict:
     """Read and validate, score, print the table, then write the JSON and the two PNGs."""
     from infer.submit import load_decoding
+    from infer.tune import labels_id_column
 
     ids, p, names = read_probs(probs)
-    label_ids, y_all = read_labels(labels, names, probs_path=probs)
+    label_ids, y_all = read_labels(labels, names, probs_path=probs, id_column=labels_id_column(probs, id_column))
     y = y_all[align_ids(probs, ids, labels, label_ids)]
     tuned = load_decoding(probs, names, thresholds, None, log=log) if thresholds is not None else None
     if tuned is not None and list(tuned.label_names) != list(names):  # same set, other order: follow the thresholds
@@ -163,7 +165,7 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
         order = [pos[n] for n in tuned.label_names]
         p, y, names = p[:, order], y[:, order], list(tuned.label_names)
     if fallback is None and tuned is not None:  # the default cascade falls back like the tuned decoding
-        fallback = "none" if tuned.fallback is None else str(class_ids(names)[tuned.fallback])
+        fallback = fallback_name(names, tuned.fallback)
     default = load_decoding(probs, names, None, fallback, log=log)
     if baseline is not None:  # every row of --probs must be in the baseline; its columns follow --probs
         base_ids, base_p, _ = read_probs(baseline, names)
@@ -207,8 +209,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="labelled CSV with the same ids")
     p.add_argument("--thresholds", help="thresholds.json from python -m infer tune")
     p.add_argument("--out-dir", help="folder for the PNGs and the metrics JSON (default: beside --probs)")
-    p.add_argument("--fallback", help=f"class id of the default cascade's fallback (default {DEFAULT_FALLBACK}; "
-                                      f"'none' = empty)")
+    p.add_argument("--id-column",
+                   help="id column of the labelled / --ids CSV (default: the run's data.id_column, else index)")
+    p.add_argument("--fallback", help="for rows no threshold selects: a label name, a class id, 'argmax' or 'none' "
+                                      "(default: decode.fallback of the run that wrote the file, else argmax)")
     p.add_argument("--baseline", help="another probability CSV with the same rows: prints the paired exact-match "
                                       "difference with a 95%% bootstrap interval")
     p.set_defaults(func=_cli)
@@ -217,7 +221,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _cli(args) -> int:
     try:
-        evaluate(args.probs, args.labels, args.thresholds, args.out_dir, args.fallback, baseline=args.baseline)
+        evaluate(args.probs, args.labels, args.thresholds, args.out_dir, args.fallback, baseline=args.baseline,
+                 id_column=args.id_column)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

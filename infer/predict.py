@@ -19,7 +19,7 @@ Usage:
 Python:
     from infer.predict import load_predictor, predict
     p = load_predictor("adapters/gemma-3-270m/fold_0/last")
-    probs = p.predict_texts(["user assesment: 4.0\\n\\nTags: \\n\\nReview: fast delivery"])   # N x L
+    probs = p.predict_texts(["Rating: 4\\n\\nfast delivery"])   # N x L, prompts formatted with the run's template
     predict(["adapters/gemma-3-270m"], "test.csv", "probs.csv")                              # writes the file
 """
 
@@ -74,10 +74,10 @@ def check_labels(refs: Sequence[AdapterRef], labels_like: str | Path | None = No
         if not path.is_file():
             raise InputError(f"{path}: file not found (--labels-like)")
         try:
-            columns = list(pd.read_csv(path, nrows=0).columns)
+            frame = pd.read_csv(path)
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{path}: cannot read CSV: {e}") from None
-        cols = label_columns(columns, refs[0].cfg.data, str(path))
+        cols = label_columns(frame, refs[0].cfg.data, str(path))
         for r in refs:
             count = r.head_labels if r.head_labels is not None else len(r.label_names)
             if count != len(cols):

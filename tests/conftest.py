@@ -8,6 +8,7 @@ They are built once per test session.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,13 @@ SAMPLE_TRAIN = ROOT / "data" / "sample_train.csv"
 SAMPLE_TEST = ROOT / "data" / "sample_test.csv"
 SAMPLE_TRENDS = ROOT / "data" / "sample_trends.csv"
 
+# The sample data is a slice of the DLS data: its columns and prompt live here (and in configs/), not in the code.
+SAMPLE_TEMPLATE = "user assesment: {assessment}\n\nTags: {tags}\n\nReview: {text}"
+SAMPLE_DATA = {"id_column": "index", "text_template": SAMPLE_TEMPLATE, "label_prefix": "trend_id_res"}
+SAMPLE_DECODE = {"fallback": "trend_id_res19"}
+SAMPLE_SET_ARGS = ["--set", "data.id_column=index", "--set", f"data.text_template={json.dumps(SAMPLE_TEMPLATE)}",
+                   "--set", "data.label_prefix=trend_id_res", "--set", "decode.fallback=trend_id_res19"]
+
 TINY_ARCHS = ("gemma2", "mistral", "gemma3")
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
@@ -29,13 +37,12 @@ TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def sample_prompts() -> list[str]:
     """The sample CSVs' texts formatted with the default template (what the tokenizer must cover)."""
-    from core.config import DEFAULT_TEMPLATE
     from core.data import format_prompt
 
     out = []
     for path in (SAMPLE_TRAIN, SAMPLE_TEST):
         for row in pd.read_csv(path).to_dict("records"):
-            out.append(format_prompt(DEFAULT_TEMPLATE, row))
+            out.append(format_prompt(SAMPLE_TEMPLATE, row))
     return out
 
 

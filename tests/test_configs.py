@@ -97,7 +97,9 @@ def test_bad_literal_is_named_with_choices(raw, key, allowed):
     ({"lora": {"dropout": 1.0}}, "lora.dropout"),
     ({"lora": {"target_modules": []}}, "lora.target_modules"),
     ({"model": {"num_labels": 0}}, "model.num_labels"),
-    ({"data": {"label_prefix": None}}, "data.label_prefix"),
+    ({"decode": {"step": 0.0}}, "decode.step"),
+    ({"decode": {"start": 0.3, "stop": 0.5}}, "decode.stop"),
+    ({"decode": {"fallback": " "}}, "decode.fallback"),
     ({"data": {"max_length": 0}}, "data.max_length"),
 ])
 def test_inconsistent_values_are_named(raw, key):

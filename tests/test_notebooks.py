@@ -104,3 +104,55 @@ def test_submit_notebook(trained, tmp_path):
     sub = pd.read_csv(tmp_path / "submission.csv")
     assert len(sub) == 20
     assert "rows/s" in text_of(nb)
+
+
+@pytest.fixture()
+def read_only_tree(tmp_path):
+    """The repo's tracked files in a read-only tree, as /kaggle/input/... is: a read-only bind mount when we are root
+    (root ignores permission bits), else a tree without write permission."""
+    import os
+    import shutil
+    import subprocess
+
+    src = tmp_path / "src" / "qlora-multilabel"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
+    if os.geteuid() == 0:
+        ro = tmp_path / "ro" / "qlora-multilabel"
+        ro.mkdir(parents=True)
+        mounted = subprocess.run(["mount", "--bind", str(src), str(ro)]).returncode == 0 and subprocess.run(
+            ["mount", "-o", "remount,bind,ro", str(ro)]).returncode == 0
+        if not mounted:
+            pytest.skip("cannot make a read-only tree here (root without mount)")
+        yield ro
+        subprocess.run(["umount", str(ro)])
+    else:
+        for p in [src, *src.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+        yield src
+        for p in [src, *src.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_install_from_a_read_only_tree(read_only_tree, tmp_path):
+    """Kaggle mounts a dataset read-only and setuptools builds inside the source tree: the notebook's install step
+    copies such a tree first (writable_source), and the install then works."""
+    import os
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(NOTEBOOKS))
+    from build_notebooks import writable_source
+
+    assert not os.access(read_only_tree, os.W_OK)
+    src = writable_source(str(read_only_tree))
+    assert src != str(read_only_tree) and os.access(src, os.W_OK)
+    site = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(site), src], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (site / "core" / "model.py").is_file() and (site / "train" / "run.py").is_file()
+    assert (site / "infer" / "predict.py").is_file()

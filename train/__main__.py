@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from core.config import ConfigError, RunConfig, add_config_arguments
+from core.errors import TrainingError
 from core.io import InputError
 
 
@@ -32,12 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 SUBCOMMANDS = {"trim-vocab": "train.vocab", "dapt": "train.dapt", "tfidf": "train.tfidf"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks=None) -> int:
+    """Run the command line; ``callbacks`` (a :class:`train.engine.Callbacks`) are handed to the training engine
+    (tests inject a hard kill after a checkpoint this way)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
 
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        module = importlib.import_module(SUBCOMMANDS[argv[0]])
+        return module.main(argv[1:], callbacks=callbacks) if argv[0] == "dapt" else module.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cfg = RunConfig.from_yaml(args.config, args.overrides)
@@ -54,13 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             resume = True
         from train.run import main as run_main
 
-        run_main(cfg, resume=bool(resume))
+        run_main(cfg, resume=bool(resume), callbacks=callbacks)
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - TrainingError and friends: one clear line, traceback on demand
-        from core.errors import TrainingError
-
         if isinstance(e, TrainingError):
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from core.adapter import base_model_id
 from core.config import ConfigError, RunConfig, add_config_arguments
@@ -44,10 +43,12 @@ from core.errors import TrainingError
 from core.io import InputError, atomic_dir, versions, write_json, write_text
 from core.model import autocast, load_causal_lm, load_tokenizer, resolve_model_path
 from train.data import batch_order, read_corpus, split_paths
-from train.loop import Optimization, check_finite, kill_for_tests, step_seed
+from train import checkpoint
+from train.checkpoint import Progress
+from train.engine import Callbacks, DistContext, Optimization, run_epochs, step_seed
 from train.lora import apply_lora, count_parameters
 
-CHECKPOINT = Path("checkpoint") / "state.pt"
+CHECKPOINT = Path("checkpoint")
 RUN_FILE = "dapt_run.json"
 INFO_FILE = "dapt_info.json"
 LOGIT_CHUNK_ELEMENTS = 2 ** 26
@@ -148,23 +149,6 @@ def corpus_loss(model, token_ids: list[list[int]], pad_id: int, batch_size: int,
 # -------------------------------------------------------------------------------------------------------- the run
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _changed_keys(saved: dict, now: dict) -> list[str]:
-    a, b = _flat(saved), _flat(now)
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not any(k == f or (f.endswith(".") and k.startswith(f))
-                                                                for f in _RESUME_FREE)]
-
-
 def check_out_dir(out: Path, resume: bool) -> bool:
     """Refuse to mix runs; returns True when ``out`` already holds the finished adapter (and ``resume`` is set)."""
     if out.exists() and not out.is_dir():
@@ -174,14 +158,14 @@ def check_out_dir(out: Path, resume: bool) -> bool:
     if used and not resume:
         what = "a finished DAPT adapter" if finished else "a run"
         raise InputError(f"--out {out} already holds {what}; pass --resume to continue it, or choose another --out")
-    if used and not (finished or (out / RUN_FILE).is_file() or (out / CHECKPOINT).is_file()):
+    if used and not (finished or (out / RUN_FILE).is_file() or checkpoint.exists(out / CHECKPOINT)):
         # The finished adapter replaces the folder: never a folder holding something else.
         raise InputError(f"--out {out} is not empty and holds no DAPT run to resume; choose another --out")
     return finished
 
 
 def main_run(cfg: RunConfig, corpus_paths: list[str], out: str | Path, resume: bool = False, eval_rows: int = 0,
-             log=log) -> dict:
+             log=log, callbacks: Callbacks | None = None) -> dict:
     """Run DAPT (resuming from ``out/checkpoint`` with ``resume``); returns the contents of ``dapt_info.json``.
 
     An input error found after ``out`` was created removes it again if this call created it and no checkpoint was
@@ -190,14 +174,15 @@ def main_run(cfg: RunConfig, corpus_paths: list[str], out: str | Path, resume: b
     out = Path(out)
     existed = out.exists()
     try:
-        return _run(cfg, corpus_paths, out, resume, eval_rows, log)
+        return _run(cfg, corpus_paths, out, resume, eval_rows, log, callbacks)
     except (ConfigError, InputError):
-        if not existed and out.is_dir() and not (out / CHECKPOINT).is_file():
+        if not existed and out.is_dir() and not checkpoint.exists(out / CHECKPOINT):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_rows: int, log) -> dict:
+def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_rows: int, log,
+         callbacks: Callbacks | None = None) -> dict:
     t_start = time.time()
     t = cfg.train
     # 1. Validate inputs before anything is written.
@@ -236,9 +221,11 @@ def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_
     ckpt = out / CHECKPOINT
     if resume and (out / RUN_FILE).is_file():
         saved = json.loads((out / RUN_FILE).read_text())
-        changed = _changed_keys(saved["config"], run_info["config"])
-        if changed:
-            raise InputError(f"{out / RUN_FILE}: the config changed since this run started: {', '.join(changed)}")
+        refused, _ = checkpoint.changes(RunConfig.from_dict(saved["config"]).to_dict(), run_info["config"],
+                                        _RESUME_FREE)
+        if refused:
+            raise InputError(f"{out / RUN_FILE}: cannot resume: these settings change what the run computes: "
+                             f"{checkpoint.describe(refused)} (put them back, or choose another --out)")
         if saved["fingerprint"] != fingerprint or saved["eval_rows"] != eval_rows:
             raise InputError(f"{out / RUN_FILE}: the corpus, data.text_template, data.max_length or --eval-rows "
                              f"changed since this run started (corpus then: {[f['path'] for f in saved['corpus']]})")
@@ -259,80 +246,59 @@ def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_
     if not (out / RUN_FILE).is_file():
         write_json(out / RUN_FILE, run_info)
 
-    # 3. Train (resuming from the checkpoint if there is one).
+    # 3. Train on the engine (resuming from the checkpoint if there is one).
     opt = Optimization(model, cfg, device, dtype, total_steps)
-    state = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "tokens": 0, "train_seconds": 0.0,
-             "eval_loss_start": None}
-    resumed = ckpt.is_file()
+    fp = checkpoint.fingerprint(fingerprint, {k: v for k, v in checkpoint.flat(cfg.to_dict()).items()
+                                              if not any(k == f or (f.endswith(".") and k.startswith(f))
+                                                         for f in _RESUME_FREE)})
+    resumed = checkpoint.exists(ckpt)
     if resumed:
-        state = opt.load(ckpt)
-        log(f"dapt: resumed at epoch {state['epoch']} step {state['step']}/{total_steps}")
-    elif eval_ids:
-        state["eval_loss_start"] = corpus_loss(model, eval_ids, tok.pad_token_id, t.eval_batch_size, dtype)
-        log(f"dapt: held-out loss before training {state['eval_loss_start']:.4f}")
+        state = opt.load(ckpt, fp)
+        log(f"dapt: resumed at epoch {state.epoch} step {state.step}/{total_steps}")
+    else:
+        state = Progress()
+        if eval_ids:
+            state.eval_loss_start = corpus_loss(model, eval_ids, tok.pad_token_id, t.eval_batch_size, dtype)
+            log(f"dapt: held-out loss before training {state.eval_loss_start:.4f}")
 
-    def save_checkpoint() -> None:
-        opt.save(ckpt, state)
-        kill_for_tests(resumed, state["step"])
+    def epoch_steps(epoch: int) -> list:
+        order = batch_order(lengths, t.micro_batch_size, seed=t.seed * 1000 + epoch, group_by_length=t.group_by_length)
+        return [order[i:i + t.grad_accum_steps] for i in range(0, len(order), t.grad_accum_steps)]
+
+    def train_step(g: int, micro_batches) -> float:
+        step_tokens = sum(int(lengths[r] - 1) for rows in micro_batches for r in rows)
+        loss_sum = 0.0
+        for rows in micro_batches:
+            batch = collate([train_ids[r] for r in rows], tok.pad_token_id)
+            loss, _ = lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], dtype)
+            opt.backward(loss / step_tokens)  # mean over the step's tokens
+            loss_sum += loss.item()
+        state.real_tokens += step_tokens
+        state.losses.append(loss_sum / step_tokens)
+        return loss_sum / step_tokens
 
     model.train()
-    done = state["step"] >= total_steps
-    for epoch in range(state["epoch"], t.num_epochs):
-        if done:
-            break
-        order = batch_order(lengths, t.micro_batch_size, seed=t.seed * 1000 + epoch, group_by_length=t.group_by_length)
-        groups = [order[i:i + t.grad_accum_steps] for i in range(0, len(order), t.grad_accum_steps)]
-        first_group = state["batch"] // t.grad_accum_steps
-        bar = tqdm(total=min(len(groups), first_group + total_steps - state["step"]), initial=first_group,
-                   desc=f"dapt epoch {epoch + 1}/{t.num_epochs}", file=sys.stderr, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        for g in range(first_group, len(groups)):
-            torch.manual_seed(step_seed(t.seed, 0, state["step"], 0))
-            step_tokens = sum(int(lengths[r] - 1) for rows in groups[g] for r in rows)
-            loss_sum = 0.0
-            for rows in groups[g]:
-                batch = collate([train_ids[r] for r in rows], tok.pad_token_id)
-                loss, _ = lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], dtype)
-                opt.backward(loss / step_tokens)  # mean over the step's tokens
-                loss_sum += loss.item()
-            grad_norm = opt.step()
-            mean_loss = loss_sum / step_tokens
-            state["step"] += 1
-            state["batch"] = (g + 1) * t.grad_accum_steps
-            state["tokens"] += step_tokens
-            state["losses"].append(mean_loss)
-            check_finite(mean_loss, state["step"], t.nan_guard_steps, dtype, "dapt")
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{opt.lr:.2e}", gnorm=f"{grad_norm:.2f}")
-            if state["step"] >= total_steps:
-                done = True
-                break
-            if t.save_every_steps and state["step"] % t.save_every_steps == 0:
-                state["train_seconds"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save_checkpoint()
-        bar.close()
-        state["train_seconds"] += time.perf_counter() - t0
-        if not done:
-            state["epoch"] = epoch + 1
-            state["batch"] = 0
-            save_checkpoint()
+    run_epochs(opt=opt, progress=state, num_epochs=t.num_epochs, total_steps=total_steps, epoch_steps=epoch_steps,
+               train_step=train_step, end_epoch=None, save=lambda: opt.save(ckpt, state, fp), checkpoint_last=False,
+               save_every_steps=t.save_every_steps, guard_steps=t.nan_guard_steps, dtype=dtype, what="dapt",
+               seed_of_step=lambda step: step_seed(t.seed, 0, step, 0), dist=DistContext(),
+               grad_accum_steps=t.grad_accum_steps, resumed=resumed, callbacks=callbacks, desc="dapt")
 
     # 4. The adapter folder, atomically (it replaces the checkpoint).
     eval_end = corpus_loss(model, eval_ids, tok.pad_token_id, t.eval_batch_size, dtype) if eval_ids else None
-    losses = state["losses"]
+    losses = state.losses
     tail = losses[-max(1, len(losses) // 10):]
     info = {
         "kind": "dapt", "base_model": base_model_id(cfg), "model": cfg.model.name_or_path, "corpus": corpus.files,
-        "rows": len(train_ids), "eval_rows": len(eval_ids), "tokens_seen": state["tokens"],
-        "steps": state["step"], "steps_per_epoch": steps_per_epoch,
-        "epochs": round(state["step"] / steps_per_epoch, 3),
+        "rows": len(train_ids), "eval_rows": len(eval_ids), "tokens_seen": state.real_tokens,
+        "steps": state.step, "steps_per_epoch": steps_per_epoch,
+        "epochs": round(state.step / steps_per_epoch, 3),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "mean_loss": float(np.mean(losses)) if losses else None,
         "mean_loss_last_10pct": float(np.mean(tail)) if losses else None,
-        "eval_loss_start": state["eval_loss_start"], "eval_loss_end": eval_end,
-        "train_seconds": round(state["train_seconds"], 2),
-        "seconds_per_step": round(state["train_seconds"] / state["step"], 3) if state["step"] else None,
+        "eval_loss_start": state.eval_loss_start, "eval_loss_end": eval_end,
+        "train_seconds": round(state.train_seconds, 2),
+        "seconds_per_step": round(state.train_seconds / state.step, 3) if state.step else None,
         "wall_seconds_this_call": round(time.time() - t_start, 1),
         "parameters": params, "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
@@ -343,11 +309,11 @@ def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_
         tok.save_pretrained(tmp)
         write_text(tmp / "run_config.yaml", cfg.to_yaml())
         write_json(tmp / INFO_FILE, info)
-    msg = (f"dapt: {state['step']} steps, loss {info['first_loss']:.4f} (first step) -> "
+    msg = (f"dapt: {state.step} steps, loss {info['first_loss']:.4f} (first step) -> "
            f"{info['mean_loss_last_10pct']:.4f} (mean of the last {len(tail)}), "
            f"{info['seconds_per_step']} s/step")
     if eval_end is not None:
-        msg += f"; held-out loss {state['eval_loss_start']:.4f} -> {eval_end:.4f}"
+        msg += f"; held-out loss {state.eval_loss_start:.4f} -> {eval_end:.4f}"
     log(msg)
     log(f"wrote {out}: start classification training from it with --set lora.init_adapter={out}")
     return info
@@ -369,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Callbacks | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = RunConfig.from_yaml(args.config, args.overrides)
@@ -379,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.to_yaml())
             return 0
         corpus = split_paths(args.corpus)
-        main_run(cfg, corpus, out, resume=args.resume, eval_rows=args.eval_rows)
+        main_run(cfg, corpus, out, resume=args.resume, eval_rows=args.eval_rows, callbacks=callbacks)
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,8 +21,15 @@ def make_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     if len(labels) < n_folds:
         raise InputError(f"{len(labels)} labelled rows cannot be split into {n_folds} folds (cv.n_folds)")
     fold = np.full(len(labels), -1, dtype=np.int64)
-    splitter = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, val) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+    labels = np.asarray(labels)
+    if labels.shape[1] == 1:  # binary: iterative stratification needs >= 2 columns; plain stratified K-fold
+        from sklearn.model_selection import StratifiedKFold
+
+        splitter, target = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed), labels[:, 0]
+    else:
+        splitter = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        target = labels
+    for k, (_, val) in enumerate(splitter.split(np.zeros(len(labels)), target)):
         fold[val] = k
     return fold
 

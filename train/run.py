@@ -18,10 +18,16 @@ from core.data import read_csv, read_label_descriptions, tokenize
 from core.io import InputError, versions, write_json, write_probs, write_text
 from core.metrics import scores
 from core.model import load_classifier, load_tokenizer, resolve_model_path
-from core.thresholds import cascade, threshold
+from core.thresholds import ThresholdSpec, threshold
 from train.data import make_folds
+from train import checkpoint
+from train.engine import Callbacks
 from train.loop import device_map_for, fit_fold, setup_dist, write_fold_metrics
 from train.lora import apply_lora, count_parameters
+
+
+LAUNCH_FILE = "launch.json"
+"""How the run was launched (world size): a resume must use the same."""
 
 
 def log(msg: str) -> None:
@@ -41,7 +47,77 @@ def check_run_dir(run_dir: Path, resume: bool, label_names: list[str]) -> None:
                              f"({saved[:3]}...), the data has {len(label_names)} ({label_names[:3]}...)")
 
 
-def main(cfg: RunConfig, resume: bool = False) -> dict:
+def check_resume(run_dir: Path, cfg: RunConfig, world_size: int) -> list:
+    """A resumed run must compute what the run in ``run_dir`` computes: refuse every changed setting that changes the
+    result (naming each, old -> new); return the allowed changes (:data:`train.checkpoint.RESUME_FREE`)."""
+    saved_path = run_dir / "run_config.yaml"
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = RunConfig.from_yaml(saved_path).to_dict()
+    except ConfigError as e:
+        raise InputError(f"cannot --resume: {e}") from None
+    refused, allowed = checkpoint.changes(saved, cfg.to_dict())
+    launch = run_dir / LAUNCH_FILE
+    if launch.is_file():
+        was = json.loads(launch.read_text()).get("world_size")
+        if was != world_size:
+            refused.append(("world size", was, world_size))
+    if refused:
+        raise InputError(f"{run_dir}: cannot --resume: these settings change what the run computes: "
+                         f"{checkpoint.describe(refused)} (put them back, or start a new run with "
+                         f"--set output_dir=...)")
+    return allowed
+
+
+def record_resume(run_dir: Path, allowed: list) -> None:
+    """Append the allowed changes of a resume to ``run_dir/resume_log.json``."""
+    path = run_dir / "resume_log.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entries.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "changed": {k: {"old": old, "new": new} for k, old, new in allowed}})
+    write_json(path, entries)
+
+
+def run_fingerprint(cfg: RunConfig) -> str:
+    """What every checkpoint of this run must agree on: the settings a resume may not change."""
+    return checkpoint.fingerprint({k: v for k, v in checkpoint.flat(cfg.to_dict()).items()
+                                   if not any(k == f or (f.endswith(".") and k.startswith(f))
+                                              for f in checkpoint.RESUME_FREE)})
+
+
+class BackgroundPush:
+    """Hub checkpoint pushes on a worker thread, so a slow upload cannot stall the ranks past their collective
+    timeout. A push asked for while one is still running is skipped (the next one carries the newer state); a
+    failed push is reported by :func:`core.hub.push_checkpoint` and training goes on; :meth:`close` waits for the
+    last one."""
+
+    def __init__(self, push, log=print):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._push, self._log = push, log
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+        self._running = None
+
+    def __call__(self) -> bool:
+        if self._running is not None and not self._running.done():
+            self._log("hub: the previous checkpoint push is still running; this one is skipped")
+            return False
+        self._running = self._pool.submit(self._guarded)
+        return True
+
+    def _guarded(self):
+        try:
+            return self._push()
+        except Exception as e:  # noqa: BLE001 - never let an upload kill training
+            self._log(f"warning: checkpoint push failed ({type(e).__name__}: {e}); training goes on")
+            return False
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def main(cfg: RunConfig, resume: bool = False, callbacks: Callbacks | None = None) -> dict:
     """Train every configured fold; returns the run summary (also written to ``output_dir/summary.json``).
 
     An input error found after the output folder was created (e.g. ``lora.target_modules`` not in the model)
@@ -51,14 +127,14 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
     run_dir = Path(cfg.output_dir)
     existed = run_dir.exists()
     try:
-        return _main(cfg, resume)
+        return _main(cfg, resume, callbacks)
     except (ConfigError, InputError):
         if not existed and run_dir.is_dir() and not any(run_dir.glob("fold_*/metrics.json")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _main(cfg: RunConfig, resume: bool) -> dict:
+def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> dict:
     t_start = time.time()
     env = setup_dist(cfg.train.parallel)
     # 1. Validate inputs before anything is written.
@@ -67,9 +143,14 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
     if cfg.model.num_labels is not None and cfg.model.num_labels != len(label_names):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} but {ds.path} has {len(label_names)} label "
                           f"columns ({label_names[0]} .. {label_names[-1]})")
+    try:
+        decode = ThresholdSpec.from_decode(label_names, cfg.decode)
+    except ValueError as e:
+        raise ConfigError(f"decode.fallback: {e}") from None
     descriptions = read_label_descriptions(cfg.data.label_names_csv, label_names)
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, label_names)
+    allowed = check_resume(run_dir, cfg, env.world_size) if resume else []
     env.barrier()  # DDP: every rank checks output_dir before rank 0 creates it
     model_path = resolve_model_path(cfg.model, log=log if env.is_main else (lambda m: None))
     tokenizer = load_tokenizer(model_path)
@@ -78,6 +159,8 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
     folds = cfg.cv.folds if cfg.cv.folds is not None else list(range(cfg.cv.n_folds))
     lengths = np.array([len(t) for t in token_ids])
     if env.is_main:
+        if cfg.data.label_columns is None and cfg.data.label_prefix is None:
+            log(f"label columns detected (only 0/1 values; set data.label_columns to choose): {label_names}")
         log(f"data: {len(ds.ids)} rows x {len(label_names)} labels from {ds.path}; tokens median "
             f"{int(np.median(lengths))}, max {lengths.max()} (max_length {cfg.data.max_length}); "
             f"folds {folds} of {cfg.cv.n_folds}; world size {env.world_size} on {env.device}")
@@ -95,9 +178,20 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
         else:
             with_folds = pd.DataFrame({"index": ds.ids, "fold": fold_of_row})
             write_text(folds_csv, with_folds.to_csv(index=False))
+        if allowed:
+            log(f"resume: allowed changes (recorded in resume_log.json): {checkpoint.describe(allowed)}")
+            record_resume(run_dir, allowed)
         write_text(run_dir / "run_config.yaml", cfg.to_yaml())
+        write_json(run_dir / LAUNCH_FILE, {"world_size": env.world_size})
         write_json(run_dir / "label_names.json", {"label_names": label_names, "descriptions": descriptions})
     env.barrier()
+    push = None
+    if cfg.hub.push_checkpoints_to and env.is_main:  # Kaggle's 12-hour limit: the next session resumes from the Hub
+        from core.hub import push_checkpoint
+
+        push = BackgroundPush(lambda: push_checkpoint(run_dir, cfg.hub.push_checkpoints_to, private=cfg.hub.private,
+                                                      log=log), log=log)
+    fingerprint = run_fingerprint(cfg)
 
     results = []
     for fold in folds:
@@ -110,8 +204,9 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
             results.append(res)
             continue
         fold_dir.mkdir(parents=True, exist_ok=True)
+        device_map, max_memory = device_map_for(cfg, env)
         model, tok, dtype = load_classifier(model_path, len(label_names), cfg.model, cfg.quantization, env.device,
-                                            device_map=device_map_for(cfg, env), seed=cfg.train.seed + fold)
+                                            device_map=device_map, seed=cfg.train.seed + fold, max_memory=max_memory)
         model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
         params = count_parameters(model)
         if env.is_main:
@@ -121,7 +216,8 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
         def saver(m, folder, extra, _tok=tok):
             save_adapter(m, _tok, folder, cfg, label_names, descriptions, {**extra, "parameters": params})
 
-        res = fit_fold(cfg, fold, model, tok, dtype, token_ids, ds.labels, fold_of_row, fold_dir, env, saver, log=log)
+        res = fit_fold(cfg, fold, model, tok, dtype, token_ids, ds.labels, fold_of_row, fold_dir, env, saver, log=log,
+                       decode=decode, fingerprint=fingerprint, callbacks=callbacks, push=push)
         if env.is_main:
             write_fold_metrics(fold_dir, res)
         results.append(res)
@@ -130,9 +226,11 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    if push is not None:
+        push.close()
     summary = {}
     if env.is_main:
-        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start)
+        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode)
     env.barrier()
     if env.world_size > 1:
         torch.distributed.destroy_process_group()
@@ -140,7 +238,7 @@ def _main(cfg: RunConfig, resume: bool) -> dict:
 
 
 def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], results: list[dict],
-                  seconds: float) -> dict:
+                  seconds: float, decode: ThresholdSpec) -> dict:
     """Out-of-fold probabilities of the trained folds + a summary JSON (metrics, throughput, provenance)."""
     idx = np.concatenate([r["val_index"] for r in results])
     probs = np.concatenate([np.asarray(r["probs"]) for r in results])
@@ -152,7 +250,7 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
     write_probs(run_dir / "oof.csv", ds.ids[idx], probs, label_names, meta=meta)
     y = ds.labels[idx]
     oof = {f"t0.5/{k}": v for k, v in scores(y, threshold(probs, 0.5)).items()}
-    oof.update({f"cascade/{k}": v for k, v in scores(y, cascade(probs)).items()})
+    oof.update({f"cascade/{k}": v for k, v in scores(y, decode.decode(probs)).items()})
     per_fold = [r["history"][-1] if cfg.train.keep == "last" else r["best"] for r in results]
     keys = [k for k in per_fold[0] if "/" in k]
     mean = {k: float(np.mean([m[k] for m in per_fold])) for k in keys}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from core.config import ConfigError, RunConfig, add_config_arguments
 from core.data import read_csv
 from core.io import InputError, atomic_dir, versions, write_json, write_probs
+from core.thresholds import ThresholdSpec
 from train.data import make_folds
 from train.loop import evaluate
 
@@ -69,6 +70,10 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
         raise InputError(f"--C must be > 0, got {c}")
     ds = read_csv(cfg.data.train_csv, cfg.data)
     test_ds = read_csv(test, cfg.data, labelled=False, label_names=ds.label_names) if test else None
+    try:
+        decode = ThresholdSpec.from_decode(ds.label_names, cfg.decode)
+    except ValueError as e:
+        raise ConfigError(f"decode.fallback: {e}") from None
     if folds:
         from core.io import read_folds
 
@@ -87,10 +92,10 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
     for f in tqdm(uniq, desc="tfidf folds", file=sys.stderr, leave=False):
         val = fold_of == f
         oof[val] = fit_predict(texts[~val], ds.labels[~val], texts[val], c, cfg.train.seed)
-        per_fold.append({"fold": int(f), "rows": int(val.sum()), **evaluate(oof[val], ds.labels[val])})
+        per_fold.append({"fold": int(f), "rows": int(val.sum()), **evaluate(oof[val], ds.labels[val], decode)})
         log(f"fold {f}: exact match {per_fold[-1]['t0.5/exact_match']:.4f} @0.5, "
             f"{per_fold[-1]['cascade/exact_match']:.4f} cascade")
-    metrics = evaluate(oof, ds.labels)
+    metrics = evaluate(oof, ds.labels, decode)
     meta = {"kind": "out-of-fold", "produced_by": "python -m train tfidf", "model": "tfidf word 1-2 + char_wb 2-5, "
             f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions()}
     summary = {**meta, "rows": int(len(ds.ids)), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SAMPLE_DATA
 import yaml
 
 from core import hub as transport
@@ -66,7 +67,7 @@ def make_fake_run(root: Path, thresholds: bool = False) -> Path:
     from core.config import RunConfig
 
     run = root / "myrun"
-    cfg = RunConfig.from_dict({"cv": {"n_folds": 3}, "output_dir": str(run)})
+    cfg = RunConfig.from_dict({"cv": {"n_folds": 3}, "data": dict(SAMPLE_DATA), "output_dir": str(run)})
     run.mkdir(parents=True)
     (run / "run_config.yaml").write_text(cfg.to_yaml())
     (run / "label_names.json").write_text(json.dumps({"label_names": LABELS, "descriptions": {

@@ -80,7 +80,7 @@ def test_tune_writes_reproducible_thresholds_with_meta(data, capsys):
     assert run(tune_args(data, out2), capsys)[0] == 0
     assert out1.read_bytes() == out2.read_bytes()
     d = json.loads(out1.read_text())
-    assert d["label_names"] == NAMES and d["fallback"] == 19
+    assert d["label_names"] == NAMES and d["fallback"] == "argmax"  # no run config beside the file: the default
     meta = d["meta"]
     assert meta["oof"] == str(data["oof"]) and meta["labels"] == str(data["labels"])
     assert meta["objective"] == "exact_match" and meta["n_trials"] == 25 and meta["seed"] == 0
@@ -163,18 +163,52 @@ def test_submit_with_tuned_thresholds_and_ids_check(data, capsys):
 def test_submit_fallback_option_and_small_label_sets(tmp_path, capsys):
     ids, _, p = make_data(n=30, n_labels=5)
     p[:3] = 0.01  # rows that fall back
+    p[0, 2] = p[1, 4] = p[2, 0] = 0.02
     probs = tmp_path / "p5.csv"
     write_probs(probs, ids, p, [f"trend_id_res{j}" for j in range(5)])
     out = tmp_path / "sub.csv"
-    code, _, err = run(["submit", "--probs", probs, "--out", out], capsys)
-    assert code == 2 and str(probs) in err and "--fallback" in err and "19" in err and not out.exists()
-    assert run(["submit", "--probs", probs, "--out", out, "--fallback", "3"], capsys)[0] == 0
+    assert run(["submit", "--probs", probs, "--out", out], capsys)[0] == 0  # default: each row's most probable class
     sub = pd.read_csv(out, dtype={"target": str}, keep_default_na=False)
-    assert list(sub["target"][:3]) == ["3", "3", "3"]
+    assert list(sub["target"][:3]) == ["2", "4", "0"]
+    for value in ("3", "trend_id_res3"):  # a class id as in submissions, or a label name
+        assert run(["submit", "--probs", probs, "--out", out, "--fallback", value], capsys)[0] == 0
+        sub = pd.read_csv(out, dtype={"target": str}, keep_default_na=False)
+        assert list(sub["target"][:3]) == ["3", "3", "3"]
     assert run(["submit", "--probs", probs, "--out", out, "--fallback", "none"], capsys)[0] == 0
     assert out.read_text().splitlines()[1] == f"{ids[0]},"
     code, _, err = run(["submit", "--probs", probs, "--out", tmp_path / "x.csv", "--fallback", "7"], capsys)
-    assert code == 2 and "--fallback 7" in err and not (tmp_path / "x.csv").exists()
+    assert code == 2 and "--fallback" in err and "'7'" in err and not (tmp_path / "x.csv").exists()
+
+
+def test_decoding_and_id_column_come_from_the_run(tmp_path, capsys):
+    """A run's decode section (fallback by label name) and data.id_column are the defaults of tune / submit /
+    evaluate for the probability files it wrote; a fallback the labels lack is an error naming the run config."""
+    ids, y, p = make_data(n=120)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run_config.yaml").write_text("data:\n  id_column: review_id\ndecode:\n  fallback: trend_id_res19\n")
+    oof = run_dir / "oof.csv"
+    write_probs(oof, ids, p, NAMES)
+    labels = tmp_path / "train.csv"
+    df = pd.DataFrame(y, columns=NAMES)
+    df.insert(0, "review_id", ids)
+    df.to_csv(labels, index=False)
+    thr = tmp_path / "t.json"
+    code, stdout, err = run(["tune", "--oof", oof, "--labels", labels, "--out", thr, "--n-trials", 5, "--no-progress",
+                             "--no-nested"], capsys)
+    assert code == 0, err
+    assert json.loads(thr.read_text())["fallback"] == 19
+    p0 = p.copy()
+    p0[:4] = 0.01
+    probs = run_dir / "test_probs.csv"
+    write_probs(probs, ids, p0, NAMES)
+    assert run(["submit", "--probs", probs, "--out", tmp_path / "s.csv"], capsys)[0] == 0
+    sub = pd.read_csv(tmp_path / "s.csv", dtype={"target": str}, keep_default_na=False)
+    assert list(sub["target"][:4]) == ["19"] * 4
+    assert run(["evaluate", "--probs", oof, "--labels", labels, "--out-dir", tmp_path / "ev"], capsys)[0] == 0
+    (run_dir / "run_config.yaml").write_text("decode:\n  fallback: no_such_label\n")
+    code, _, err = run(["submit", "--probs", probs, "--out", tmp_path / "s2.csv"], capsys)
+    assert code == 2 and "decode.fallback" in err and "run_config.yaml" in err and "no_such_label" in err
 
 
 # --------------------------------------------------------------------------------------------------------------

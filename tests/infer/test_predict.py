@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SAMPLE_DATA, SAMPLE_DECODE
 
 from core.io import InputError, meta_path, read_probs
 from infer.predict import load_predictor, predict, register
@@ -36,7 +37,8 @@ def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1)) -
         # paths differ at bf16 noise level; eager makes batched and one-at-a-time bitwise comparable.
         "model": {"name_or_path": str(model_dir), "attn_implementation": "eager"},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train_csv": str(train_csv), "label_names_csv": str(REPO / "data" / "sample_trends.csv"),
+        "decode": dict(SAMPLE_DECODE),
+        "data": {**SAMPLE_DATA, "train_csv": str(train_csv), "label_names_csv": str(REPO / "data" / "sample_trends.csv"),
                  "max_length": 64},
         "train": {"num_epochs": 1, "max_steps": 2, "micro_batch_size": 8, "eval_batch_size": 16,
                   "save_every_steps": 0, "lr": 1e-2, "head_lr": 5e-2},

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from core.thresholds import ThresholdSpec, cascade, cascade_steps, class_ids, threshold
+from core.thresholds import ThresholdSpec, cascade, cascade_steps, class_ids, decode_global, resolve_fallback, threshold
 from infer.tune import _ClassSearch, decode_global
 
 # The reference solution's thresholds, as literal floats.
@@ -51,14 +51,14 @@ def test_default_steps_are_the_reference_literals():
 @settings(max_examples=300, deadline=None, database=None)
 @given(prob_matrix())
 def test_cascade_equals_reference_loop_on_random_probabilities(probs):
-    assert as_lists(cascade(probs)) == reference_loop(probs)
+    assert as_lists(cascade(probs, fallback=19)) == reference_loop(probs)
 
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(prob_matrix(elements=st.sampled_from(GRID)))
 def test_cascade_equals_reference_loop_on_the_threshold_grid(probs):
     """Values exactly equal to a threshold are not selected by it (strictly greater)."""
-    assert as_lists(cascade(probs)) == reference_loop(probs)
+    assert as_lists(cascade(probs, fallback=19)) == reference_loop(probs)
     assert as_lists(decode_global(probs, cascade_steps(), 19)) == reference_loop(probs)
 
 
@@ -68,7 +68,7 @@ def test_exactly_on_threshold_examples():
     p[1, [2, 5]] = [0.2, 0.2]  # on the last threshold: nothing -> fallback
     p[2, [1, 4]] = [0.45, 0.3]  # 0.45 passes 0.4 (first hit), 0.3 does not
     p[3, 7] = 0.05 * 11       # the same double as 0.55: selected by 0.5, not 0.55
-    assert as_lists(cascade(p)) == [[3], [19], [1], [7]] == reference_loop(p)
+    assert as_lists(cascade(p, fallback=19)) == [[3], [19], [1], [7]] == reference_loop(p)
 
 
 @settings(max_examples=200, deadline=None, database=None)
@@ -99,15 +99,17 @@ def test_class_offsets_equal_literal_loop_with_per_class_thresholds(probs, data)
         else:
             sel = [19]
         expect.append(sel)
-    assert as_lists(cascade(probs, class_offsets=offsets)) == expect
-    spec = ThresholdSpec(tuple(f"c{j}" for j in range(probs.shape[1])), class_offsets=tuple(offsets))
+    assert as_lists(cascade(probs, fallback=19, class_offsets=offsets)) == expect
+    spec = ThresholdSpec(tuple(f"c{j}" for j in range(probs.shape[1])), fallback=19, class_offsets=tuple(offsets))
     assert as_lists(spec.decode(probs)) == expect
 
 
 @settings(max_examples=60, deadline=None, database=None)
-@given(prob_matrix(min_cols=20, max_cols=25, elements=st.sampled_from(GRID)), st.data())
-def test_incremental_class_search_scores_match_cascade(probs, data):
-    """The per-class tuner's incremental scores are exactly those of decoding with cascade()."""
+@given(prob_matrix(min_cols=20, max_cols=25, elements=st.sampled_from(GRID)), st.data(),
+       st.sampled_from([19, "argmax", None]))
+def test_incremental_class_search_scores_match_cascade(probs, data, fallback):
+    """The per-class tuner's incremental scores are exactly those of decoding with cascade(), for a fixed fallback
+    class, the argmax fallback and none."""
     from core.metrics import objective_score
 
     rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
@@ -115,19 +117,43 @@ def test_incremental_class_search_scores_match_cascade(probs, data):
     steps = cascade_steps()
     for objective in ("exact_match", "micro_f1"):
         offsets = np.zeros(probs.shape[1])
-        search = _ClassSearch(probs, y, steps, 19, offsets, objective)
+        search = _ClassSearch(probs, y, steps, fallback, offsets, objective)
         for c, v in [(0, 0.05), (3, -0.1), (19, 0.02)]:
-            assert search.score(c, search.hits(c, v)) == pytest.approx(
-                objective_score(y, cascade(probs, steps, 19, np.where(np.arange(len(offsets)) == c, v, search.o)),
-                                objective), abs=1e-12)
+            assert search.score(c, search.hits(c, v)) == pytest.approx(objective_score(
+                y, cascade(probs, steps, fallback, np.where(np.arange(len(offsets)) == c, v, search.o)),
+                objective), abs=1e-12)
             search.set(c, v)
         assert search.score(0, search.h[:, :, 0]) == pytest.approx(
-            objective_score(y, cascade(probs, steps, 19, search.o), objective), abs=1e-12)
+            objective_score(y, cascade(probs, steps, fallback, search.o), objective), abs=1e-12)
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(prob_matrix(min_cols=1, max_cols=12))
+def test_argmax_fallback_gives_every_row_a_label_only_when_nothing_passes(probs):
+    steps = cascade_steps()
+    preds = cascade(probs, steps, "argmax")
+    assert (preds.sum(axis=1) >= 1).all()
+    empty = ~(probs > steps[-1]).any(axis=1)
+    assert np.array_equal(preds[~empty], cascade(probs, steps, None)[~empty])
+    assert (preds[empty].sum(axis=1) == 1).all()
+    assert np.array_equal(preds[empty].argmax(axis=1), probs[empty].argmax(axis=1))
+    assert np.array_equal(decode_global(probs, steps, "argmax"), preds)
+
+
+def test_fallback_by_name_id_argmax_or_none():
+    names = ["spam", "ham", "eggs"]
+    assert resolve_fallback(names, "ham") == 1 and resolve_fallback(names, "2") == 2
+    assert resolve_fallback(names, "ARGMAX") == "argmax" and resolve_fallback(names, "none") is None
+    assert resolve_fallback(["y_a7", "y_a19"], "19") == 1  # a class id as written in submissions
+    with pytest.raises(ValueError, match="'bacon' is neither a label .*spam, ham, eggs"):
+        resolve_fallback(names, "bacon")
+    spec = ThresholdSpec.from_decode(names, type("D", (), dict(start=0.6, stop=0.3, step=0.1, fallback="eggs")))
+    assert spec.fallback == 2 and spec.steps == (0.6, 0.5, 0.4, 0.3)
 
 
 def test_cascade_rejects_bad_arguments():
     with pytest.raises(ValueError, match="out of range"):
-        cascade(np.zeros((2, 10)))  # default fallback 19 with 10 classes
+        cascade(np.zeros((2, 10)), fallback=19)  # a fallback class the 10 classes do not have
     with pytest.raises(ValueError):
         cascade(np.zeros((2, 10)), steps=[0.2, 0.3], fallback=0)
     assert cascade(np.zeros((2, 10)), fallback=None).sum() == 0

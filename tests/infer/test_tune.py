@@ -27,13 +27,13 @@ def low_confidence(n=400, n_labels=20, seed=0):
 
 def test_tuning_improves_when_the_best_threshold_is_far_from_the_default():
     p, y = low_confidence()
-    spec = tune_thresholds(p, y, NAMES, n_trials=60, seed=0)
-    default = exact_match(y, cascade(p))
+    spec = tune_thresholds(p, y, NAMES, n_trials=60, seed=0, fallback=19)
+    default = exact_match(y, cascade(p, fallback=19))
     tuned = exact_match(y, spec.decode(p))
     assert default < 0.2 and tuned > 0.95
     assert spec.stop < 0.08 and spec.meta["in_sample"]["tuned"]["exact_match"] == pytest.approx(tuned)
-    f1_spec = tune_thresholds(p, y, NAMES, objective="micro_f1", n_trials=60, seed=0)
-    assert micro_f1(y, f1_spec.decode(p)) > micro_f1(y, cascade(p)) + 0.5
+    f1_spec = tune_thresholds(p, y, NAMES, objective="micro_f1", n_trials=60, seed=0, fallback=19)
+    assert micro_f1(y, f1_spec.decode(p)) > micro_f1(y, cascade(p, fallback=19)) + 0.5
 
 
 def test_tuning_never_loses_to_the_default_in_sample():
@@ -77,7 +77,7 @@ def test_per_class_offsets_fix_a_class_with_its_own_scale_and_are_shrunk():
 def test_nested_estimate_runs_and_reports_default_vs_tuned():
     p, y = low_confidence(n=300)
     folds = kfold(len(y), 3, seed=0)
-    est = nested_estimate(p, y, folds, NAMES, n_trials=30, seed=0)
+    est = nested_estimate(p, y, folds, NAMES, n_trials=30, seed=0, fallback=19)
     assert est["folds"] == 3 and [r["fold"] for r in est["per_fold"]] == [0, 1, 2]
     assert sum(r["rows"] for r in est["per_fold"]) == 300
     assert est["pooled"]["tuned"]["exact_match"] > est["pooled"]["default"]["exact_match"] + 0.5
@@ -113,12 +113,13 @@ def test_nested_blend_tunes_each_folds_weights_on_the_other_folds():
     good = np.clip(np.where(y == 1, 0.7, 0.15) + rng.normal(0, 0.15, y.shape), 0, 1)
     other = np.clip(np.where(y == 1, 0.6, 0.2) + rng.normal(0, 0.2, y.shape), 0, 1)
     folds = np.arange(300) % 3
-    est = nested_blend([good, other], y, folds, n_trials=20, seed=0)
+    est = nested_blend([good, other], y, folds, n_trials=20, seed=0, fallback=19)
     assert est["folds"] == 3 and [r["fold"] for r in est["per_fold"]] == [0, 1, 2]
     pred = np.zeros_like(y)
     for r in est["per_fold"]:
         test = folds == r["fold"]
-        assert r["weights"] == search_weights([good[~test], other[~test]], y[~test], n_trials=20, seed=0)[0]
+        assert r["weights"] == search_weights([good[~test], other[~test]], y[~test], n_trials=20, seed=0,
+                                              fallback=19)[0]
         pred[test] = decode_global(blend_probs([good[test], other[test]], r["weights"]), cascade_steps(), 19)
     assert est["pooled"] == scores(y, pred)
     with pytest.raises(ValueError):

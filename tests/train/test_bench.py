@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SAMPLE_DATA
 from trainkit import ROOT, SAMPLE_TRAIN
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ def test_bench_quality_scores_reference_and_toolkit_out_of_fold(tmp_path):
            "--data", str(SAMPLE_TRAIN), "--shapes-dir", str(tmp_path / "shapes"), "--out-oof", str(tmp_path / "oof")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ds = read_csv(str(SAMPLE_TRAIN), DataArgs(train_csv=str(SAMPLE_TRAIN)))
+    ds = read_csv(str(SAMPLE_TRAIN), DataArgs(train_csv=str(SAMPLE_TRAIN), **SAMPLE_DATA))
     held_out = ds.ids[np.isin(make_folds(ds.labels, 5, 42), [0, 1])]
     for recipe in ("reference", "toolkit"):
         oof = pd.read_csv(tmp_path / "oof" / f"tiny-gemma2_{recipe}_oof.csv")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import ROOT, as_set_args, run_cli, tiny_overrides
+from trainkit import ROOT, as_set_args, kill_at_launcher, run_cli, tiny_overrides
 
 import train.dapt as dapt
 from core.config import ConfigError, LoraArgs, ModelArgs, QuantizationArgs, RunConfig
@@ -198,9 +198,9 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, small_csv, tmp_path
 
     out = tmp_path / "killed"
     args = ["dapt", *as_set_args(raw), "--corpus", corpus, "--out", str(out)]
-    killed = run_cli(args, env={"QLML_TEST_KILL_AT_STEP": "6"})
+    killed = run_cli(args, launcher=kill_at_launcher(6))
     assert killed.returncode == 137, killed.stderr[-3000:]
-    state = torch.load(out / dapt.CHECKPOINT, weights_only=False)["state"]
+    state = json.loads((out / dapt.CHECKPOINT / "state.json").read_text())["progress"]
     assert (state["epoch"], state["step"]) == (1, 6)
     assert not (out / "adapter_config.json").exists()
 

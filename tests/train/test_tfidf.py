@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SAMPLE_SET_ARGS
 from trainkit import ROOT, SAMPLE_TRAIN, write_rows
 
 from core.config import RunConfig
@@ -22,14 +23,15 @@ SAMPLE_TEST = ROOT / "data" / "sample_test.csv"
 
 
 def args(out, *extra, train=SAMPLE_TRAIN):
-    return ["--set", f"data.train_csv={train}", "--set", "cv.n_folds=3", "--out", str(out), *map(str, extra)]
+    return ["--set", f"data.train_csv={train}", "--set", "cv.n_folds=3", *SAMPLE_SET_ARGS, "--out", str(out),
+            *map(str, extra)]
 
 
 def test_oof_and_test_probabilities_on_the_runs_folds(tmp_path, capsys):
     out = tmp_path / "tfidf"
     assert main(args(out, "--test", SAMPLE_TEST)) == 0
     assert "out of fold: exact match" in capsys.readouterr().out
-    cfg = RunConfig.from_yaml(None, [f"data.train_csv={SAMPLE_TRAIN}", "cv.n_folds=3"])
+    cfg = RunConfig.from_yaml(None, [f"data.train_csv={SAMPLE_TRAIN}", "cv.n_folds=3", *SAMPLE_SET_ARGS[1::2]])
     ds = read_csv(SAMPLE_TRAIN, cfg.data)
     ids, oof, names = read_probs(out / "oof.csv")
     assert list(ids) == list(ds.ids) and names == ds.label_names and ((oof >= 0) & (oof <= 1)).all()

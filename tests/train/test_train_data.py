@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trainkit import ROOT, SAMPLE_TRAIN, write_rows
 
-from core.config import DEFAULT_TEMPLATE, DataArgs, LossArgs
+from conftest import SAMPLE_DATA, SAMPLE_TEMPLATE
+from core.config import DataArgs, LossArgs
 from core.data import (
     collate,
     format_prompt,
@@ -29,7 +30,7 @@ from train.loss import multilabel_loss, pos_weight_from_labels
 # --- prompt formatting ------------------------------------------------------------------------------------------
 
 def test_template_fields_in_order_of_first_use():
-    assert template_fields(DEFAULT_TEMPLATE) == ["assessment", "tags", "text"]
+    assert template_fields(SAMPLE_TEMPLATE) == ["assessment", "tags", "text"]
     assert template_fields("{b} {a} {b}") == ["b", "a"]
     assert template_fields("no fields") == []
 
@@ -58,20 +59,20 @@ def test_format_value(value, expected):
 
 def test_format_prompt_matches_reference_template():
     row = {"assessment": 2.0, "tags": "{CATALOG_NAVIGATION,PRICE}", "text": "Дорого 👍"}
-    assert format_prompt(DEFAULT_TEMPLATE, row) == ("user assesment: 2.0\n\nTags: CATALOG_NAVIGATION,PRICE\n\n"
+    assert format_prompt(SAMPLE_TEMPLATE, row) == ("user assesment: 2.0\n\nTags: CATALOG_NAVIGATION,PRICE\n\n"
                                                     "Review: Дорого 👍")
     # Missing tags (NaN in the CSV) and an empty text become empty strings, not "nan".
     row = {"assessment": 0.0, "tags": float("nan"), "text": float("nan")}
-    assert format_prompt(DEFAULT_TEMPLATE, row) == "user assesment: 0.0\n\nTags: \n\nReview: "
+    assert format_prompt(SAMPLE_TEMPLATE, row) == "user assesment: 0.0\n\nTags: \n\nReview: "
     # Braces in the template that are not fields stay literal.
     assert format_prompt("{{x}} {text}", {"text": "t"}) == "{x} t"
 
 
 def test_read_csv_formats_like_format_prompt(tmp_path):
     path = write_rows(tmp_path / "d.csv", 30)
-    ds = read_csv(path, DataArgs())
+    ds = read_csv(path, DataArgs(**SAMPLE_DATA))
     df = pd.read_csv(path)
-    assert ds.texts == [format_prompt(DEFAULT_TEMPLATE, r) for r in df.to_dict("records")]
+    assert ds.texts == [format_prompt(SAMPLE_TEMPLATE, r) for r in df.to_dict("records")]
     assert list(ds.ids) == df["index"].tolist()
     assert ds.labels.shape == (30, 20) and ds.labels.dtype == np.int8
     assert ds.label_names == [f"trend_id_res{i}" for i in range(20)]
@@ -104,7 +105,7 @@ def test_shuffled_label_columns_read_in_numeric_order(tmp_path):
     shuffled = df[["index", "text", "tags", "assessment"] + list(reversed(labels))]
     path = tmp_path / "shuffled.csv"
     shuffled.to_csv(path, index=False)
-    ds = read_csv(path, DataArgs())
+    ds = read_csv(path, DataArgs(**SAMPLE_DATA))
     assert ds.label_names == labels
     np.testing.assert_array_equal(ds.labels, df[labels].to_numpy())
 
@@ -112,7 +113,7 @@ def test_shuffled_label_columns_read_in_numeric_order(tmp_path):
 # --- CSV validation (unit level; the CLI tests check exit codes and messages end to end) -----------------------
 
 def test_read_csv_errors(tmp_path):
-    args = DataArgs()
+    args = DataArgs(**SAMPLE_DATA)
     with pytest.raises(InputError, match="nope.csv: file not found"):
         read_csv(tmp_path / "nope.csv", args)
     header_only = tmp_path / "empty.csv"

@@ -75,3 +75,24 @@ def test_ddp_equals_single_process_with_accumulation(ddp_run, tiny_models, small
     md = json.loads((out / "fold_0" / "metrics.json").read_text())
     ms = json.loads((single / "fold_0" / "metrics.json").read_text())
     assert md["steps"] == ms["steps"] and md["samples"] == ms["samples"]
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_the_same_message(tiny_models, small_csv, tmp_path):
+    """Rank 1's loss is NaN: the collective guard stops both ranks at once (no rank left waiting in an all-reduce
+    until the process-group timeout), each with the same message, exit status non-zero."""
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    script = Path(__file__).with_name("nan_on_rank.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                "1"]
+    t0 = time.perf_counter()
+    res = run_cli(as_set_args(overrides(tiny_models["gemma2"], small_csv, out, accum=1)), launcher=launcher,
+                  env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    seconds = time.perf_counter() - t0
+    message = "error: fold 0: loss is not finite on rank(s) [1] at optimizer step 1"
+    assert res.returncode != 0
+    assert res.stderr.count(message) == 2, res.stderr[-3000:]   # rank 0 and rank 1, the same line
+    assert seconds < 240, seconds                                 # not a collective timeout (30 min by default)
+    print(f"DDP NaN stop: both ranks exited in {seconds:.1f} s (start-up and model load included)")

@@ -170,3 +170,19 @@ def test_evaluation_leaves_the_4bit_weights_and_gradients_alone(tiny_model):
     assert layer0 and all(plain[n].abs().max() > 0 for n in layer0)   # gradient reaches the lowest layer
     for n in plain:
         assert torch.allclose(plain[n], after_eval[n], atol=1e-6), n
+
+
+def test_the_split_reserves_activation_headroom_on_every_gpu(monkeypatch):
+    """train.parallel=split: transformers' placement gets train.split_gpu_memory_gib of each GPU for weights."""
+    import torch
+
+    from core.config import RunConfig
+    from core.model import split_max_memory
+    from train.loop import DistEnv, device_map_for
+
+    assert split_max_memory(12.0, 2) == {0: "12GiB", 1: "12GiB", "cpu": "0GiB"}
+    cfg = RunConfig.from_dict({"train": {"parallel": "split", "split_gpu_memory_gib": 11.5}})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_map_for(cfg, DistEnv()) == ("auto", {0: "11.5GiB", 1: "11.5GiB", "cpu": "0GiB"})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert device_map_for(cfg, DistEnv()) == ({"": torch.device("cpu")}, None)

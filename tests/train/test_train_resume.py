@@ -1,7 +1,8 @@
 """Resume after a hard kill gives the same final adapter as an uninterrupted run.
 
-``QLML_TEST_KILL_AT_STEP=N`` makes the training process ``os._exit(137)`` right after its first checkpoint at an
-optimizer step >= N (checkpoints every ``train.save_every_steps``). The killed run is then continued with
+``tests/train/kill_at.py N`` runs ``python -m train`` with a callback injected into the training engine that makes the
+process ``os._exit(137)`` right after its first checkpoint at an optimizer step >= N (checkpoints every
+``train.save_every_steps``). The killed run is then continued with
 ``--resume`` and compared with an uninterrupted in-process run of the same config: LoRA dropout is on, batches are
 length-grouped and shuffled, so equality needs the per-step seeds, the per-epoch batch order and the optimizer and
 scheduler state of the checkpoint.
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import as_set_args, run_cli, tiny_overrides
+from trainkit import as_set_args, kill_at_launcher, run_cli, tiny_overrides
 
 from core.config import RunConfig
 from train.run import main
@@ -62,10 +63,10 @@ def assert_same_run(a, b):
 def test_resume_after_kill_matches_uninterrupted(tiny_models, small_csv, tmp_path, baselines, kill_at, accum):
     out = tmp_path / "run"
     args = as_set_args(overrides(tiny_models["mistral"], small_csv, out, accum))
-    killed = run_cli(args, env={"QLML_TEST_KILL_AT_STEP": str(kill_at)})
+    killed = run_cli(args, launcher=kill_at_launcher(kill_at))
     assert killed.returncode == 137, killed.stderr[-3000:]
     fold = out / "fold_0"
-    state = torch.load(fold / "checkpoint" / "state.pt", weights_only=False)["state"]
+    state = json.loads((fold / "checkpoint" / "state.json").read_text())["progress"]
     assert state["step"] == (4 if kill_at == 3 else kill_at)
     assert not (fold / "metrics.json").exists() and not (out / "summary.json").exists()
     assert (fold / "last").is_dir() == (kill_at == 6)             # epoch 1 finished only in the step-6 case
@@ -73,7 +74,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_models, small_csv, tmp_pat
     # Without --resume the folder is refused; with it, training continues from the checkpoint.
     refused = run_cli(args)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = run_cli([*args, "--resume"], env={"QLML_TEST_KILL_AT_STEP": str(kill_at)})  # no second kill
+    resumed = run_cli([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"fold 0: resumed at epoch {state['epoch']} step {state['step']}/" in resumed.stdout
     assert_same_run(out, baselines[accum])

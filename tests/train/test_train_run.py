@@ -154,7 +154,7 @@ def test_resume_with_other_labels_is_refused(runs, tmp_path):
     cfg, _ = runs["gemma3"]
     fewer = tmp_path / "fewer.csv"
     pd.read_csv(cfg.data.train_csv).drop(columns=["trend_id_res19"]).to_csv(fewer, index=False)
-    other = tiny_config_for(cfg.model.name_or_path, fewer, cfg.output_dir)
+    other = tiny_config_for(cfg.model.name_or_path, fewer, cfg.output_dir, decode__fallback="argmax")
     with pytest.raises(InputError, match="label_names.json.*20 labels.*19"):
         main(other, resume=True)
 
@@ -217,13 +217,14 @@ def test_empty_texts_missing_tags_and_emoji_are_valid(tiny_models, tmp_path, arc
 
 
 def test_checkpoints_are_pushed_when_configured(tiny_model, small_csv, tmp_path, monkeypatch):
-    """hub.push_checkpoints_to: every checkpoint (here every 2 steps + epoch ends) is pushed right after it is saved."""
+    """hub.push_checkpoints_to: checkpoints (here every 2 steps + epoch ends) are pushed after they are saved, on a
+    worker thread."""
     import core.hub
 
     pushed = []
 
     def fake_push(run_dir, repo, private=True, log=print):
-        pushed.append((Path(run_dir), repo, private, (Path(run_dir) / "fold_0/checkpoint/state.pt").is_file()))
+        pushed.append((Path(run_dir), repo, private, (Path(run_dir) / "fold_0/checkpoint/state.json").is_file()))
         return True
 
     monkeypatch.setattr(core.hub, "push_checkpoint", fake_push)
@@ -232,3 +233,34 @@ def test_checkpoints_are_pushed_when_configured(tiny_model, small_csv, tmp_path,
     main(cfg)
     assert len(pushed) >= 2
     assert all(p == (tmp_path / "run", "user/ckpt", False, True) for p in pushed)
+
+
+def test_background_push_never_blocks_and_reports_failures():
+    """A slow upload does not stall training; one asked for while it runs is skipped; a failure is reported."""
+    import threading
+    import time
+
+    from train.run import BackgroundPush
+
+    release, calls, logs = threading.Event(), [], []
+
+    def slow_push():
+        calls.append(time.perf_counter())
+        release.wait(10)
+        return True
+
+    push = BackgroundPush(slow_push, log=logs.append)
+    t0 = time.perf_counter()
+    assert push() is True and push() is False   # the second one is skipped while the first uploads
+    assert time.perf_counter() - t0 < 0.5 and "still running" in logs[0]
+    release.set()
+    push.close()
+    assert len(calls) == 1
+
+    def failing_push():
+        raise OSError("network down")
+
+    push = BackgroundPush(failing_push, log=logs.append)
+    push()
+    push.close()
+    assert "checkpoint push failed (OSError: network down); training goes on" in logs[-1]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from conftest import SAMPLE_DATA, SAMPLE_DECODE
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_TRAIN = ROOT / "data" / "sample_train.csv"
@@ -31,7 +32,8 @@ def tiny_overrides(model_dir: Path, train_csv: Path, output_dir: Path, **extra) 
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.05,
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        "data": {"train_csv": str(train_csv), "max_length": 64},
+        "data": {"train_csv": str(train_csv), "max_length": 64, **SAMPLE_DATA},
+        "decode": dict(SAMPLE_DECODE),
         "train": {"num_epochs": 2, "lr": 5e-3, "micro_batch_size": 8, "eval_batch_size": 16, "save_every_steps": 0,
                   "warmup_ratio": 0.0},
         "cv": {"n_folds": 3, "folds": [0]},
@@ -62,6 +64,11 @@ def as_set_args(raw: dict, prefix: str = "") -> list[str]:
         else:
             out += ["--set", f"{prefix}{k}={json.dumps(v)}"]
     return out
+
+
+def kill_at_launcher(step: int) -> list[str]:
+    """A ``run_cli`` launcher: ``python -m train`` killed (exit 137) after its first checkpoint at step >= ``step``."""
+    return [sys.executable, str(Path(__file__).with_name("kill_at.py")), str(step)]
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 300, module: str = "train",
