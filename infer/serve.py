@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -579,6 +579,38 @@ def create_app(predictor_factory: Callable | None = None, settings: Settings | N
         return {"model": schema.base_model, "adapters": [r.name for r in refs], "rows": out}
 
     return app
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+    """Run ``app`` with uvicorn in a background thread (tests, benchmarks); yields its base URL.
+
+    ``port=0`` picks a free port. The app's lifespan runs (the model loads in its worker thread; poll /ready).
+    """
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="qlml-serve-http", daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    while not server.started:
+        if not thread.is_alive() or time.perf_counter() - t0 > timeout:
+            sock.close()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
