@@ -44,7 +44,7 @@ import numpy as np
 
 from core.adapter import AdapterRef, base_model_id
 from core.config import ConfigError
-from core.data import format_prompt, template_fields
+from core.data import format_prompt, format_value, template_fields
 from core.errors import InputError
 from core.thresholds import ThresholdSpec, class_ids
 
@@ -184,6 +184,16 @@ class Job:
     def rows(self) -> int:
         return len(self.texts)
 
+    def resolve(self, result=None, error: BaseException | None = None) -> None:
+        """Answer the request unless it gave up waiting (its future was cancelled)."""
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass
+
     @property
     def longest(self) -> int:
         return max(len(t) for t in self.token_ids)
@@ -233,7 +243,7 @@ class Engine:
             self._thread.join(timeout)
         while True:  # whatever is still queued gets an answer
             try:
-                self.queue.get_nowait().future.set_exception(RuntimeError("server shutting down"))
+                self.queue.get_nowait().resolve(error=RuntimeError("server shutting down"))
             except queue.Empty:
                 break
         close = getattr(self.predictor, "close", None)
@@ -277,11 +287,14 @@ class Engine:
                 log.exception("worker error")
 
     def _tokenize(self, job: Job) -> bool:
+        """Tokenise a job's prompts (here, in the one model thread: HF tokenizers are not thread-safe)."""
+        if job.future.cancelled():  # its request timed out while queued
+            return False
         try:
             job.token_ids = self.predictor.token_ids(job.texts, self.schema.max_length)
             return True
         except Exception as e:  # noqa: BLE001
-            job.future.set_exception(e)
+            job.resolve(error=e)
             return False
 
     def _gather(self, first: Job) -> tuple[list[Job], Job | None]:
@@ -329,12 +342,12 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the error; the next batch runs
             self.metrics.model_errors.inc()
             for job in batch:
-                job.future.set_exception(e)
+                job.resolve(error=e)
             return
         self.metrics.rows.inc(len(token_ids))
         at = 0
         for job in batch:
-            job.future.set_result(probs[at:at + job.rows])
+            job.resolve(probs[at:at + job.rows])
             at += job.rows
 
 
@@ -528,8 +541,7 @@ def create_app(predictor_factory: Callable | None = None, settings: Settings | N
         out = [r.model_dump(by_alias=True) for r in req.rows]
         tf = schema.text_field
         for i, row in enumerate(out):
-            value = row.get(tf)
-            text = "" if value is None else value if isinstance(value, str) else str(value)
+            text = format_value(row.get(tf))
             if settings.no_empty_text and not text.strip():
                 raise ServeError(422, f"rows.{i}.{tf}: empty text (--no-empty-text)", f"rows.{i}.{tf}", i)
             if len(text) > settings.max_text_chars:

@@ -235,19 +235,23 @@ def test_model_error_is_a_500_with_an_id_and_the_next_request_works(caplog):
         assert metric(url, "qlml_serve_model_errors_total") == 1
 
 
+def pass_warm_up(url, holder, gate):
+    """The warm-up batch blocks on the gate too: release it once the predictor is in, then close the gate."""
+    t0 = time.perf_counter()
+    while "p" not in holder or not holder["p"].entered.is_set():
+        assert time.perf_counter() - t0 < 30
+        time.sleep(0.01)
+    gate.set()
+    wait_ready(url)
+    gate.clear()
+    holder["p"].entered.clear()
+
+
 def test_full_queue_answers_429():
     gate = threading.Event()
     app, holder = served(Settings(max_queue=1, max_batch_size=1, max_wait_ms=0), gate=gate)
     with serve_in_thread(app) as url:
-        # The warm-up batch blocks on the gate too: release it once the predictor is in, then hold the next.
-        t0 = time.perf_counter()
-        while "p" not in holder or not holder["p"].entered.is_set():
-            assert time.perf_counter() - t0 < 30
-            time.sleep(0.01)
-        gate.set()
-        wait_ready(url)
-        gate.clear()
-        holder["p"].entered.clear()
+        pass_warm_up(url, holder, gate)
         results = {}
 
         def post(key):
@@ -268,6 +272,23 @@ def test_full_queue_answers_429():
         first.join(10)
         second.join(10)
         assert results["first"].status_code == 200 and results["second"].status_code == 200
+
+
+def test_timeout_is_a_504_and_the_worker_goes_on():
+    gate = threading.Event()
+    app, holder = served(Settings(request_timeout_s=0.3, max_batch_size=1, max_wait_ms=0), gate=gate)
+    with serve_in_thread(app) as url:
+        pass_warm_up(url, holder, gate)
+        results = {}
+        first = threading.Thread(target=lambda: results.update(a=httpx.post(f"{url}/predict", json={"rows": [ROW]})))
+        first.start()
+        assert holder["p"].entered.wait(10)
+        r = httpx.post(f"{url}/predict", json={"rows": [ROW]})  # queued behind the first, gives up
+        assert r.status_code == 504 and "0.3s" in r.json()["error"]
+        first.join(10)
+        assert results["a"].status_code == 504
+        gate.set()
+        assert httpx.post(f"{url}/predict", json={"rows": [ROW]}).status_code == 200
 
 
 def test_micro_batching_merges_concurrent_requests():
