@@ -8,6 +8,7 @@ Subcommands:
     submit    write the index,target submission from a probability file (infer/submit.py)
     evaluate  metrics table + plots of a probability file against labels (infer/evaluate.py)
     blend     blend models with weights tuned on out-of-fold predictions (infer/blend.py)
+    serve     HTTP API over trained adapter(s), micro-batched               (infer/serve.py)
 
 Exit status: 0 on success, 2 on bad input (``error: <message>`` on stderr; nothing is written).
 """
@@ -21,7 +22,7 @@ from core.io import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from infer import blend, evaluate, hub, predict, submit, tune
+    from infer import blend, evaluate, hub, predict, serve, submit, tune
 
     parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.register(sub)
     evaluate.register(sub)
     blend.register(sub)
+    serve.register(sub)
     return parser
 
 

@@ -52,6 +52,9 @@ def test_bad_template_is_an_input_error(template):
     (3, "3"),
     ("лучший сервис 👍", "лучший сервис 👍"),
     ("", ""),
+    (["DELIVERY", "PRICE"], "DELIVERY,PRICE"),  # a JSON list (serving) formats like the CSV's set literal
+    (("A",), "A"),
+    ([], ""),
 ])
 def test_format_value(value, expected):
     assert format_value(value) == expected
