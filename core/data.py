@@ -44,9 +44,12 @@ _SET_LITERAL = re.compile(r"^\{(.*)\}$", re.S)
 
 
 def format_value(value: object) -> str:
-    """Cell -> text: missing is '', a set literal like ``{DELIVERY,PRICE}`` loses its braces."""
+    """Cell -> text: missing is '', a set literal like ``{DELIVERY,PRICE}`` loses its braces, and a list/tuple
+    (e.g. a UI multiselect) is joined like the set literal: ``["DELIVERY", "PRICE"]`` -> ``DELIVERY,PRICE``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(x) for x in value)
     s = str(value)
     m = _SET_LITERAL.match(s)
     return m.group(1) if m else s
