@@ -229,7 +229,7 @@ def chart(frame, spec: ThresholdSpec):
     import matplotlib.pyplot as plt
 
     n = len(frame)
-    fig, ax = plt.subplots(figsize=(7.5, 0.28 * n + 1.2))
+    fig, ax = plt.subplots(figsize=(7.0, 0.2 * n + 1.0), dpi=90)
     y = np.arange(n)[::-1]
     colors = ["#d62728" if p else "#9bb7d4" for p in frame["predicted"]]
     ax.barh(y, frame["probability"], color=colors)
@@ -397,6 +397,7 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
         app_args.append("--allow-empty")
     return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", args.host,
             "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "viewer",
             "--", *app_args]
 
 

@@ -88,6 +88,11 @@ def single(backend: Backend, fields, template: str, cfg) -> None:
     st.subheader("Predicted classes")
     st.markdown("\n".join(f"- **{r.name}** (`{r.label}`, p = {r.probability:.3f})" for r in chosen.itertuples())
                 or "_none_")
+    spec = backend.spec
+    if spec.fallback is not None and frame["probability"].max() <= spec.steps[-1] + (
+            0 if spec.class_offsets is None else min(spec.class_offsets)):
+        st.caption(f"no class is above the lowest threshold {spec.steps[-1]:g}: the fallback class "
+                   f"`{spec.label_names[spec.fallback]}` is predicted")
     st.pyplot(chart(frame, backend.spec), clear_figure=True)
     with st.expander("probabilities and prompt"):
         st.dataframe(frame, hide_index=True)

@@ -336,17 +336,19 @@ def test_browser_submits_a_review_and_shows_the_predicted_classes(adapter, predi
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1200, "height": 1400})
+            page = browser.new_page(viewport={"width": 1100, "height": 1700})
             page.goto(f"http://127.0.0.1:{port}", timeout=120_000)
-            page.get_by_label("assessment").fill("3.00")
-            page.get_by_label("assessment").press("Enter")
-            page.get_by_label("text").fill(review)
+            page.get_by_label("assessment", exact=True).fill("3.00")
+            page.get_by_label("assessment", exact=True).press("Enter")
+            page.get_by_label("text", exact=True).fill(review)
             page.get_by_role("combobox").first.click()  # the tags multiselect
             page.get_by_role("option", name="DELIVERY").click()
             page.keyboard.press("Escape")
             page.get_by_role("button", name="Predict").click()
             page.get_by_text("Predicted classes").wait_for(timeout=120_000)
-            page.wait_for_timeout(1500)  # the chart image
+            chart = page.locator('[data-testid="stImage"] img').first  # the matplotlib bar chart
+            chart.wait_for(timeout=60_000)
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=chart.element_handle())
             body = page.inner_text("body")
             for label in chosen:
                 assert label in body and predictor.adapters[0].descriptions[label] in body
