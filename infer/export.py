@@ -237,28 +237,28 @@ def export_card(ref: AdapterRef, info: dict) -> str:
     d = info["max_abs_prob_diff"]
     fmt = (lambda v: "not measured" if v is None else f"{v:.2e}")
     lines = [f"# {Path(cfg.output_dir).name} (merged): multilabel classifier on {base}", "",
-             f"`AutoModelForSequenceClassification` folder with {info['num_labels']} labels "
-             f"(`problem_type: multi_label_classification`: apply a sigmoid per class), exported by "
-             f"qlora-multilabel from the LoRA adapter `{ref.folder}` (r={cfg.lora.r}, alpha={cfg.lora.alpha}) merged "
-             f"into the base in {info['dtype']}. No peft or bitsandbytes is needed to load it.", ""]
+             (f"`AutoModelForSequenceClassification` folder with {info['num_labels']} labels "
+              f"(`problem_type: multi_label_classification`: apply a sigmoid per class), exported by "
+              f"qlora-multilabel from the LoRA adapter `{ref.folder}` (r={cfg.lora.r}, alpha={cfg.lora.alpha}) "
+              f"merged into the base in {info['dtype']}. No peft or bitsandbytes is needed to load it."), ""]
     if info["trained_4bit"]:
-        lines += ["The adapter was trained on a 4-bit (bitsandbytes "
-                  f"{cfg.quantization.quant_type.upper()}) base. The merged weights are the **full-precision base + "
-                  "the LoRA delta**, not the 4-bit-rounded base the adapter saw in training, so probabilities differ "
-                  "slightly from `python -m infer predict` on the adapter (measured below).", ""]
+        lines += [("The adapter was trained on a 4-bit (bitsandbytes "
+                   f"{cfg.quantization.quant_type.upper()}) base. The merged weights are the **full-precision base + "
+                   "the LoRA delta**, not the 4-bit-rounded base the adapter saw in training, so probabilities differ "
+                   "from `python -m infer predict` on the adapter (measured below)."), ""]
     lines += ["## Load", "", "```python", "import torch",
               "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(FOLDER)",
               "model = AutoModelForSequenceClassification.from_pretrained(FOLDER).eval()",
               "probs = torch.sigmoid(model(**tok([prompt], return_tensors='pt')).logits)",
               "```", "",
-              "Prompts must be built exactly as in training: the template is `data.text_template` in "
-              "`export_info.json` (`config`).", "",
+              ("Prompts must be built exactly as in training: the template is `data.text_template` in "
+               "`export_info.json` (`config`)."), "",
               f"## Measured differences ({info['probe']['rows']} probe rows from {info['probe']['source']})", "",
               "| comparison | max abs probability difference |", "|---|---|",
               f"| merged vs base + adapter, both {info['dtype']} without 4-bit | {fmt(d['merged_vs_adapter'])} |",
-              f"| this folder reloaded vs base + adapter | {fmt(d['reloaded_vs_adapter'])} "
-              f"(tolerance {info['tolerance']['merged_vs_adapter']:.0e}) |",
+              (f"| this folder reloaded vs base + adapter | {fmt(d['reloaded_vs_adapter'])} "
+               f"(tolerance {info['tolerance']['merged_vs_adapter']:.0e}) |"),
               f"| this folder vs the adapter on its 4-bit base | {fmt(d['merged_vs_4bit'])} |", "",
               "## Labels", ""]
     lines += [f"- `{i}` `{n}`" + (f": {ref.descriptions[n]}" if n in ref.descriptions else "")

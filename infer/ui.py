@@ -428,7 +428,8 @@ def _cli(args) -> int:
 
         refs = collect([args.adapter], log=lambda m: None)  # bad adapters fail here, before a server starts
         load_spec(refs[0], args.thresholds)
-        parse_app_args(streamlit_command(args)[streamlit_command(args).index("--") + 1:])
+        cmd = streamlit_command(args)
+        parse_app_args(cmd[cmd.index("--") + 1:])  # --max-text-chars / --batch-size checked here, not in the app
     except (InputError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -437,7 +438,6 @@ def _cli(args) -> int:
     except ImportError:
         print("error: the web UI needs streamlit (pip install streamlit)", file=sys.stderr)
         return 2
-    cmd = streamlit_command(args)
     print(f"starting the UI on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
     try:
         return subprocess.call(cmd)

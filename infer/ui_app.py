@@ -36,7 +36,7 @@ def main() -> None:
     except (InputError, ConfigError) as e:
         st.error(f"error: {e}")
         st.stop()
-    ref, spec = backend.ref, backend.spec
+    ref = backend.ref
     fields = form_fields(ref, allow_empty=cfg.allow_empty)
     template = ref.cfg.data.text_template
     st.title("Multilabel tagger")

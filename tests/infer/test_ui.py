@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.data import format_prompt, format_value, read_csv
+from core.data import format_prompt, format_value
 from core.errors import InputError
 from infer import ui
 
@@ -254,7 +254,7 @@ def stub_server(adapter):
     seen = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.path, body))
             rows = [{"probabilities": {n: (0.9 if i == 3 else 0.1) for i, n in enumerate(names)},
@@ -289,9 +289,9 @@ def test_api_client_and_app_against_a_stub_server(adapter, stub_server, monkeypa
 
     spec = ui.default_spec(ui.Backend.create(ui.UIConfig(str(adapter), api=url)).ref)
     # class ids as in submissions, or no decoded set at all (then the UI decodes)
-    p, d = ui.parse_api_rows([{"probabilities": [0.1] * len(names), "target": "3 7"}], names, spec)
+    _, d = ui.parse_api_rows([{"probabilities": [0.1] * len(names), "target": "3 7"}], names, spec)
     assert list(np.flatnonzero(d[0])) == [3, 7]
-    p, d = ui.parse_api_rows([{"probabilities": [0.1] * 19 + [0.6]}], names, spec)
+    _, d = ui.parse_api_rows([{"probabilities": [0.1] * 19 + [0.6]}], names, spec)
     assert list(np.flatnonzero(d[0])) == [19]
     with pytest.raises(InputError, match="no 'probabilities'"):
         ui.parse_api_rows([{"labels": []}], names, spec)
