@@ -28,6 +28,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +333,9 @@ class Backend:
         self.spec = spec
         self.api = api
         self.predictor = predictor
+        # One predictor serves every browser session (st.cache_resource): adapter switching and its token cache are
+        # per-model state, so in-process scoring runs one request at a time.
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, cfg: UIConfig, log=print) -> Backend:
@@ -354,7 +358,8 @@ class Backend:
                     for r in rows]
             return parse_api_rows(api_predict(self.api, send), self.label_names, self.spec)
         texts = [row_prompt(self.predictor.data.text_template, r) for r in rows]
-        probs = self.predictor.predict_texts(texts, batch_size=64)
+        with self._lock:
+            probs = self.predictor.predict_texts(texts, batch_size=64)
         return probs, self.spec.decode(probs)
 
 
