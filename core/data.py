@@ -44,8 +44,8 @@ _SET_LITERAL = re.compile(r"^\{(.*)\}$", re.S)
 
 
 def format_value(value: object) -> str:
-    """Cell -> text: missing is '', a set literal like ``{DELIVERY,PRICE}`` loses its braces, and a list like
-    ``["DELIVERY", "PRICE"]`` (JSON) is written as that set literal's contents, ``DELIVERY,PRICE``."""
+    """Cell -> text: missing is '', a set literal like ``{DELIVERY,PRICE}`` loses its braces, and a list/tuple
+    (e.g. a UI multiselect) is joined like the set literal: ``["DELIVERY", "PRICE"]`` -> ``DELIVERY,PRICE``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, (list, tuple)):

@@ -9,6 +9,8 @@ Subcommands:
     evaluate  metrics table + plots of a probability file against labels (infer/evaluate.py)
     blend     blend models with weights tuned on out-of-fold predictions (infer/blend.py)
     serve     HTTP API over trained adapter(s), micro-batched               (infer/serve.py)
+    export    merge one adapter into its base: a plain transformers folder (infer/export.py)
+    ui        web UI (Streamlit) for one adapter: a review form and a CSV tab (infer/ui.py)
 
 Exit status: 0 on success, 2 on bad input (``error: <message>`` on stderr; nothing is written).
 """
@@ -22,7 +24,7 @@ from core.io import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from infer import blend, evaluate, hub, predict, serve, submit, tune
+    from infer import blend, evaluate, export, hub, predict, serve, submit, tune, ui
 
     parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(sub)
     blend.register(sub)
     serve.register(sub)
+    export.register(sub)
+    ui.register(sub)
     return parser
 
 
