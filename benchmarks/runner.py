@@ -43,6 +43,8 @@ from benchmarks.shapes import (
     CONFIG_OVERRIDES,
     CONFIGS,
     DLS,
+    DLS_DATA,
+    DLS_FALLBACK,
     SHAPES,
     build_shape,
     dls_tokens,

@@ -47,6 +47,7 @@ from core.config import ConfigError
 from core.data import format_prompt, format_value, template_fields
 from core.errors import InputError
 from core.thresholds import ThresholdSpec, class_ids
+from infer.tune import adapter_default_spec, adapter_spec
 
 log = logging.getLogger("infer.serve")
 ENDPOINTS = ("/predict", "/health", "/ready", "/info", "/metrics")
@@ -93,20 +94,12 @@ class Settings:
             raise InputError(f"--request-timeout-s must be > 0, got {self.request_timeout_s}")
 
 
-def default_spec(ref: AdapterRef) -> ThresholdSpec:
-    """The decoding used when no ``--thresholds`` file is given: the adapter config's default."""
-    return ThresholdSpec(tuple(ref.label_names))
+default_spec = adapter_default_spec
 
 
 def load_spec(refs: Sequence[AdapterRef], thresholds: str | Path | None) -> ThresholdSpec:
-    """The ``--thresholds`` file (checked against the adapters' labels), else :func:`default_spec`."""
-    if thresholds is None:
-        return default_spec(refs[0])
-    from infer.tune import check_spec_labels, read_thresholds
-
-    spec = read_thresholds(thresholds)
-    check_spec_labels(spec, thresholds, refs[0].label_names, refs[0].folder)
-    return spec
+    """The ``--thresholds`` file (checked against the adapters' labels), else the first adapter's ``decode``."""
+    return adapter_spec(refs[0], thresholds)
 
 
 class ServeError(Exception):

@@ -38,6 +38,7 @@ from core.io import (ID_COLUMN, align_ids, meta_path, progress_bar, read_folds, 
                      write_json)
 from core.metrics import OBJECTIVES, objective_score, scores
 from core.thresholds import (
+    ARGMAX,
     DEFAULT_FALLBACK,
     DEFAULT_START,
     DEFAULT_STEP,
@@ -334,6 +335,37 @@ def resolve_fallback(label_names: Sequence[str], fallback, path, given: bool = T
         return core_resolve_fallback(label_names, fallback)
     except ValueError as e:
         raise InputError(f"{'--fallback' if given else path}: {e}") from None
+
+
+def adapter_default_spec(ref) -> ThresholdSpec:
+    """The cascade of an adapter's config (its ``decode`` section; ``ref`` a :class:`core.adapter.AdapterRef`).
+
+    Raises:
+        InputError: its ``decode.fallback`` is not one of its labels.
+    """
+    try:
+        return ThresholdSpec.from_decode(ref.label_names, ref.cfg.decode)
+    except ValueError as e:
+        raise InputError(f"{ref.folder / 'run_config.yaml'}: decode.fallback: {e}") from None
+
+
+def adapter_spec(ref, thresholds: str | Path | None = None) -> ThresholdSpec:
+    """An adapter's decoding (serve, ui): ``thresholds`` (a ``thresholds.json``, checked against its labels and put in
+    their order), else its config's ``decode`` section (:func:`adapter_default_spec`)."""
+    if thresholds is None:
+        return adapter_default_spec(ref)
+    spec = read_thresholds(thresholds)
+    check_spec_labels(spec, thresholds, ref.label_names, ref.folder / "label_names.json")
+    if list(spec.label_names) != list(ref.label_names):  # same set, other order: reorder the offsets
+        if spec.class_offsets is not None:
+            pos = {n: i for i, n in enumerate(spec.label_names)}
+            offsets = tuple(spec.class_offsets[pos[n]] for n in ref.label_names)
+        else:
+            offsets = None
+        fb = spec.fallback if spec.fallback in (None, ARGMAX) else \
+            list(ref.label_names).index(spec.label_names[spec.fallback])
+        spec = ThresholdSpec(tuple(ref.label_names), spec.start, spec.stop, spec.step, fb, offsets, spec.meta)
+    return spec
 
 
 def run_config_of(probs_path: str | Path) -> tuple[RunConfig | None, str]:

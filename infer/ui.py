@@ -39,6 +39,7 @@ from core.adapter import AdapterRef
 from core.data import format_prompt, template_fields
 from core.errors import ConfigError, InputError
 from core.thresholds import ThresholdSpec
+from infer.tune import adapter_default_spec, adapter_spec
 
 APP = Path(__file__).with_name("ui_app.py")
 ARGS_ENV = "QLML_UI_ARGS"
@@ -177,28 +178,8 @@ def row_prompt(template: str, values: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def default_spec(ref: AdapterRef) -> ThresholdSpec:
-    """The decoding when no ``--thresholds`` file is given (the reference cascade over the adapter's labels)."""
-    return ThresholdSpec(tuple(ref.label_names))
-
-
-def load_spec(ref: AdapterRef, thresholds: str | None) -> ThresholdSpec:
-    """``--thresholds`` (checked against the adapter's labels), else :func:`default_spec`."""
-    if thresholds is None:
-        return default_spec(ref)
-    from infer.tune import check_spec_labels, read_thresholds
-
-    spec = read_thresholds(thresholds)
-    check_spec_labels(spec, thresholds, ref.label_names, ref.folder / "label_names.json")
-    if list(spec.label_names) != list(ref.label_names):  # same set, other order: reorder the offsets
-        if spec.class_offsets is not None:
-            pos = {n: i for i, n in enumerate(spec.label_names)}
-            offsets = tuple(spec.class_offsets[pos[n]] for n in ref.label_names)
-        else:
-            offsets = None
-        fb = None if spec.fallback is None else list(ref.label_names).index(spec.label_names[spec.fallback])
-        spec = ThresholdSpec(tuple(ref.label_names), spec.start, spec.stop, spec.step, fb, offsets, spec.meta)
-    return spec
+default_spec = adapter_default_spec
+load_spec = adapter_spec
 
 
 def threshold_lines(spec: ThresholdSpec) -> list[tuple[float, str]]:
