@@ -122,3 +122,11 @@ def small_csv(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train60.csv"
     pd.read_csv(SAMPLE_TRAIN).head(60).to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model, small_csv) -> Path:
+    """A tiny trained run (two folds of a 2-fold CV, 2 steps each; tests/infer/test_predict.py), one per module."""
+    from test_predict import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("tiny"), tiny_model, small_csv)

@@ -40,7 +40,9 @@ def user_csv(path: Path, label_names: list[str], n: int, seed: int, labelled: bo
 @pytest.mark.parametrize("label_names, explicit", [
     (["is_spam"], True),                                   # binary
     (["red", "green", "blue"], False),                     # detected as the 0/1 columns
+    (["yes", "no"], False),                                # 2
     ([f"topic {c}" for c in "abcdefghij"], True),          # 10 labels, names with spaces
+    ([f"L{j:03d}" for j in range(300)], False),            # 300
 ])
 def test_train_predict_tune_submit_on_user_data(tmp_path, tiny_model, label_names, explicit, capsys):
     from infer.predict import predict

@@ -23,26 +23,16 @@ from core.thresholds import ThresholdSpec, threshold
 from train import checkpoint
 from train.checkpoint import Progress
 from train.data import batch_order, split_by_tokens
-from train.engine import Callbacks, Optimization, broadcast_trainable, run_epochs, step_seed
+from train.engine import Callbacks, DistContext, Optimization, broadcast_trainable, run_epochs, step_seed
 from train.loss import multilabel_loss, pos_weight_from_labels
 
 
 @dataclass
-class DistEnv:
-    """Where this process runs: rank/world size (torchrun) and device."""
+class DistEnv(DistContext):
+    """Where this process runs: rank/world size (torchrun), local rank and device."""
 
-    rank: int = 0
-    world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
 
 
 def setup_dist(parallel: str) -> DistEnv:

@@ -4,7 +4,6 @@ gives base + adapter's probabilities (non-4-bit, fp32) within 1e-5; provenance, 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,18 +18,6 @@ from infer.export import TOLERANCE, export, register
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TEST = REPO / "data" / "sample_test.csv"
-
-
-def _load_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_qlml_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model, small_csv) -> Path:
-    return _load_sibling("test_predict").train_tiny_run(tmp_path_factory.mktemp("tiny"), tiny_model, small_csv)
 
 
 @pytest.fixture(scope="module")

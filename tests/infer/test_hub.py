@@ -5,7 +5,6 @@ the same probabilities as predicting from the original run)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -22,13 +21,6 @@ from core.io import InputError, read_probs
 from infer import hub
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_qlml_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class NoNetwork:
@@ -339,7 +331,7 @@ def test_train_resume_from_hub_uses_pull_run(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(transport, "pull_run", lambda repo, out: seen.update(repo=repo, out=out))
-    monkeypatch.setattr(train.run, "main", lambda cfg, resume: seen.update(resume=resume))
+    monkeypatch.setattr(train.run, "main", lambda cfg, resume, callbacks=None: seen.update(resume=resume))
     code = train_main.main(["--set", f"output_dir={tmp_path / 'r'}", "--resume", "hub:user/ckpt"])
     assert code == 0 and seen == {"repo": "user/ckpt", "out": str(tmp_path / "r"), "resume": True}
 
@@ -347,11 +339,6 @@ def test_train_resume_from_hub_uses_pull_run(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 # Round trip with a real (tiny) trained run
 # --------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model, small_csv) -> Path:
-    return _load_sibling("test_predict").train_tiny_run(tmp_path_factory.mktemp("tiny"), tiny_model, small_csv)
 
 
 def test_round_trip_push_download_predict(tiny_run, tmp_path, monkeypatch):

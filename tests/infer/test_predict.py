@@ -50,11 +50,6 @@ def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1)) -
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model, small_csv) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("tiny"), tiny_model, small_csv)
-
-
-@pytest.fixture(scope="module")
 def test_csv(tmp_path_factory) -> Path:
     """20 unlabelled rows in an order that is not sorted by length (prediction sorts internally)."""
     path = tmp_path_factory.mktemp("input") / "test.csv"

@@ -5,7 +5,6 @@ limits, micro-batching, the full queue, auth, model errors; and the tiny trained
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import threading
 import time
@@ -17,7 +16,8 @@ import pandas as pd
 import pytest
 
 from core.adapter import AdapterRef
-from core.config import DEFAULT_TEMPLATE, RunConfig
+from conftest import SAMPLE_DATA, SAMPLE_DECODE, SAMPLE_TEMPLATE
+from core.config import RunConfig
 from core.data import format_prompt
 from core.errors import InputError
 from core.thresholds import ThresholdSpec
@@ -28,15 +28,8 @@ LABELS = [f"trend_id_res{i}" for i in range(20)]
 ROW = {"assessment": 4.0, "tags": ["DELIVERY"], "text": "Курьер опоздал"}
 
 
-def _load_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_qlml_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def fake_refs(n: int = 1) -> list[AdapterRef]:
-    cfg = RunConfig.from_dict({})
+    cfg = RunConfig.from_dict({"data": dict(SAMPLE_DATA), "decode": dict(SAMPLE_DECODE)})
     return [AdapterRef(spec=f"fake{i}", folder=Path(f"fake/fold_{i}/last"), cfg=cfg, label_names=list(LABELS),
                        descriptions={"trend_id_res0": "Долгая доставка"}, weight=1.0 / n) for i in range(n)]
 
@@ -139,8 +132,8 @@ def test_endpoints_and_response(fake_server):
     assert row["class_ids"] == [int(n.removeprefix("trend_id_res")) for n in row["labels"]]
     # The prompt is the training formatter's: a JSON list formats like the CSV's set literal.
     csv_row = {"assessment": 4.0, "tags": "{DELIVERY}", "text": "Курьер опоздал"}
-    assert format_prompt(DEFAULT_TEMPLATE, csv_row) in pred.texts
-    assert format_prompt(DEFAULT_TEMPLATE, {"assessment": 1, "tags": None, "text": "Курьер опоздал"}) in pred.texts
+    assert format_prompt(SAMPLE_TEMPLATE, csv_row) in pred.texts
+    assert format_prompt(SAMPLE_TEMPLATE, {"assessment": 1, "tags": None, "text": "Курьер опоздал"}) in pred.texts
 
     metrics = httpx.get(f"{url}/metrics").text
     for name in ("qlml_serve_requests_total", "qlml_serve_requests_in_flight", "qlml_serve_request_seconds_bucket",
@@ -374,11 +367,6 @@ def test_settings_and_cli_errors(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------------------
 # The tiny trained run: the served probabilities are infer.predict's
 # --------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model, small_csv) -> Path:
-    return _load_sibling("test_predict").train_tiny_run(tmp_path_factory.mktemp("tiny"), tiny_model, small_csv)
 
 
 def json_row(record: dict, as_list: bool) -> dict:

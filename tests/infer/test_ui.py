@@ -5,7 +5,6 @@ a real headless browser (Debian's chromium; skipped when it is missing)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -29,18 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TEST = REPO / "data" / "sample_test.csv"
 APP = str(REPO / "infer" / "ui_app.py")
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-def _load_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_qlml_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model, small_csv) -> Path:
-    return _load_sibling("test_predict").train_tiny_run(tmp_path_factory.mktemp("tiny"), tiny_model, small_csv)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +119,8 @@ def test_default_spec_thresholds_and_result_frame(adapter, tmp_path):
     from core.thresholds import ThresholdSpec
 
     ref = read_adapter(adapter)
-    spec = ui.default_spec(ref)
-    assert spec == ThresholdSpec(tuple(ref.label_names))
+    spec = ui.default_spec(ref)   # the adapter config's decode section: the sample data's fallback trend_id_res19
+    assert spec == ThresholdSpec(tuple(ref.label_names), fallback=ref.label_names.index("trend_id_res19"))
     assert ui.threshold_lines(spec) == [(0.55, "cascade start 0.55"), (0.2, "lowest step 0.2")]
     assert ui.load_spec(ref, None) == spec
     # a tuned file in another label order is reordered to the adapter's
