@@ -159,7 +159,8 @@ def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-def run_worker(args, model: str, recipe: str, path: str, fold: int, extra: list[str] | None = None) -> dict:
+def run_worker(args, model: str, recipe: str, path: str, fold: int, extra: list[str] | None = None,
+               fields: dict | None = None) -> dict:
     """One measurement in its own process (clean peak memory); its RESULT line, or the error it ended with."""
     cmd = [sys.executable, "-m", "benchmarks.runner", "--worker", recipe, "--model", model, "--model-path", path,
            "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -181,6 +182,7 @@ def run_worker(args, model: str, recipe: str, path: str, fold: int, extra: list[
     except subprocess.TimeoutExpired:
         res = {"model": model, "recipe": recipe, "error": f"timed out after {args.timeout}s"}
     res["wall_s"] = round(time.time() - t0, 1)
+    res.update(fields or {})
     log(json.dumps({k: v for k, v in res.items() if k not in ("val_probs", "val_rows")}))
     append_jsonl(args, res)
     return res
@@ -205,10 +207,10 @@ def run_split(args, model: str) -> list[dict]:
     for d, (start, stop) in enumerate(plan):
         path = build_shape(model, args.gguf, Path(args.shapes_dir), layers=(start, stop))
         try:
-            res = run_worker(args, model, f"split-{d}", path, 0, ["--layers", f"{start}-{stop}"])
+            res = run_worker(args, model, f"split-{d}", path, 0, ["--layers", f"{start}-{stop}"],
+                             fields={"layers": [start, stop], "split_parts": len(plan)})
         finally:
             shutil.rmtree(path, ignore_errors=True)  # 27B parts are ~30 GB each in bf16: don't fill the disk
-        res["layers"] = [start, stop]
         out.append(res)
     return out
 

@@ -41,11 +41,15 @@ SHAPES = {
                         num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=262144,
                         query_pre_attn_scalar=16, sliding_window=64, attn_logit_softcapping=50.0,
                         final_logit_softcapping=30.0),
+    # The 270M's architecture (5 sliding : 1 full attention layers), tiny: the CPU rehearsal of the 270M's step.
+    "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=16, intermediate_size=128, vocab_size=262144,
+                        query_pre_attn_scalar=16, sliding_window=64),
 }
 CONFIGS = {"embedded": "configs/gemma-3-270m/qlora.yaml", "gemma-3-270m": "configs/gemma-3-270m/qlora.yaml",
            "gemma-2-9b": "configs/gemma-2-9b/qlora.yaml",
            "gemma-2-27b": "configs/gemma-2-27b/qlora.yaml", "mistral-7b": "configs/mistral-7b/qlora.yaml",
-           "tiny-gemma2": "configs/gemma-2-9b/qlora.yaml"}
+           "tiny-gemma2": "configs/gemma-2-9b/qlora.yaml", "tiny-gemma3": "configs/gemma-3-270m/qlora.yaml"}
 # The 9B config adapts layers 16+; the tiny shape (a CPU smoke test of this script) has 4, so the upper half.
 CONFIG_OVERRIDES = {"tiny-gemma2": ["lora.layers_from=2"]}
 
