@@ -15,6 +15,8 @@
 #     .dev/dls      tokens.npz: the DLS prompts as Gemma token ids + labels (~0.2 MiB; neither GGUF nor tokenizer
 #                   travels, the shapes get a stand-in tokenizer with Gemma's special-token ids)
 #   it checks that the project tree + both folders stay well under a call's 64 MiB.
+# Expected on an H200 (estimates, nothing measured yet): install 15 s, 9B ~150 s (build ~30 s, ~25 s a recipe),
+# budget variant ~30 s, predict ~60 s, 27B split ~160 s (build + load ~30 GB per part), 270M ~60 s.
 # Device call (one command, then give the machine back):
 #   run(command="bash benchmarks/gpu.sh $OUT", carry=[".dev/w", ".dev/dls"], timeout_s=600)
 # Rehearsal on the CPU (tiny shapes, 1 timed step, budgets x4; tests/train/test_gpu_script.py runs it):
@@ -97,7 +99,7 @@ else
   STEPS_27=(--steps 6 --warmup 2)
   STEPS_270=(--steps 20 --warmup 3)
   SPLIT=()
-  PREDICT=(--rows 512 --batch-size 64 --repeats 2)
+  PREDICT=(--rows 256 --batch-size 64 --repeats 3)
   PROFILES_270=reference,toolkit,toolkit-t4,trainer-toolkit
 fi
 say "gpu.sh $( ((SMOKE)) && echo --smoke) in $ROOT, output in $OUT, budget ${TOTAL}s, $(date -u)"
@@ -146,10 +148,10 @@ else
   mark predict-9b skipped "no $M9 shape was built (see the 9b step)"
 fi
 
-# -- 4. the 270M (cheap), then the 27B split last (the longest: ~30 GB to build per part)
-bench 270m 100 40 "$M270" "$PROFILES_270" "${STEPS_270[@]}"
-((SMOKE)) || rm -rf "${SHAPES_DIR:?}/$M9" "${SHAPES_DIR:?}/$M270"  # disk: the 27B parts need ~30 GB each
+# -- 4. the 27B split (do its 4-bit parts fit 2 x T4?), then the 270M (cheap) with what time is left
+((SMOKE)) || rm -rf "${SHAPES_DIR:?}/$M9"  # disk: the 27B parts are ~30 GB each in bf16
 bench 27b-split 240 90 "$M27" toolkit-split "${STEPS_27[@]}" "${SPLIT[@]}"
+bench 270m 100 40 "$M270" "$PROFILES_270" "${STEPS_270[@]}"
 
 say "== $(date -u +%T) done in $(($(date +%s) - START))s"
 "$PY" -m benchmarks.gpu_report summary "$JL" "$OUT/summary.md" | tee -a "$LOG"

@@ -110,6 +110,8 @@ def build_shape(name: str, gguf: str | None, root: Path, layers: tuple[int, int]
     tok = standin_tokenizer() if TOKENS else AutoTokenizer.from_pretrained(tokenizer_path(gguf))
     tok.save_pretrained(target)
     del model
+    if device == "cuda":  # this process lives on while the workers measure: give the memory back
+        torch.cuda.empty_cache()
     log(f"built random {target.name} in {time.time() - t0:.0f}s")
     return str(target)
 
