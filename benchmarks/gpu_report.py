@@ -6,7 +6,7 @@ Nothing here imports torch except ``env``, so a mark costs a fraction of a secon
 
     python -m benchmarks.gpu_report env RESULTS
     python -m benchmarks.gpu_report mark RESULTS STEP STATUS REASON
-    python -m benchmarks.gpu_report oom RESULTS STEP        # exit 0 if a measurement of STEP ran out of memory
+    python -m benchmarks.gpu_report oom RESULTS STEP        # exit 0: STEP ran out of memory; 1: measured; 2: neither
     python -m benchmarks.gpu_report summary RESULTS OUT.md  # the table, printed and written
 """
 
@@ -69,6 +69,10 @@ def env_line() -> dict:
 
 def ran_out_of_memory(lines: list[dict], step: str) -> bool:
     return any(r.get("step") == step and "error" in r and "out of memory" in r["error"].lower() for r in lines)
+
+
+def measured(lines: list[dict], step: str) -> bool:
+    return any(r.get("step") == step and "recipe" in r and "error" not in r for r in lines)
 
 
 def _f(v, spec=".2f") -> str:
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         path, step, status, reason = rest
         append(path, {"step": step, "status": status, "reason": reason, "time": time.strftime("%H:%M:%S")})
     elif cmd == "oom":
-        return 0 if ran_out_of_memory(read(rest[0]), rest[1]) else 1
+        lines = read(rest[0])
+        return 0 if ran_out_of_memory(lines, rest[1]) else 1 if measured(lines, rest[1]) else 2
     elif cmd == "summary":
         text = summary(read(rest[0]))
         Path(rest[1]).write_text(text)

@@ -76,6 +76,7 @@ def test_gpu_script_skips_the_steps_its_budget_cannot_fit(tmp_path):
     for step in ("tokens", "9b", "9b-t4-mb16-tok1024", "270m", "27b-split"):
         assert skipped[step].startswith("not started: ") and "of the 1s budget" in skipped[step]
     assert skipped["predict-9b"].startswith("no tiny-gemma2 shape was built")
+    assert skipped["9b-t4-mb16-tok768"] == "micro-batch 16 at 1024 tokens has no figure nor out-of-memory error"
     assert "| 27b-split | skipped | not started" in (out / "summary.md").read_text()
 
 
@@ -94,6 +95,7 @@ def test_report_oom_check_and_summary_of_a_split_and_an_error():
         {"step": "d", "status": "timeout", "reason": "stopped after 100s"},
     ]
     assert gpu_report.ran_out_of_memory(lines, "b") and not gpu_report.ran_out_of_memory(lines, "a")
+    assert gpu_report.measured(lines, "a") and not gpu_report.measured(lines, "b")
     text = gpu_report.summary(lines)
     assert "device: NVIDIA H200 (140 GiB)" in text
     assert "| b | m | toolkit-t4 | - | - | - | - | - | - | ERROR: torch.OutOfMemoryError" in text
