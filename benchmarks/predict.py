@@ -19,6 +19,7 @@ noisy); the report includes the largest probability difference between the two
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -50,6 +51,9 @@ def fresh_adapter(base: str, model_key: str, label_names: list[str], folder, dev
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     save_adapter(model, tok, Path(folder), cfg, label_names, {}, {"fresh_lora": True})
     del model
+    gc.collect()
+    if device.type == "cuda":  # the benchmark loads the base again
+        torch.cuda.empty_cache()
     return str(folder)
 
 
