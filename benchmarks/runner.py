@@ -12,6 +12,8 @@ Recipes:
               checkpointing via prepare_model_for_kbit_training, random batch order, pad to longest, 8-bit AdamW.
   toolkit     the toolkit's training loop with the model's config (configs/<model>/qlora.yaml).
   toolkit-t4  the same, fp16, with the process capped at a T4's 15 GiB (torch.cuda.set_per_process_memory_fraction).
+  trainer-toolkit  HF Trainer given the toolkit config's settings (micro-batch, length-grouped batches, no gradient
+              checkpointing nor fp32 upcast, same LoRA and optimizer): the gain of the settings vs that of the loop.
   toolkit-split  train.parallel=split (the 27B's T4 profile) measured on one GPU: the layers each of 2 T4s would
               hold (transformers' device_map="auto" placement, computed on the meta device) built as a model of
               their own and trained in the T4 profile, one process per device: the peak of each is that device's
@@ -36,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-import benchmarks.shapes as shapes
+from benchmarks import shapes
 from benchmarks.measure import gpu_peak_gib, non_embedding_params, rss_peak_gib, summarise
-from benchmarks.reference import run_reference
+from benchmarks.reference import run_reference, run_trainer_toolkit
 from benchmarks.shapes import (
     CONFIG_OVERRIDES,
     CONFIGS,
@@ -102,9 +104,10 @@ def run_toolkit(path: str, model_key: str, ids, labels, steps: int, warmup: int,
     with tempfile.TemporaryDirectory() as tmp:
         res = fit_fold(cfg, 0, model, tok, dtype, all_ids, all_labels, fold_of_row, Path(tmp), env,
                        save_adapter=lambda *a: None, log=log)
-    out = {"recipe": "toolkit-t4" if t4 else "toolkit", "layers": layers, "peak_gib": gpu_peak_gib(), "rss_gib": rss_peak_gib(),
-           "dtype": str(dtype),
+    out = {"recipe": "toolkit-t4" if t4 else "toolkit", "layers": layers, "peak_gib": gpu_peak_gib(),
+           "rss_gib": rss_peak_gib(), "dtype": str(dtype),
            "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+           "max_tokens_per_micro_batch": cfg.train.max_tokens_per_micro_batch,
            "grad_checkpointing": cfg.train.grad_checkpointing,
            **summarise(res["step_log"], warmup if not epochs else 1, n_params)}
     if val is not None:
@@ -131,6 +134,8 @@ def worker(args) -> None:
         ids, labels = [ids[i] for i in perm], labels[perm]
     if args.worker == "reference":
         out = run_reference(path, ids, labels, args.steps, args.warmup, args.epochs if args.quality else None, val)
+    elif args.worker == "trainer-toolkit":
+        out = run_trainer_toolkit(path, args.model, ids, labels, args.steps, args.warmup, args.set)
     elif args.worker.startswith("split-"):  # one device's part of train.parallel=split, in the T4 profile
         layers = tuple(int(x) for x in args.layers.split("-"))
         out = run_toolkit(path, args.model, ids, labels, args.steps, args.warmup, True, None, None, args.set,
@@ -156,7 +161,8 @@ def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-def run_worker(args, model: str, recipe: str, path: str, fold: int, extra: list[str] | None = None) -> dict:
+def run_worker(args, model: str, recipe: str, path: str, fold: int, extra: list[str] | None = None,
+               fields: dict | None = None) -> dict:
     """One measurement in its own process (clean peak memory); its RESULT line, or the error it ended with."""
     cmd = [sys.executable, "-m", "benchmarks.runner", "--worker", recipe, "--model", model, "--model-path", path,
            "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -164,10 +170,11 @@ def run_worker(args, model: str, recipe: str, path: str, fold: int, extra: list[
     cmd += extra or []
     cmd += [x for s in args.set for x in ("--set", s)] + (["--gguf", args.gguf] if args.gguf else [])
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    cmd += ["--tokens", args.tokens] if args.tokens else []
     log(f"== {model} / {recipe}" + (f" / fold {fold}" if args.quality else ""))
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
         line = next((x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT ")), None)
         if line is None:
             tail = proc.stderr.strip().splitlines()[-3:]
@@ -177,8 +184,20 @@ def run_worker(args, model: str, recipe: str, path: str, fold: int, extra: list[
     except subprocess.TimeoutExpired:
         res = {"model": model, "recipe": recipe, "error": f"timed out after {args.timeout}s"}
     res["wall_s"] = round(time.time() - t0, 1)
+    res.update(fields or {})
     log(json.dumps({k: v for k, v in res.items() if k not in ("val_probs", "val_rows")}))
+    append_jsonl(args, res)
     return res
+
+
+def append_jsonl(args, res: dict) -> None:
+    """--jsonl: each measurement appended as one JSON line as soon as it is made (a run killed later keeps it)."""
+    if not args.jsonl:
+        return
+    line = {"step": args.tag, **{k: v for k, v in res.items() if k not in ("val_probs", "val_rows")},
+            "set": list(args.set), "steps": args.steps, "warmup": args.warmup}
+    with open(args.jsonl, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def run_split(args, model: str) -> list[dict]:
@@ -190,16 +209,18 @@ def run_split(args, model: str) -> list[dict]:
     for d, (start, stop) in enumerate(plan):
         path = build_shape(model, args.gguf, Path(args.shapes_dir), layers=(start, stop))
         try:
-            res = run_worker(args, model, f"split-{d}", path, 0, ["--layers", f"{start}-{stop}"])
+            res = run_worker(args, model, f"split-{d}", path, 0, ["--layers", f"{start}-{stop}"],
+                             fields={"layers": [start, stop], "split_parts": len(plan)})
         finally:
             shutil.rmtree(path, ignore_errors=True)  # 27B parts are ~30 GB each in bf16: don't fill the disk
-        res["layers"] = [start, stop]
         out.append(res)
     return out
 
 
 def _fold_file(args, model: str, recipe: str, fold: int) -> Path | None:
-    return Path(args.out_oof) / "folds" / f"{model}_{recipe}_fold{fold}.json" if args.quality and args.out_oof else None
+    if not (args.quality and args.out_oof):
+        return None
+    return Path(args.out_oof) / "folds" / f"{model}_{recipe}_fold{fold}.json"
 
 
 def _fold_settings(args) -> dict:
@@ -245,7 +266,8 @@ def out_of_fold(args, results: list, models: list, profiles: list, folds: list) 
     if args.out_oof:  # the split, as a run's folds.csv: `infer tune/blend --folds` use the same folds
         folds_csv = pd.DataFrame({"index": ds.ids, "fold": make_folds(ds.labels, 5, 42)}).to_csv(index=False)
         write_text(Path(args.out_oof) / "folds.csv", folds_csv)
-    print(f"\nout of fold ({len(folds)} folds: {','.join(map(str, folds))}; {args.epochs} epoch(s), same split and seed)")
+    print(f"\nout of fold ({len(folds)} folds: {','.join(map(str, folds))}; {args.epochs} epoch(s), "
+          f"same split and seed)")
     for m in models:
         for prof in profiles:
             runs = [r for r in results if r["model"] == m and r["recipe"] == prof and "error" not in r]
@@ -286,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fold", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--layers", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--jsonl", default=None, help="append each result to this file as one JSON line when measured")
+    p.add_argument("--tag", default=None, help="--jsonl: the step name written with each line")
+    p.add_argument("--tokens", default=None, help="pre-tokenised prompts + labels (python -m benchmarks.shapes "
+                                                  "tokens) instead of tokenising --data; shapes get a stand-in "
+                                                  "tokenizer")
     p.add_argument("--set", action="append", default=[], help="override the toolkit config (KEY=VALUE)")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per measurement")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -293,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shapes.TOKENIZER_DIR = args.tokenizer
+    shapes.TOKENS = args.tokens
     if args.worker:
         worker(args)
         return 0
@@ -328,19 +356,19 @@ def main(argv: list[str] | None = None) -> int:
 
     timing = f"{args.epochs} epoch(s) per fold" if args.quality else f"timed steps: {args.steps} after {args.warmup}"
     print(f"\ndevice: {device}   date: {time.strftime('%Y-%m-%d')}   {timing}")
-    head = (f"{'model':<12} {'recipe':<11} {'samples/s':>9} {'tokens/s':>9} {'pad':>5} {'peak GiB':>8} {'RSS GiB':>7} "
+    head = (f"{'model':<12} {'recipe':<15} {'samples/s':>9} {'tokens/s':>9} {'pad':>5} {'peak GiB':>8} {'RSS GiB':>7} "
             f"{'MFU':>6} {'x ref':>6}")
     print(head)
     print("-" * len(head))
     for r in results:
         if "error" in r:
-            print(f"{r['model']:<12} {r['recipe']:<11} ERROR {r['error'][:150]}")
+            print(f"{r['model']:<12} {r['recipe']:<15} ERROR {r['error'][:150]}")
             continue
         ref = next((x for x in results if x["model"] == r["model"] and x["recipe"] == "reference"
                     and x.get("fold") == r.get("fold") and "error" not in x), None)
         part = r["recipe"].startswith("split-")  # a part's own speed is not the model's: see the split line
         ratio = r["samples_per_s"] / ref["samples_per_s"] if ref and not part else None
-        print(f"{r['model']:<12} {r['recipe']:<11} {r['samples_per_s']:>9.2f} {r['real_tokens_per_s']:>9.0f} "
+        print(f"{r['model']:<12} {r['recipe']:<15} {r['samples_per_s']:>9.2f} {r['real_tokens_per_s']:>9.0f} "
               f"{r['padding_fraction']:>5.2f} {fmt(r['peak_gib']):>8} {fmt(r.get('rss_gib')):>7} "
               f"{fmt(r['mfu'], '.2%'):>6} {fmt(ratio):>6}")
         if "val_cascade" in r:

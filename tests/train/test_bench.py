@@ -19,7 +19,8 @@ def test_bench_reference_toolkit_and_split_run_on_a_tiny_shape(tmp_path):
     # --split-gib 0.0348: two "GPUs" small enough that the tiny shape's 4 layers are placed 2 + 2 (the embedding,
     # 32 MiB, fills most of the first); LoRA from layer 1, so both parts train LoRA layers.
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.runner", "--models", "tiny-gemma2", "--profiles", "reference,toolkit,toolkit-split",
+        [sys.executable, "-m", "benchmarks.runner", "--models", "tiny-gemma2", "--profiles",
+         "reference,toolkit,toolkit-split",
          "--steps", "2", "--warmup", "1", "--data", str(SAMPLE_TRAIN), "--shapes-dir", str(tmp_path / "shapes"),
          "--split-gib", "0.0348", "--out", str(out), "--set", "train.max_tokens_per_micro_batch=256",
          "--set", "lora.layers_from=1"],
