@@ -178,13 +178,13 @@ def standin_tokenizer():
 
 
 def write_tokens(data: str, gguf: str | None, out: str) -> dict:
-    """The prompts of ``data`` as Gemma token ids (the toolkit's template, max length 256) with their labels, in one
+    """The prompts of ``data`` as Gemma token ids (the DLS prompt template, max length 256) with their labels, in one
     compressed ``.npz`` (the DLS train set: ~3,700 rows, well under 1 MiB)."""
     from core.config import DataArgs
     from core.data import read_csv, tokenize
     from core.model import load_tokenizer
 
-    ds = read_csv(data, DataArgs(train_csv=data))
+    ds = read_csv(data, DataArgs(train_csv=data, **DLS_DATA))
     tok = load_tokenizer(tokenizer_path(gguf))
     ids = tokenize(ds.texts, tok, 256)
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
