@@ -221,7 +221,7 @@ class SetDecoder:
         lp, floor = smoothed_log_priors(counts, len(y), alpha)
         return cls(names, sets, tuple(float(x) for x in lp), floor, float(lam), float(temperature), int(singletons),
                    int(pair_top), cascade, {"counts": [int(c) for c in counts], "alpha": float(alpha),
-                                            "train_rows": int(len(y))})
+                                            "train_rows": len(y)})
 
     @property
     def matrix(self) -> np.ndarray:

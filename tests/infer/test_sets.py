@@ -54,9 +54,11 @@ def test_lambda0_power_set_is_the_independent_optimum(probs):
 
 
 @settings(max_examples=100, deadline=None, database=None)
-@given(label_matrix(6), st.data(), st.floats(0, 3), st.floats(0.3, 3))
+@given(label_matrix(6), st.data(), st.floats(0, 2), st.floats(0.3, 1.5))
 def test_a_dominant_set_wins(labels, data, lam, temperature):
-    """Probabilities 1 - 1e-6 on a set and 1e-6 elsewhere: that set, seen in training or not."""
+    """Probabilities 1 - 1e-6 on a set and 1e-6 elsewhere: that set, seen in training or not. Dominant: the
+    log-likelihood margin over any other set (>= log(1e6 - 1) / T = 9.2 per differing label) beats lambda times the
+    largest log-prior ratio (<= 2 log 21 = 6.1 for 20 training rows)."""
     dec = SetDecoder.fit(labels, lam=lam, temperature=temperature)
     target = np.array(data.draw(st.lists(st.integers(0, 1), min_size=6, max_size=6)), dtype=np.int8)
     if not target.any():  # the cascade (argmax fallback) never proposes the empty set
@@ -155,3 +157,146 @@ def test_tune_sets_is_leave_one_out_and_deterministic():
     b = tune_sets(probs, y)
     assert a == b and a.meta["train_rows"] == 600
     assert a.sets == SetDecoder.fit(y).sets  # the decoder's priors: every row tuned on
+
+
+def test_sets_beat_the_tuned_cascade_on_correlated_labels():
+    """Nested estimate (tuned on 4 folds, scored on the 5th, rotated; priors from the 4 folds only)."""
+    from infer.tune import kfold, nested_estimate
+
+    probs, y = correlated_data()
+    est = nested_estimate(probs, y, kfold(len(y), 5, 0), n_trials=25, strategy="sets")
+    em = {k: v["exact_match"] for k, v in est["pooled"].items()}
+    assert em["sets"] > em["tuned"] + 0.03, em
+    assert all("sets" in r for r in est["per_fold"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# thresholds.json with "strategy": "sets": tune writes it; read_thresholds, submit, evaluate and serve reproduce it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sibling(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"_qlml_sets_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture()
+def sets_files(tmp_path, capsys):
+    from core.io import write_probs
+    from infer.__main__ import main
+
+    cli = _sibling("test_infer_cli")
+    probs, y = correlated_data(400, n_labels=20, seed=1)
+    names = [f"trend_id_res{j}" for j in range(20)]
+    ids = np.arange(5000, 5400)
+    labels = cli.write_labels(tmp_path / "train.csv", ids, y)
+    oof = tmp_path / "oof.csv"
+    write_probs(oof, ids, probs, names)
+    out = tmp_path / "thresholds.json"
+    code = main([str(a) for a in ["tune", "--oof", oof, "--labels", labels, "--out", out, "--n-trials", 15,
+                                  "--no-progress", "--strategy", "sets"]])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    return {"dir": tmp_path, "ids": ids, "y": y, "p": probs, "names": names, "labels": labels, "oof": oof,
+            "thr": out, "stdout": stdout, "main": main}
+
+
+def test_tune_strategy_sets_reports_three_columns_and_writes_a_sets_file(sets_files):
+    import json
+
+    from infer.tune import read_thresholds
+
+    out = sets_files["stdout"]
+    assert "sets (nested)" in out and "tuned (nested)" in out and "default cascade" in out
+    assert "set decoding (written): lambda" in out
+    d = json.loads(sets_files["thr"].read_text())
+    assert d["strategy"] == "sets" and {"lambda", "temperature", "candidates", "log_priors"} <= set(d["sets"])
+    assert "sets" in d["meta"]["nested"]["pooled"] and "sets" in d["meta"]["in_sample"]
+    dec = read_thresholds(sets_files["thr"])
+    assert isinstance(dec, SetDecoder) and list(dec.label_names) == sets_files["names"]
+    assert dec.sets == SetDecoder.fit(sets_files["y"]).sets  # priors from every labelled OOF row
+    # An old cascade file (no "strategy" key) still reads as a cascade.
+    old = sets_files["dir"] / "old.json"
+    old.write_text(json.dumps({k: v for k, v in d.items() if k not in ("strategy", "sets")}))
+    spec = read_thresholds(old)
+    assert isinstance(spec, ThresholdSpec) and spec == dec.cascade
+    bad = sets_files["dir"] / "bad.json"
+    bad.write_text(json.dumps({**d, "strategy": "magic"}))
+    from core.errors import InputError
+
+    with pytest.raises(InputError, match="unknown decoding strategy"):
+        read_thresholds(bad)
+    bad.write_text(json.dumps({**d, "sets": {**d["sets"], "lambda": -1}}))
+    with pytest.raises(InputError, match="invalid set decoding"):
+        read_thresholds(bad)
+
+
+def test_submit_and_evaluate_reproduce_the_set_decoding(sets_files, capsys):
+    import json
+
+    import pandas as pd
+
+    from core.io import write_probs
+    from core.metrics import scores
+    from infer.tune import read_thresholds
+
+    main, d = sets_files["main"], sets_files
+    dec = read_thresholds(d["thr"])
+    expected = dec.decode(d["p"])
+    sub = d["dir"] / "sub.csv"
+    assert main(["submit", "--probs", str(d["oof"]), "--thresholds", str(d["thr"]), "--out", str(sub)]) == 0
+    assert "set-decoded" in capsys.readouterr().out
+    targets = pd.read_csv(sub, dtype={"target": str}, keep_default_na=False)["target"]
+    assert list(targets) == [" ".join(map(str, np.flatnonzero(r))) for r in expected]
+    # Columns in another order: the same submission.
+    perm = np.random.default_rng(0).permutation(20)
+    shuffled = d["dir"] / "shuffled.csv"
+    write_probs(shuffled, d["ids"], d["p"][:, perm], [d["names"][j] for j in perm])
+    sub2 = d["dir"] / "sub2.csv"
+    assert main(["submit", "--probs", str(shuffled), "--thresholds", str(d["thr"]), "--out", str(sub2)]) == 0
+    assert sub2.read_text() == sub.read_text()
+    assert main(["evaluate", "--probs", str(shuffled), "--labels", str(d["labels"]), "--thresholds", str(d["thr"]),
+                 "--out-dir", str(d["dir"] / "eval")]) == 0
+    m = json.loads((d["dir"] / "eval" / "shuffled.eval.json").read_text())
+    assert m["metrics"]["tuned"] == pytest.approx(scores(d["y"], expected))
+
+
+def test_serve_decodes_with_a_sets_file_in_its_label_order(tmp_path):
+    import json
+
+    import httpx
+
+    from core.sets import cascade_of
+    from infer.serve import Settings, serve_in_thread
+    from infer.tune import adapter_spec
+    from infer.ui import result_frame, threshold_lines
+
+    srv = _sibling("test_serve")
+    names = list(reversed(srv.LABELS))
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 20)) < 0.1).astype(np.int8)
+    dec = SetDecoder.fit(y, names, ThresholdSpec(tuple(names), fallback=None), lam=2.0)
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(dec.to_dict()))
+    ref = srv.fake_refs()[0]
+    spec = adapter_spec(ref, path)
+    assert list(spec.label_names) == srv.LABELS
+    app, _ = srv.served(Settings(thresholds=str(path)))
+    with serve_in_thread(app) as url:
+        srv.wait_ready(url)
+        info = httpx.get(f"{url}/info").json()
+        assert info["thresholds"]["strategy"] == "sets"
+        r = httpx.post(f"{url}/predict", json={"rows": [{"text": srv.ROW["text"]}]})
+        assert r.status_code == 200, r.text
+        row = r.json()["rows"][0]
+    probs = np.array([p["probability"] for p in row["probabilities"]])  # in the adapter's label order
+    want = dec.decode(probs[::-1][None])[0][::-1]
+    assert row["labels"] == [n for n, v in zip(srv.LABELS, want) if v]
+    # the ui draws the cascade candidate's thresholds
+    assert threshold_lines(spec)[0][0] == cascade_of(spec).steps[0]
+    assert len(result_frame(probs, want, spec, {})) == 20
