@@ -260,6 +260,14 @@ def test_submit_and_evaluate_reproduce_the_set_decoding(sets_files, capsys):
     sub2 = d["dir"] / "sub2.csv"
     assert main(["submit", "--probs", str(shuffled), "--thresholds", str(d["thr"]), "--out", str(sub2)]) == 0
     assert sub2.read_text() == sub.read_text()
+    # --fallback overrides the fallback of the cascade candidate.
+    sub3 = d["dir"] / "sub3.csv"
+    assert main(["submit", "--probs", str(d["oof"]), "--thresholds", str(d["thr"]), "--fallback", "none",
+                 "--out", str(sub3)]) == 0
+    c = dec.cascade
+    want = dec.with_cascade(ThresholdSpec(c.label_names, c.start, c.stop, c.step, None, c.class_offsets)).decode(d["p"])
+    targets = pd.read_csv(sub3, dtype={"target": str}, keep_default_na=False)["target"]
+    assert list(targets) == [" ".join(map(str, np.flatnonzero(r))) for r in want]
     assert main(["evaluate", "--probs", str(shuffled), "--labels", str(d["labels"]), "--thresholds", str(d["thr"]),
                  "--out-dir", str(d["dir"] / "eval")]) == 0
     m = json.loads((d["dir"] / "eval" / "shuffled.eval.json").read_text())
@@ -300,3 +308,20 @@ def test_serve_decodes_with_a_sets_file_in_its_label_order(tmp_path):
     # the ui draws the cascade candidate's thresholds
     assert threshold_lines(spec)[0][0] == cascade_of(spec).steps[0]
     assert len(result_frame(probs, want, spec, {})) == 20
+
+
+def test_hub_card_shows_the_set_decoding_parameters_not_its_candidates(tmp_path):
+    import json
+
+    from infer import hub
+
+    hub_tests = _sibling("test_hub")
+    run = hub_tests.make_fake_run(tmp_path, thresholds=True)
+    labels = (np.random.default_rng(0).random((200, len(hub_tests.LABELS))) < 0.3).astype(np.int8)
+    dec = SetDecoder.fit(labels, hub_tests.LABELS, lam=0.5)
+    assert len(dec.sets) == 8
+    (run / "thresholds.json").write_text(json.dumps(dec.to_dict()))
+    card = hub.upload_plan(run, "user/my-run")[0].content.decode()
+    section = card.split("## Decision thresholds")[1].split("## Labels")[0]
+    assert '"strategy": "sets"' in section and '"lambda": 0.5' in section
+    assert f"{len(dec.sets)} label sets (see thresholds.json)" in section and "log_priors" not in section
