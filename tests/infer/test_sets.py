@@ -272,6 +272,11 @@ def test_submit_and_evaluate_reproduce_the_set_decoding(sets_files, capsys):
                  "--out-dir", str(d["dir"] / "eval")]) == 0
     m = json.loads((d["dir"] / "eval" / "shuffled.eval.json").read_text())
     assert m["metrics"]["tuned"] == pytest.approx(scores(d["y"], expected))
+    capsys.readouterr()
+    assert main(["evaluate", "--probs", str(d["oof"]), "--labels", str(d["labels"]), "--thresholds", str(d["thr"]),
+                 "--out-dir", str(d["dir"] / "eval")]) == 0
+    nested = dec.meta["nested"]["pooled"]["sets"]["exact_match"]  # the note quotes the sets' nested estimate
+    assert f"its nested estimate: exact_match {nested:.4f}" in capsys.readouterr().out
 
 
 def test_serve_decodes_with_a_sets_file_in_its_label_order(tmp_path):
