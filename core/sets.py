@@ -12,7 +12,10 @@ A set never seen in training is reachable through the last three with the smooth
 seen copy (prior >= floor, lambda >= 0) scores at least as high, so this is the same as looking its prior up.
 
 Temperature ``T`` calibrates as ``sigmoid(logit(p) / T)``. All rows are scored at once with matrix operations on the
-log-odds (the sum of ``log(1 - p)`` over all labels is shared by every candidate of a row and drops out).
+log-odds (the sum of ``log(1 - p)`` over all labels is shared by every candidate of a row and drops out). Because of
+that, a row's score is ``sum_{i in S} logit(p_i) / T + lambda * log prior(S)`` plus a constant, so the chosen set
+depends on ``lambda * T`` only: the temperature matters beside lambda only as this product (tuning both searches
+the product on a finer grid).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from core.thresholds import ThresholdSpec
 STRATEGY = "sets"
 EPS = 1e-7
 DEFAULT_LAMBDA, DEFAULT_TEMPERATURE, DEFAULT_SINGLETONS, DEFAULT_PAIR_TOP, DEFAULT_ALPHA = 1.0, 1.0, 3, 4, 1.0
-# Tuning grid (seeded nothing: it is exhaustive and deterministic).
+# The grid of tune_sets: exhaustive, hence deterministic without a seed.
 LAMBDA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 TEMPERATURE_GRID = (0.5, 0.7, 1.0, 1.4, 2.0)
 RULES_GRID = ((0, 0), (3, 0), (3, 4))
@@ -94,7 +97,7 @@ class _Candidates:
     pair_index: np.ndarray  # P x 2 positions into ``top``
 
 
-def candidates(probs: np.ndarray, matrix: np.ndarray, cascade: ThresholdSpec | None, temperature: float,
+def _candidates(probs: np.ndarray, matrix: np.ndarray, cascade: ThresholdSpec | None, temperature: float,
                singletons: int, pair_top: int) -> _Candidates:
     """Score every candidate of every row (pure matrix ops; the cascade runs on the uncalibrated ``probs``)."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -118,7 +121,7 @@ def candidates(probs: np.ndarray, matrix: np.ndarray, cascade: ThresholdSpec | N
     return _Candidates(seen, cscore, zt[:, :singletons], pairs, cpred, top, pair_index)
 
 
-def choose(c: _Candidates, seen_prior: np.ndarray, floor: float, lam: float,
+def _choose(c: _Candidates, seen_prior: np.ndarray, floor: float, lam: float,
            seen_mask: np.ndarray | None = None) -> np.ndarray:
     """Index of each row's best candidate in the order seen | cascade | singletons | pairs (first max wins).
 
@@ -132,7 +135,7 @@ def choose(c: _Candidates, seen_prior: np.ndarray, floor: float, lam: float,
     return np.concatenate([seen, dyn], axis=1).argmax(axis=1)
 
 
-def materialise(c: _Candidates, matrix: np.ndarray, winner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _materialise(c: _Candidates, matrix: np.ndarray, winner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """0/1 sets (N x L int8) of the winning candidates, and which kind won (index into :data:`SOURCES`)."""
     n, n_labels = c.cascade_preds.shape
     k, nc, ns = c.seen.shape[1], c.cascade.shape[1], c.singles.shape[1]
@@ -238,9 +241,9 @@ class SetDecoder:
         if probs.ndim != 2 or probs.shape[1] != len(self.label_names):
             raise ValueError(f"probs must be N x {len(self.label_names)}, got shape {probs.shape}")
         m = self.matrix
-        c = candidates(probs, m, self.cascade, self.temperature, self.singletons, self.pair_top)
-        winner = choose(c, np.asarray(self.log_priors, dtype=np.float64), self.floor_log_prior, self.lam)
-        return materialise(c, m, winner)
+        c = _candidates(probs, m, self.cascade, self.temperature, self.singletons, self.pair_top)
+        winner = _choose(c, np.asarray(self.log_priors, dtype=np.float64), self.floor_log_prior, self.lam)
+        return _materialise(c, m, winner)
 
     def decode(self, probs: np.ndarray) -> np.ndarray:
         """N x L int8 0/1 predictions."""
@@ -286,6 +289,7 @@ class SetDecoder:
 
 
 def is_sets(spec) -> bool:
+    """Whether a decoding (what ``infer.tune.read_thresholds`` returns) is a :class:`SetDecoder`."""
     return isinstance(spec, SetDecoder)
 
 
@@ -302,8 +306,21 @@ def tune_sets(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str] 
 
     Priors come from ``labels`` (the rows tuned on), leave-one-out while scoring: a row's own set counts one less
     (and is no seen candidate of that row if it occurs only there), so lambda is not rewarded for recalling the row
-    itself. The returned decoder's priors are from all of ``labels``. Exhaustive and deterministic; ties go to the
-    first grid point (lambda, then temperature, then rules, in the given orders).
+    itself. Exhaustive and deterministic; ties go to the first grid point (temperature, then lambda, then rules, in
+    the given orders).
+
+    Args:
+        probs: N x L out-of-fold probabilities of the rows tuned on.
+        labels: their N x L 0/1 labels (the only source of the priors).
+        label_names: column names (default ``class_0`` ...).
+        cascade: the cascade candidate (e.g. the cascade tuned on the same rows); default the reference cascade.
+        objective: one of :data:`core.metrics.OBJECTIVES`.
+        lambdas, temperatures, rules: the grid.
+        alpha: additive smoothing of the set frequencies.
+
+    Returns:
+        The best :class:`SetDecoder`, priors from all of ``labels``; ``meta["tuned_value_loo"]`` is its
+        leave-one-out objective on these rows.
     """
     from core.metrics import objective_score
 
@@ -328,13 +345,13 @@ def tune_sets(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str] 
     max_single = max(r[0] for r in rules)
     max_pair = max(r[1] for r in rules)
     for t in temperatures:
-        c = candidates(probs, m, base.cascade, t, max_single, max_pair)
+        c = _candidates(probs, m, base.cascade, t, max_single, max_pair)
         for lam in lambdas:
             for singles, pair_top in rules:
                 pair_cols = np.flatnonzero((c.pair_index < pair_top).all(axis=1))
                 sub = _Candidates(c.seen, c.cascade, c.singles[:, :singles], c.pairs[:, pair_cols], c.cascade_preds,
                                   c.top, c.pair_index[pair_cols])
-                preds, _ = materialise(sub, m, choose(sub, prior, base.floor_log_prior, lam, mask))
+                preds, _ = _materialise(sub, m, _choose(sub, prior, base.floor_log_prior, lam, mask))
                 v = objective_score(y, preds, objective)
                 if v > best_val + 1e-12:
                     best, best_val = (lam, t, singles, pair_top), v
