@@ -298,6 +298,18 @@ def cascade_of(spec):
     return spec.cascade if isinstance(spec, SetDecoder) else spec
 
 
+def _objective(y: np.ndarray, preds: np.ndarray, objective: str) -> float:
+    """Exact match or micro-F1 in numpy (the values of :func:`core.metrics.objective_score`, without its sklearn
+    import: this module stays numpy only)."""
+    if objective == "exact_match":
+        return float((y == preds).all(axis=1).mean())
+    if objective == "micro_f1":
+        t, p = y.astype(bool), preds.astype(bool)
+        denom = np.count_nonzero(t) + np.count_nonzero(p)
+        return 2.0 * np.count_nonzero(t & p) / denom if denom else 0.0
+    raise ValueError(f"unknown objective {objective!r} (exact_match or micro_f1)")
+
+
 def tune_sets(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str] | None = None,
               cascade: ThresholdSpec | None = None, objective: str = "exact_match",
               lambdas: Sequence[float] = LAMBDA_GRID, temperatures: Sequence[float] = TEMPERATURE_GRID,
@@ -322,8 +334,6 @@ def tune_sets(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str] 
         The best :class:`SetDecoder`, priors from all of ``labels``; ``meta["tuned_value_loo"]`` is its
         leave-one-out objective on these rows.
     """
-    from core.metrics import objective_score
-
     probs = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels).astype(np.int8)
     if probs.shape != y.shape or probs.ndim != 2:
@@ -352,7 +362,7 @@ def tune_sets(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str] 
                 sub = _Candidates(c.seen, c.cascade, c.singles[:, :singles], c.pairs[:, pair_cols], c.cascade_preds,
                                   c.top, c.pair_index[pair_cols])
                 preds, _ = _materialise(sub, m, _choose(sub, prior, base.floor_log_prior, lam, mask))
-                v = objective_score(y, preds, objective)
+                v = _objective(y, preds, objective)
                 if v > best_val + 1e-12:
                     best, best_val = (lam, t, singles, pair_top), v
     lam, t, singles, pair_top = best

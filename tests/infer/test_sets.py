@@ -330,3 +330,22 @@ def test_hub_card_shows_the_set_decoding_parameters_not_its_candidates(tmp_path)
     section = card.split("## Decision thresholds")[1].split("## Labels")[0]
     assert '"strategy": "sets"' in section and '"lambda": 0.5' in section
     assert f"{len(dec.sets)} label sets (see thresholds.json)" in section and "log_priors" not in section
+
+
+def test_core_sets_is_numpy_only_and_its_objectives_match_core_metrics():
+    import subprocess
+    import sys
+
+    code = "import sys, core.sets; print(sorted(m for m in ('sklearn', 'scipy', 'torch', 'pandas') if m in sys.modules))"
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
+    from core.metrics import objective_score
+    from core.sets import _objective
+
+    rng = np.random.default_rng(0)
+    y, p = (rng.random((50, 6)) < 0.3).astype(np.int8), (rng.random((50, 6)) < 0.3).astype(np.int8)
+    for obj in ("exact_match", "micro_f1"):
+        assert _objective(y, p, obj) == pytest.approx(objective_score(y, p, obj))
