@@ -12,8 +12,14 @@ What is tuned (objective: exact-match accuracy by default, micro-F1 on request):
 The honest estimate of the gain is nested: for each fold, tune on the other folds and score the left-out one with
 the default cascade and with the tuned decoding; the left-out predictions are pooled over the folds.
 
+``--strategy sets`` adds set decoding (:mod:`core.sets`: each row's label set chosen among the sets seen in the
+labels, the tuned cascade's set and the top singletons / pairs, by likelihood + lambda * log prior), grid-tuned on
+top of the tuned cascade with leave-one-out priors, as a third column of the nested estimate (each fold's priors from
+its training rows only); the file written is then the set decoder (``"strategy": "sets"``).
+
 Usage:
     python -m infer tune --oof RUN/oof.csv --labels train.csv --out thresholds.json [--folds RUN/folds.csv]
+                         [--strategy sets]
 
 Python:
     from infer.tune import tune_thresholds, nested_estimate
