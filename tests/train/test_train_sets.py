@@ -65,3 +65,33 @@ def test_a_tiny_run_with_strategy_sets_reports_sets_per_epoch_and_out_of_fold(ti
     assert "sets/exact_match" in summary["oof_metrics"] and "cascade/exact_match" in summary["oof_metrics"]
     assert all("sets/exact_match" in f for f in summary["per_fold"])
     assert "sets/exact_match" in summary["mean_fold_metrics"]
+
+
+def test_tfidf_with_strategy_sets_scores_each_fold_with_its_own_priors(tmp_path):
+    import json
+
+    import pandas as pd
+    from conftest import SAMPLE_SET_ARGS
+    from trainkit import SAMPLE_TRAIN
+
+    from core.config import RunConfig
+    from core.data import read_csv
+    from core.io import read_probs
+    from core.metrics import exact_match
+    from train.tfidf import main
+
+    out = tmp_path / "tfidf"
+    assert main(["--set", f"data.train_csv={SAMPLE_TRAIN}", "--set", "cv.n_folds=3", *SAMPLE_SET_ARGS,
+                 "--set", "decode.strategy=sets", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all("sets/exact_match" in f for f in summary["per_fold"])
+    cfg = RunConfig.from_yaml(None, [f"data.train_csv={SAMPLE_TRAIN}", "cv.n_folds=3", *SAMPLE_SET_ARGS[1::2]])
+    ds = read_csv(SAMPLE_TRAIN, cfg.data)
+    _, oof, _ = read_probs(out / "oof.csv")
+    folds = pd.read_csv(out / "folds.csv")["fold"].to_numpy()
+    pred = np.zeros(ds.labels.shape, dtype=np.int8)
+    for f in sorted(set(folds.tolist())):
+        val = folds == f
+        pred[val] = SetDecoder.fit(ds.labels[~val], ds.label_names,
+                                   ThresholdSpec.from_decode(ds.label_names, cfg.decode)).decode(oof[val])
+    assert summary["oof_metrics"]["sets/exact_match"] == pytest.approx(exact_match(ds.labels, pred))
