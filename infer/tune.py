@@ -539,6 +539,11 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
                                                                  "singletons", "pair_top", "cascade")},
                                "meta": {**spec.meta, "strategy": "sets", "set_priors": dec.meta}})
     log(report(result, estimate))
+    if strategy == "sets" and estimate is not None and estimate["pooled"]["sets"][objective] <= \
+            estimate["pooled"]["tuned"][objective]:
+        log(f"note: set decoding does not beat the tuned cascade in the nested estimate ({objective} "
+            f"{estimate['pooled']['sets'][objective]:.4f} vs {estimate['pooled']['tuned'][objective]:.4f}); "
+            f"{out} holds the set decoding as asked: tune without --strategy sets to keep the cascade")
     write_json(out, result.to_dict())
     log(f"wrote {out} ({time.time() - t0:.1f} s)")
     return result
