@@ -95,6 +95,10 @@ class DecodeArgs:
     fallback: str = "argmax"
     """A label name (e.g. a "no meaning" class), ``argmax`` (the most probable class: most multilabel data has at
     least one label a row) or ``none`` (an empty prediction is allowed)."""
+    strategy: Literal["cascade", "sets"] = "cascade"
+    """``sets``: the per-epoch evaluation (and ``keep: best``) also scores set decoding (:mod:`core.sets`, default
+    lambda / temperature / candidates; the cascade above its cascade candidate) with set priors from the fold's
+    training rows; ``infer tune --strategy sets`` tunes it on out-of-fold probabilities."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ import numpy as np
 
 from core.io import InputError, align_ids, atomic_path, read_labels, read_probs, write_json
 from core.metrics import exact_match, micro_f1, paired_difference, per_class_f1, scores
+from core.sets import SetDecoder, is_sets
 from core.thresholds import ThresholdSpec, fallback_name, threshold
 
 METRICS = ("exact_match", "micro_f1", "macro_f1", "weighted_f1")
@@ -36,7 +37,7 @@ CURVE = tuple(round(0.05 * k, 2) for k in range(1, 20))
 
 
 def evaluate_arrays(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
-                    default: ThresholdSpec, tuned: ThresholdSpec | None = None) -> dict:
+                    default: ThresholdSpec, tuned: ThresholdSpec | SetDecoder | None = None) -> dict:
     """Metrics of the decodings, per-class F1 and the plain-threshold curve (pure)."""
     decodings = {"threshold 0.5": threshold(probs, 0.5), "default cascade": default.decode(probs)}
     if tuned is not None:
@@ -185,7 +186,8 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
         log("\n".join(compare_lines(comparison, baseline)))
     tuned_on = tuned.meta.get("oof") if tuned is not None else None
     if tuned_on and Path(tuned_on).resolve() == Path(probs).resolve():
-        nested = (tuned.meta.get("nested") or {}).get("pooled", {}).get("tuned", {})
+        kind = "sets" if is_sets(tuned) else "tuned"  # the nested estimate of the decoding the file holds
+        nested = (tuned.meta.get("nested") or {}).get("pooled", {}).get(kind, {})
         log(f"note: {thresholds} was tuned on this file, so its row is in-sample (optimistic)"
             + (f"; its nested estimate: exact_match {nested['exact_match']:.4f}, micro_f1 {nested['micro_f1']:.4f}"
                if "exact_match" in nested else ""))

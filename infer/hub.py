@@ -248,9 +248,15 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
                              f"{float(r.get('cascade/micro_f1', float('nan'))):.4f} |")
             lines.append("")
     if th is not None:
+        shown = th
+        if isinstance(th, dict) and th.get("strategy") == "sets" and isinstance(th.get("sets"), dict):
+            # set decoding: its parameters, not its hundreds of candidate sets (they are in the file)
+            sets = {k: v for k, v in th["sets"].items() if k not in ("candidates", "log_priors")}
+            sets["candidates"] = f"{len(th['sets'].get('candidates') or [])} label sets (see thresholds.json)"
+            shown = {**{k: v for k, v in th.items() if k not in ("sets", "meta")}, "sets": sets}
         lines += ["## Decision thresholds", "", "Tuned on the out-of-fold probabilities (`thresholds.json`, "
                   "used by `python -m infer submit --thresholds thresholds.json`):", "",
-                  "```json", json.dumps(th, indent=1, ensure_ascii=False)[:4000], "```", ""]
+                  "```json", json.dumps(shown, indent=1, ensure_ascii=False)[:4000], "```", ""]
     lines += ["## Labels", "", "| column | label |", "|---|---|"]
     lines += [f"| `{n}` | {desc.get(n, '')} |" for n in names]
     lines += ["", "## Files", "",

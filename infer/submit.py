@@ -4,8 +4,8 @@ The format is that of ``sample_submission.csv``: ``index,target`` where target i
 of a row (ascending; may be empty). Class id = the label's integer suffix when all labels are one prefix + an
 integer (``label7`` -> 7), else its column position. Rows keep the probability file's ids and order.
 
-Decoding: the tuned ``--thresholds`` (thresholds.json from ``python -m infer tune``), else the reference cascade
-(0.55 .. 0.20 by 0.05, fallback class 19).
+Decoding: the tuned ``--thresholds`` (thresholds.json from ``python -m infer tune``: a cascade, or a set decoding
+with ``--strategy sets``), else the run's cascade (its ``decode`` section).
 
 Usage:
     python -m infer submit --probs probs.csv [--thresholds thresholds.json] [--ids test.csv] --out submission.csv
@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from core.io import ID_COLUMN, InputError, align_ids, atomic_path, read_ids, read_probs
+from core.sets import SOURCES, SetDecoder, cascade_of, is_sets
 from core.thresholds import ThresholdSpec, class_ids, fallback_name
 
 
@@ -35,11 +36,12 @@ def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
 
 
 def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallback=None,
-                  log=print) -> ThresholdSpec:
-    """The decoding for a probability file: its thresholds file (checked against its labels) or the cascade of the
-    run that wrote it (``decode`` section, see :func:`infer.tune.run_decode`).
+                  log=print) -> ThresholdSpec | SetDecoder:
+    """The decoding for a probability file: its thresholds file (checked against its labels; a cascade or a set
+    decoding) or the cascade of the run that wrote it (``decode`` section, see :func:`infer.tune.run_decode`).
 
-    ``fallback`` (a label name, class id, 'argmax', 'none'; None = keep the thresholds' / the run's) overrides it.
+    ``fallback`` (a label name, class id, 'argmax', 'none'; None = keep the thresholds' / the run's) overrides it
+    (for a set decoding: the fallback of its cascade candidate).
     """
     from infer.tune import check_spec_labels, default_spec, read_thresholds, resolve_fallback
 
@@ -50,8 +52,9 @@ def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallb
             fb = resolve_fallback(spec.label_names, fallback, probs_path, True)
             if fb != spec.fallback:
                 log(f"--fallback {fallback} overrides the fallback stored in {thresholds}")
-                spec = ThresholdSpec(spec.label_names, spec.start, spec.stop, spec.step, fb, spec.class_offsets,
-                                     spec.meta)
+                c = cascade_of(spec)
+                c = ThresholdSpec(c.label_names, c.start, c.stop, c.step, fb, c.class_offsets, c.meta)
+                spec = spec.with_cascade(c) if is_sets(spec) else c
         return spec
     return default_spec(probs_path, label_names, fallback, log=log)
 
@@ -69,21 +72,27 @@ def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = N
         from infer.tune import labels_id_column
 
         align_ids(probs, row_ids, ids, read_ids(ids, labels_id_column(probs, id_column)), same_order=True)
-    preds = spec.decode(p)
+    preds, source = spec.decode_with_source(p) if is_sets(spec) else (spec.decode(p), None)
     sub = pd.DataFrame({ID_COLUMN: row_ids, "target": targets(preds, names)})
     with atomic_path(out) as tmp:
         sub.to_csv(tmp, index=False)
     per_row = preds.sum(axis=1)
     counts = np.bincount(per_row, minlength=4)
-    fell_back = 0
-    if spec.fallback is not None:
-        # rows the cascade left to the fallback: nothing above the lowest threshold (offsets included)
-        offs = np.zeros(len(names)) if spec.class_offsets is None else np.asarray(spec.class_offsets)
-        fell_back = int((~(p > (spec.steps[-1] + offs)).any(axis=1)).sum())
     dist = ", ".join(f"{k}: {counts[k]}" for k in range(len(counts)) if counts[k])
     how = thresholds if thresholds is not None else "the run's cascade"
-    log(f"submit: {len(sub)} rows from {probs} decoded with {how}; classes per row {dist}; "
-        f"{fell_back} row(s) got the fallback ({fallback_name(names, spec.fallback)})")
+    if is_sets(spec):
+        won = np.bincount(source, minlength=len(SOURCES))
+        what = ", ".join(f"{n}: {won[k]}" for k, n in enumerate(SOURCES))
+        log(f"submit: {len(sub)} rows from {probs} set-decoded with {how} (lambda {spec.lam:g}, temperature "
+            f"{spec.temperature:g}); classes per row {dist}; winning candidate per row {what}")
+    else:
+        fell_back = 0
+        if spec.fallback is not None:
+            # rows the cascade left to the fallback: nothing above the lowest threshold (offsets included)
+            offs = np.zeros(len(names)) if spec.class_offsets is None else np.asarray(spec.class_offsets)
+            fell_back = int((~(p > (spec.steps[-1] + offs)).any(axis=1)).sum())
+        log(f"submit: {len(sub)} rows from {probs} decoded with {how}; classes per row {dist}; "
+            f"{fell_back} row(s) got the fallback ({fallback_name(names, spec.fallback)})")
     log(f"wrote {out}")
     return sub
 

@@ -12,8 +12,14 @@ What is tuned (objective: exact-match accuracy by default, micro-F1 on request):
 The honest estimate of the gain is nested: for each fold, tune on the other folds and score the left-out one with
 the default cascade and with the tuned decoding; the left-out predictions are pooled over the folds.
 
+``--strategy sets`` adds set decoding (:mod:`core.sets`: each row's label set chosen among the sets seen in the
+labels, the tuned cascade's set and the top singletons / pairs, by likelihood + lambda * log prior), grid-tuned on
+top of the tuned cascade with leave-one-out priors, as a third column of the nested estimate (each fold's priors from
+its training rows only); the file written is then the set decoder (``"strategy": "sets"``).
+
 Usage:
     python -m infer tune --oof RUN/oof.csv --labels train.csv --out thresholds.json [--folds RUN/folds.csv]
+                         [--strategy sets]
 
 Python:
     from infer.tune import tune_thresholds, nested_estimate
@@ -37,6 +43,7 @@ from core.errors import InputError
 from core.io import (ID_COLUMN, align_ids, meta_path, progress_bar, read_folds, read_labels, read_oof, versions,
                      write_json)
 from core.metrics import OBJECTIVES, objective_score, scores
+from core.sets import SetDecoder, is_sets, tune_sets
 from core.thresholds import (
     ARGMAX,
     DEFAULT_FALLBACK,
@@ -56,6 +63,7 @@ from core.thresholds import resolve_fallback as core_resolve_fallback
 DEFAULT_TRIALS = 200
 DEFAULT_SHRINK = 20.0
 DEFAULT_KFOLD = 5
+STRATEGIES = ("cascade", "sets")
 OFFSET_GRID = tuple(round(x, 10) for x in np.arange(-0.30, 0.30 + 1e-9, 0.02))
 # Search space of the global cascade (Optuna, discrete steps so that the reference values are on the grid).
 START_RANGE, STOP_RANGE, STEP_RANGE = (0.20, 0.90, 0.01), (0.02, 0.60, 0.01), (0.01, 0.15, 0.005)
@@ -249,12 +257,19 @@ def kfold(n: int, k: int = DEFAULT_KFOLD, seed: int = 0) -> np.ndarray:
 
 def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
                     label_names: Sequence[str] | None = None, fallback: Fallback = DEFAULT_FALLBACK,
-                    objective: str = "exact_match", progress: bool = False, **tune_kwargs) -> dict:
+                    objective: str = "exact_match", progress: bool = False, strategy: str = "cascade",
+                    **tune_kwargs) -> dict:
     """Honest estimate of the tuning gain: tune on all folds but one, decode the left-out fold, rotate.
 
-    Returns a dict: per-fold scores (default cascade vs tuned, the objective), and the pooled left-out predictions'
-    full scores for both (``pooled.default`` / ``pooled.tuned``), plus ``gain`` (pooled tuned - default objective).
+    ``strategy="sets"`` also tunes set decoding (:func:`core.sets.tune_sets`, its cascade candidate the fold's tuned
+    cascade, its set priors from the fold's training rows only) and scores it on the left-out fold.
+
+    Returns a dict: per-fold scores (default cascade vs tuned, the objective; ``sets`` too with that strategy), and
+    the pooled left-out predictions' full scores (``pooled.default`` / ``pooled.tuned`` / ``pooled.sets``), plus
+    ``gain`` (pooled tuned - default objective; ``gain_sets``: sets - default).
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int8)
     folds = np.asarray(folds)
@@ -265,6 +280,7 @@ def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
     default = ThresholdSpec(names, fallback=fallback)
     pred_default = default.decode(probs)
     pred_tuned = np.zeros_like(pred_default)
+    pred_sets = np.zeros_like(pred_default) if strategy == "sets" else None
     per_fold = []
     bar = progress_bar(len(uniq), "nested estimate", progress)
     for f in uniq:
@@ -272,19 +288,29 @@ def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
         spec = tune_thresholds(probs[~test], labels[~test], names, objective=objective, fallback=fallback,
                                **tune_kwargs)
         pred_tuned[test] = spec.decode(probs[test])
+        extra = {}
+        if pred_sets is not None:  # priors from this fold's training rows only
+            dec = tune_sets(probs[~test], labels[~test], names, spec, objective)
+            pred_sets[test] = dec.decode(probs[test])
+            extra = {"sets": objective_score(labels[test], pred_sets[test], objective), "lambda": dec.lam,
+                     "temperature": dec.temperature, "singletons": dec.singletons, "pair_top": dec.pair_top}
         per_fold.append({
             "fold": int(f) if isinstance(f, (int, np.integer)) else f, "rows": int(test.sum()),
             "default": objective_score(labels[test], pred_default[test], objective),
             "tuned": objective_score(labels[test], pred_tuned[test], objective),
             "start": spec.start, "stop": spec.stop, "step": spec.step,
-            "tuned_classes": int(np.count_nonzero(spec.class_offsets)) if spec.class_offsets else 0})
+            "tuned_classes": int(np.count_nonzero(spec.class_offsets)) if spec.class_offsets else 0, **extra})
         if bar:
             bar.update(1)
     if bar:
         bar.close()
     pooled = {"default": scores(labels, pred_default), "tuned": scores(labels, pred_tuned)}
-    return {"objective": objective, "folds": len(uniq), "per_fold": per_fold, "pooled": pooled,
-            "gain": pooled["tuned"][objective] - pooled["default"][objective]}
+    out = {"objective": objective, "folds": len(uniq), "per_fold": per_fold, "pooled": pooled,
+           "gain": pooled["tuned"][objective] - pooled["default"][objective], "strategy": strategy}
+    if pred_sets is not None:
+        pooled["sets"] = scores(labels, pred_sets)
+        out["gain_sets"] = pooled["sets"][objective] - pooled["default"][objective]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,8 +318,10 @@ def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_thresholds(path: str | Path) -> ThresholdSpec:
-    """Read and validate a ``thresholds.json`` (``ThresholdSpec.to_dict()`` + meta)."""
+def read_thresholds(path: str | Path) -> ThresholdSpec | SetDecoder:
+    """Read and validate a ``thresholds.json``: a cascade (``ThresholdSpec.to_dict()`` + meta, files without a
+    ``strategy`` key included) or, with ``"strategy": "sets"``, a :class:`core.sets.SetDecoder` (its cascade
+    candidate's fields at the top level plus a ``sets`` object). Both have ``.decode(probs)`` and ``.label_names``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: thresholds file not found")
@@ -313,10 +341,18 @@ def read_thresholds(path: str | Path) -> ThresholdSpec:
             raise ValueError(f"class_offsets has {len(spec.class_offsets)} values for {len(names)} labels")
     except (TypeError, ValueError) as e:
         raise InputError(f"{path}: invalid thresholds: {e}") from None
-    return spec
+    strategy = d.get("strategy", "cascade")
+    if strategy == "cascade":
+        return spec
+    if strategy != "sets":
+        raise InputError(f"{path}: unknown decoding strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    try:
+        return SetDecoder.from_dict({**d, "meta": spec.meta})
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: invalid set decoding: {type(e).__name__} {e}") from None
 
 
-def check_spec_labels(spec: ThresholdSpec, spec_path, label_names: Sequence[str], probs_path) -> None:
+def check_spec_labels(spec: ThresholdSpec | SetDecoder, spec_path, label_names: Sequence[str], probs_path) -> None:
     """The thresholds must be for the probability file's label set (the order may differ)."""
     if set(spec.label_names) == set(label_names) and len(spec.label_names) == len(label_names):
         return
@@ -349,13 +385,15 @@ def adapter_default_spec(ref) -> ThresholdSpec:
         raise InputError(f"{ref.folder / 'run_config.yaml'}: decode.fallback: {e}") from None
 
 
-def adapter_spec(ref, thresholds: str | Path | None = None) -> ThresholdSpec:
-    """An adapter's decoding (serve, ui): ``thresholds`` (a ``thresholds.json``, checked against its labels and put in
-    their order), else its config's ``decode`` section (:func:`adapter_default_spec`)."""
+def adapter_spec(ref, thresholds: str | Path | None = None) -> ThresholdSpec | SetDecoder:
+    """An adapter's decoding (serve, ui): ``thresholds`` (a ``thresholds.json``, cascade or sets, checked against its
+    labels and put in their order), else its config's ``decode`` section (:func:`adapter_default_spec`)."""
     if thresholds is None:
         return adapter_default_spec(ref)
     spec = read_thresholds(thresholds)
     check_spec_labels(spec, thresholds, ref.label_names, ref.folder / "label_names.json")
+    if is_sets(spec):
+        return spec.reorder(ref.label_names)
     if list(spec.label_names) != list(ref.label_names):  # same set, other order: reorder the offsets
         if spec.class_offsets is not None:
             pos = {n: i for i, n in enumerate(spec.label_names)}
@@ -457,9 +495,15 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
              objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS, seed: int = 0,
              fallback: str | int | None = None, per_class: bool = True, shrink: float = DEFAULT_SHRINK,
              kfolds: int = DEFAULT_KFOLD, nested: bool = True, progress: bool = True, log=print,
-             id_column: str | None = None) -> ThresholdSpec:
-    """Read, validate, tune, estimate and write ``out`` (nothing is written unless everything succeeds)."""
+             id_column: str | None = None, strategy: str = "cascade") -> ThresholdSpec | SetDecoder:
+    """Read, validate, tune, estimate and write ``out`` (nothing is written unless everything succeeds).
+
+    ``strategy="sets"`` also tunes set decoding on top of the tuned cascade (its candidate), reports it as a third
+    column and writes the :class:`core.sets.SetDecoder` (priors from every labelled out-of-fold row).
+    """
     t0 = time.time()
+    if strategy not in STRATEGIES:
+        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if objective not in OBJECTIVES:
         raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if n_trials < 1:
@@ -478,47 +522,83 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
     estimate = None
     if nested:
         log(f"nested estimate over {len(set(fold_of.tolist()))} folds from {source}")
-        estimate = nested_estimate(probs, y, fold_of, names, progress=progress, **kw)
+        estimate = nested_estimate(probs, y, fold_of, names, progress=progress, strategy=strategy, **kw)
     spec = tune_thresholds(probs, y, names, progress=progress, desc="tune on all folds", **kw)
     spec.meta.update({
         "produced_by": "python -m infer tune", "oof": str(oof), "labels": str(labels), "rows": int(len(ids)),
         "objective": objective, "n_trials": int(n_trials), "seed": int(seed), "per_class": per_class,
         "shrink_k": float(shrink), "fallback_class": fallback_name(names, fb),
         "folds_source": source, "nested": estimate, "versions": versions()})
-    log(report(spec, estimate))
-    write_json(out, spec.to_dict())
+    result = spec
+    if strategy == "sets":
+        dec = tune_sets(probs, y, names, ThresholdSpec(spec.label_names, spec.start, spec.stop, spec.step,
+                                                       spec.fallback, spec.class_offsets), objective)
+        spec.meta["in_sample"]["sets"] = scores(y, dec.decode(probs))
+        result = SetDecoder(**{**{f: getattr(dec, f) for f in ("label_names", "sets", "log_priors",
+                                                                 "floor_log_prior", "lam", "temperature",
+                                                                 "singletons", "pair_top", "cascade")},
+                               "meta": {**spec.meta, "strategy": "sets", "set_priors": dec.meta}})
+    log(report(result, estimate))
+    if strategy == "sets" and estimate is not None and estimate["pooled"]["sets"][objective] <= \
+            estimate["pooled"]["tuned"][objective]:
+        log(f"note: set decoding does not beat the tuned cascade in the nested estimate ({objective} "
+            f"{estimate['pooled']['sets'][objective]:.4f} vs {estimate['pooled']['tuned'][objective]:.4f}); "
+            f"{out} holds the set decoding as asked: tune without --strategy sets to keep the cascade")
+    write_json(out, result.to_dict())
     log(f"wrote {out} ({time.time() - t0:.1f} s)")
-    return spec
+    return result
 
 
-def report(spec: ThresholdSpec, estimate: dict | None) -> str:
-    """Default cascade vs tuned, side by side: nested (honest) and in-sample (optimistic)."""
+def report(spec: ThresholdSpec | SetDecoder, estimate: dict | None) -> str:
+    """Default cascade vs tuned (and set decoding, when ``spec`` is one), side by side: nested (honest) and
+    in-sample (optimistic)."""
+    sets = is_sets(spec)
+    casc = spec.cascade if sets else spec
     ins = spec.meta["in_sample"]
+    has_sets = estimate is not None and "sets" in estimate["pooled"]
     lines = []
     if estimate is not None:
         obj = estimate["objective"]
         lines += [f"nested estimate ({obj}; tuned on the other folds, scored on the left-out fold):",
-                  f"  {'fold':>6} {'rows':>6} {'default':>9} {'tuned':>9} {'gain':>8}"]
+                  f"  {'fold':>6} {'rows':>6} {'default':>9} {'tuned':>9} {'gain':>8}" +
+                  (f" {'sets':>9} {'gain':>8}" if has_sets else "")]
         for r in estimate["per_fold"]:
-            lines.append(f"  {r['fold']:>6} {r['rows']:>6} {r['default']:>9.4f} {r['tuned']:>9.4f} "
-                         f"{r['tuned'] - r['default']:>+8.4f}")
+            line = (f"  {r['fold']:>6} {r['rows']:>6} {r['default']:>9.4f} {r['tuned']:>9.4f} "
+                    f"{r['tuned'] - r['default']:>+8.4f}")
+            if has_sets:
+                line += f" {r['sets']:>9.4f} {r['sets'] - r['default']:>+8.4f}"
+            lines.append(line)
     head = f"  {'metric':<12} {'default cascade':>16}"
     if estimate is not None:
         head += f" {'tuned (nested)':>15} {'gain':>8}"
+        if has_sets:
+            head += f" {'sets (nested)':>14} {'gain':>8}"
     head += f" {'tuned (in-sample)':>18}"
+    if sets:
+        head += f" {'sets (in-sample)':>17}"
     lines += ["scores (default cascade = the run's decode section, fallback as configured):", head]
     for m in ("exact_match", "micro_f1", "macro_f1", "weighted_f1"):
         row = f"  {m:<12} {ins['default'][m]:>16.4f}"
         if estimate is not None:
             d, t = estimate["pooled"]["default"][m], estimate["pooled"]["tuned"][m]
             row = f"  {m:<12} {d:>16.4f} {t:>15.4f} {t - d:>+8.4f}"
+            if has_sets:
+                v = estimate["pooled"]["sets"][m]
+                row += f" {v:>14.4f} {v - d:>+8.4f}"
         row += f" {ins['tuned'][m]:>18.4f}"
+        if sets:
+            row += f" {ins['sets'][m]:>17.4f}"
         lines.append(row)
-    n_off = sum(1 for x in (spec.class_offsets or ()) if x != 0)
-    lines.append(f"tuned decoding: start {spec.start:g}, stop {spec.stop:g}, step {spec.step:g} "
-                 f"({len(spec.steps)} thresholds), fallback "
-                 f"{fallback_name(spec.label_names, spec.fallback)}, per-class offsets on "
+    n_off = sum(1 for x in (casc.class_offsets or ()) if x != 0)
+    lines.append(f"tuned decoding: start {casc.start:g}, stop {casc.stop:g}, step {casc.step:g} "
+                 f"({len(casc.steps)} thresholds), fallback "
+                 f"{fallback_name(casc.label_names, casc.fallback)}, per-class offsets on "
                  f"{n_off} class(es)")
+    if sets:
+        lines.append(f"set decoding (written): lambda {spec.lam:g}, temperature {spec.temperature:g}, "
+                     f"{len(spec.sets)} candidate sets seen in {spec.meta['set_priors']['train_rows']} rows, "
+                     f"top {spec.singletons} singletons, pairs of the top {spec.pair_top} labels, and the tuned "
+                     f"cascade's set above")
     return "\n".join(lines)
 
 
@@ -529,7 +609,7 @@ def report(spec: ThresholdSpec, estimate: dict | None) -> str:
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "tune", help="tune the cascade decoding on out-of-fold probabilities",
+        "tune", help="tune the cascade (or set) decoding on out-of-fold probabilities",
         description="Tune the cascade's start/stop/step (Optuna, seeded) and shrunk per-class offsets on out-of-fold "
                     "probabilities; print an honest nested estimate of the gain and write thresholds.json.")
     p.add_argument("--oof", required=True, help="out-of-fold probability CSV (e.g. RUN/oof.csv)")
@@ -548,6 +628,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shrink", type=float, default=DEFAULT_SHRINK,
                    help="k of the per-class shrinkage n_pos / (n_pos + k) (0 = none)")
     p.add_argument("--kfold", type=int, default=DEFAULT_KFOLD, help="folds of the fallback split")
+    p.add_argument("--strategy", choices=STRATEGIES, default="cascade",
+                   help="sets: also tune set decoding (label sets seen in the labels, with a prior; the tuned cascade's "
+                        "set a candidate), report it beside the cascades and write it")
     p.add_argument("--no-nested", action="store_true", help="skip the nested estimate")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cli)
@@ -563,7 +646,7 @@ def _cli(args) -> int:
         run_tune(args.oof, args.labels, args.out, folds=args.folds, objective=args.objective,
                  n_trials=args.n_trials, seed=args.seed, fallback=args.fallback, per_class=not args.no_per_class,
                  shrink=args.shrink, kfolds=args.kfold, nested=not args.no_nested, progress=not args.no_progress,
-                 id_column=args.id_column)
+                 id_column=args.id_column, strategy=args.strategy)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ import numpy as np
 from core.adapter import AdapterRef
 from core.data import format_prompt, template_fields
 from core.errors import ConfigError, InputError
+from core.sets import SetDecoder, cascade_of
 from core.thresholds import ThresholdSpec
 from infer.tune import adapter_default_spec, adapter_spec
 
@@ -182,28 +183,30 @@ default_spec = adapter_default_spec
 load_spec = adapter_spec
 
 
-def threshold_lines(spec: ThresholdSpec) -> list[tuple[float, str]]:
-    """(value, caption) of the thresholds drawn on the chart: the cascade's first and lowest step."""
-    steps = spec.steps
+def threshold_lines(spec: ThresholdSpec | SetDecoder) -> list[tuple[float, str]]:
+    """(value, caption) of the thresholds drawn on the chart: the cascade's first and lowest step (of a set
+    decoding: its cascade candidate's)."""
+    steps = cascade_of(spec).steps
     lines = [(steps[0], f"cascade start {steps[0]:g}")]
     if steps[-1] != steps[0]:
         lines.append((steps[-1], f"lowest step {steps[-1]:g}"))
     return lines
 
 
-def result_frame(probs: np.ndarray, pred: np.ndarray, spec: ThresholdSpec, descriptions: dict[str, str]):
+def result_frame(probs: np.ndarray, pred: np.ndarray, spec: ThresholdSpec | SetDecoder, descriptions: dict[str, str]):
     """One row's classes sorted by probability: label, name, probability, predicted, own threshold (offsets)."""
     import pandas as pd
 
     names = list(spec.label_names)
-    offsets = np.zeros(len(names)) if spec.class_offsets is None else np.asarray(spec.class_offsets)
+    casc = cascade_of(spec)
+    offsets = np.zeros(len(names)) if casc.class_offsets is None else np.asarray(casc.class_offsets)
     df = pd.DataFrame({"label": names, "name": [descriptions.get(n, n) for n in names],
                        "probability": np.asarray(probs, dtype=float), "predicted": np.asarray(pred).astype(bool),
-                       "start_threshold": spec.steps[0] + offsets})
+                       "start_threshold": casc.steps[0] + offsets})
     return df.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def chart(frame, spec: ThresholdSpec):
+def chart(frame, spec: ThresholdSpec | SetDecoder):
     """Horizontal bar chart of every class's probability (sorted), the predicted set highlighted, thresholds drawn."""
     import matplotlib
 
@@ -219,7 +222,7 @@ def chart(frame, spec: ThresholdSpec):
                       for name, label in zip(frame["name"], frame["label"])], fontsize=8)
     for (value, caption), style in zip(threshold_lines(spec), ("--", ":")):
         ax.axvline(value, color="black", linestyle=style, linewidth=1, label=caption)
-    if spec.class_offsets is not None:
+    if cascade_of(spec).class_offsets is not None:
         ax.scatter(frame["start_threshold"], y, marker="|", color="black", s=60, label="tuned start per class")
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability (red: predicted)")
@@ -265,7 +268,7 @@ def api_predict(url: str, rows: list[dict], timeout: float = 120.0) -> list[dict
 _SET_KEYS = ("labels", "predicted", "decoded", "set", "classes", "target")
 
 
-def parse_api_rows(answer: list[dict], label_names: Sequence[str], spec: ThresholdSpec) -> tuple[np.ndarray,
+def parse_api_rows(answer: list[dict], label_names: Sequence[str], spec: ThresholdSpec | SetDecoder) -> tuple[np.ndarray,
                                                                                                 np.ndarray]:
     """Server answers -> (probabilities N x L, 0/1 predictions N x L) in ``label_names`` order.
 
@@ -309,7 +312,7 @@ def parse_api_rows(answer: list[dict], label_names: Sequence[str], spec: Thresho
 class Backend:
     """Scores form rows: ``score(rows) -> (probs N x L, preds N x L)`` with the adapter's template and decoding."""
 
-    def __init__(self, ref: AdapterRef, spec: ThresholdSpec, api: str | None = None, predictor=None):
+    def __init__(self, ref: AdapterRef, spec: ThresholdSpec | SetDecoder, api: str | None = None, predictor=None):
         self.ref = ref
         self.spec = spec
         self.api = api

@@ -19,6 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import ConfigError, InputError
+from core.sets import is_sets
 from infer.ui import Backend, chart, form_fields, parse_app_args, result_frame, row_prompt, score_csv, validate
 
 
@@ -89,7 +90,7 @@ def single(backend: Backend, fields, template: str, cfg) -> None:
     st.markdown("\n".join(f"- **{r.name}** (`{r.label}`, p = {r.probability:.3f})" for r in chosen.itertuples())
                 or "_none_")
     spec = backend.spec
-    if spec.fallback is not None and frame["probability"].max() <= spec.steps[-1] + (
+    if not is_sets(spec) and spec.fallback is not None and frame["probability"].max() <= spec.steps[-1] + (
             0 if spec.class_offsets is None else min(spec.class_offsets)):
         st.caption(f"no class is above the lowest threshold {spec.steps[-1]:g}: the fallback class "
                    f"`{spec.label_names[spec.fallback]}` is predicted")

@@ -19,6 +19,7 @@ from core.errors import TrainingError
 from core.io import atomic_path, write_json
 from core.metrics import scores
 from core.model import autocast, input_device, predict_probs, split_max_memory
+from core.sets import SetDecoder, cascade_of, is_sets
 from core.thresholds import ThresholdSpec, threshold
 from train import checkpoint
 from train.checkpoint import Progress
@@ -62,14 +63,32 @@ def device_map_for(cfg: RunConfig, env: DistEnv) -> tuple:
     return {"": env.device}, None
 
 
-def evaluate(probs: np.ndarray, labels: np.ndarray, decode: ThresholdSpec) -> dict[str, float]:
-    """Metrics at 0.5 (plain threshold) and with the run's cascade (``decode``: the config's ``decode`` section);
-    flat keys like ``cascade/exact_match``."""
+def evaluate(probs: np.ndarray, labels: np.ndarray, decode: ThresholdSpec | SetDecoder) -> dict[str, float]:
+    """Metrics at 0.5 (plain threshold), with the run's cascade (``decode``: the config's ``decode`` section) and,
+    when ``decode`` is a :class:`core.sets.SetDecoder`, with set decoding (its cascade candidate is the cascade);
+    flat keys like ``cascade/exact_match``, ``sets/exact_match``."""
+    decodings = [("t0.5", threshold(probs, 0.5)), ("cascade", cascade_of(decode).decode(probs))]
+    if is_sets(decode):
+        decodings.append(("sets", decode.decode(probs)))
     out = {}
-    for name, preds in [("t0.5", threshold(probs, 0.5)), ("cascade", decode.decode(probs))]:
+    for name, preds in decodings:
         for k, v in scores(labels, preds).items():
             out[f"{name}/{k}"] = v
     return out
+
+
+def fold_decoding(cfg: RunConfig, decode: ThresholdSpec, labels: np.ndarray,
+                  train_idx: np.ndarray) -> ThresholdSpec | SetDecoder:
+    """The per-epoch decoding of a fold: the cascade, or with ``decode.strategy: sets`` a set decoder whose priors
+    come from the fold's training rows only (default lambda / temperature / candidates)."""
+    if cfg.decode.strategy == "sets":
+        return SetDecoder.fit(labels[train_idx], decode.label_names, decode)
+    return decode
+
+
+def selection_key(cfg: RunConfig) -> str:
+    """The metric ``keep: best`` maximises: exact match of the configured strategy."""
+    return f"{'sets' if cfg.decode.strategy == 'sets' else 'cascade'}/exact_match"
 
 
 def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, token_ids: list[list[int]],
@@ -80,7 +99,8 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
 
     ``save_adapter(model, folder, extra)`` writes an adapter folder (see core.adapter). ``decode`` is the run's
     cascade (``ThresholdSpec.from_decode(label_names, cfg.decode)``); None: the config's steps with an argmax
-    fallback (for callers without label names, e.g. benchmarks). ``fingerprint`` identifies the run a checkpoint
+    fallback (for callers without label names, e.g. benchmarks). With ``decode.strategy: sets`` each epoch also
+    scores set decoding with priors from this fold's training rows (:func:`fold_decoding`). ``fingerprint`` identifies the run a checkpoint
     belongs to (see :mod:`train.checkpoint`); ``push()`` (rank 0, after each checkpoint) sends it to the Hub.
     """
     t = cfg.train
@@ -90,6 +110,8 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
     device = input_device(model)
     train_idx = np.flatnonzero(fold_of_row != fold)
     val_idx = np.flatnonzero(fold_of_row == fold)
+    decode = fold_decoding(cfg, decode, labels, train_idx)
+    key = selection_key(cfg)
     lengths = np.array([len(x) for x in token_ids])
     pos_weight = pos_weight_from_labels(labels[train_idx], cfg.loss.pos_weight, cfg.loss.pos_weight_max)
 
@@ -162,11 +184,13 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
             metrics = evaluate(probs, labels[val_idx], decode)
             row = {"epoch": epoch + 1, "step": state.step, **metrics}
             state.history.append(row)
+            sets_em = f", {metrics['sets/exact_match']:.4f} sets" if "sets/exact_match" in metrics else ""
             log(f"fold {fold} epoch {epoch + 1}: exact-match {metrics['t0.5/exact_match']:.4f} @0.5, "
-                f"{metrics['cascade/exact_match']:.4f} cascade; micro-F1 {metrics['cascade/micro_f1']:.4f} cascade")
+                f"{metrics['cascade/exact_match']:.4f} cascade{sets_em}; micro-F1 {metrics['cascade/micro_f1']:.4f} "
+                f"cascade")
             save_adapter(model, fold_dir / "last", {"fold": fold, "epoch": epoch + 1, "metrics": metrics})
             save_npy(fold_dir / "val_probs_last.npy", probs)
-            if state.best is None or metrics["cascade/exact_match"] > state.best["cascade/exact_match"]:
+            if state.best is None or metrics[key] > state.best.get(key, -np.inf):
                 state.best = row
                 save_adapter(model, fold_dir / "best", {"fold": fold, "epoch": epoch + 1, "metrics": metrics})
                 save_npy(fold_dir / "val_probs_best.npy", probs)

@@ -22,7 +22,7 @@ from core.thresholds import ThresholdSpec, threshold
 from train.data import make_folds
 from train import checkpoint
 from train.engine import Callbacks
-from train.loop import device_map_for, fit_fold, setup_dist, write_fold_metrics
+from train.loop import device_map_for, fit_fold, fold_decoding, setup_dist, write_fold_metrics
 from train.lora import apply_lora, count_parameters
 
 
@@ -79,11 +79,16 @@ def record_resume(run_dir: Path, allowed: list) -> None:
     write_json(path, entries)
 
 
+# Keys added after checkpoints existed: left out of the fingerprint at their default, so older checkpoints resume.
+LATER_DEFAULTS = {"decode.strategy": "cascade"}
+
+
 def run_fingerprint(cfg: RunConfig) -> str:
     """What every checkpoint of this run must agree on: the settings a resume may not change."""
     return checkpoint.fingerprint({k: v for k, v in checkpoint.flat(cfg.to_dict()).items()
                                    if not any(k == f or (f.endswith(".") and k.startswith(f))
-                                              for f in checkpoint.RESUME_FREE)})
+                                              for f in checkpoint.RESUME_FREE)
+                                   and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])})
 
 
 class BackgroundPush:
@@ -251,6 +256,14 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
     y = ds.labels[idx]
     oof = {f"t0.5/{k}": v for k, v in scores(y, threshold(probs, 0.5)).items()}
     oof.update({f"cascade/{k}": v for k, v in scores(y, decode.decode(probs)).items()})
+    if cfg.decode.strategy == "sets":  # each fold's rows with its own decoder (priors from its training rows)
+        pred = np.zeros(probs.shape, dtype=np.int8)
+        for r in results:
+            val = np.asarray(r["val_index"])
+            rows = np.searchsorted(idx, val)  # idx: the sorted, distinct out-of-fold rows
+            train_rows = np.setdiff1d(np.arange(len(ds.labels)), val)
+            pred[rows] = fold_decoding(cfg, decode, ds.labels, train_rows).decode(probs[rows])
+        oof.update({f"sets/{k}": v for k, v in scores(y, pred).items()})
     per_fold = [r["history"][-1] if cfg.train.keep == "last" else r["best"] for r in results]
     keys = [k for k in per_fold[0] if "/" in k]
     mean = {k: float(np.mean([m[k] for m in per_fold])) for k in keys}
@@ -268,7 +281,8 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
     }
     write_json(run_dir / "summary.json", summary)
     log("out-of-fold (" + ", ".join(map(str, folds)) + f"), {len(idx)} rows: exact-match "
-        f"{oof['t0.5/exact_match']:.4f} @0.5, {oof['cascade/exact_match']:.4f} cascade; micro-F1 "
+        f"{oof['t0.5/exact_match']:.4f} @0.5, {oof['cascade/exact_match']:.4f} cascade"
+        + (f", {oof['sets/exact_match']:.4f} sets" if "sets/exact_match" in oof else "") + "; micro-F1 "
         f"{oof['t0.5/micro_f1']:.4f} @0.5, {oof['cascade/micro_f1']:.4f} cascade")
     log(f"wrote {run_dir / 'oof.csv'} and {run_dir / 'summary.json'}")
     return summary

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from core.config import ConfigError, RunConfig, add_config_arguments
 from core.data import read_csv
 from core.io import InputError, atomic_dir, versions, write_json, write_probs
+from core.metrics import scores
 from core.thresholds import ThresholdSpec
 from train.data import make_folds
-from train.loop import evaluate
+from train.loop import evaluate, fold_decoding
 
 
 def build_model(c: float = 4.0, seed: int = 0):
@@ -88,14 +89,20 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
 
     texts = np.asarray(ds.texts, dtype=object)
     oof = np.zeros(ds.labels.shape)
+    pred_sets = np.zeros(ds.labels.shape, dtype=np.int8) if cfg.decode.strategy == "sets" else None
     per_fold = []
     for f in tqdm(uniq, desc="tfidf folds", file=sys.stderr, leave=False):
         val = fold_of == f
         oof[val] = fit_predict(texts[~val], ds.labels[~val], texts[val], c, cfg.train.seed)
-        per_fold.append({"fold": int(f), "rows": int(val.sum()), **evaluate(oof[val], ds.labels[val], decode)})
+        fold_decode = fold_decoding(cfg, decode, ds.labels, np.flatnonzero(~val))  # priors: this fold's training rows
+        if pred_sets is not None:
+            pred_sets[val] = fold_decode.decode(oof[val])
+        per_fold.append({"fold": int(f), "rows": int(val.sum()), **evaluate(oof[val], ds.labels[val], fold_decode)})
         log(f"fold {f}: exact match {per_fold[-1]['t0.5/exact_match']:.4f} @0.5, "
             f"{per_fold[-1]['cascade/exact_match']:.4f} cascade")
     metrics = evaluate(oof, ds.labels, decode)
+    if pred_sets is not None:
+        metrics.update({f"sets/{k}": v for k, v in scores(ds.labels, pred_sets).items()})
     meta = {"kind": "out-of-fold", "produced_by": "python -m train tfidf", "model": "tfidf word 1-2 + char_wb 2-5, "
             f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions()}
     summary = {**meta, "rows": int(len(ds.ids)), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
