@@ -178,8 +178,9 @@ def check_finite(loss: float, step: int, guard_steps: int, dtype: torch.dtype, w
     if bad_ranks:
         hint = (" fp16 overflows easily with Gemma: use a bf16 GPU, model.dtype=float32, or a lower train.lr"
                 if dtype == torch.float16 else " lower train.lr or check the data")
-        where = f" on rank(s) {bad_ranks}" if world_size > 1 else ""
-        raise TrainingError(f"{what}: loss is not finite{where} at optimizer step {step} "
+        # One process: the value (nan / inf); several: every rank says the same (it knows which ranks, not values).
+        value = f"not finite on rank(s) {bad_ranks}" if world_size > 1 else str(loss)
+        raise TrainingError(f"{what}: loss is {value} at optimizer step {step} "
                             f"(dtype {str(dtype).removeprefix('torch.')}).{hint}")
 
 

@@ -304,7 +304,7 @@ def test_serve_decodes_with_a_sets_file_in_its_label_order(tmp_path):
         srv.wait_ready(url)
         info = httpx.get(f"{url}/info").json()
         assert info["thresholds"]["strategy"] == "sets"
-        r = httpx.post(f"{url}/predict", json={"rows": [{"text": srv.ROW["text"]}]})
+        r = httpx.post(f"{url}/predict", json={"rows": [srv.ROW]})
         assert r.status_code == 200, r.text
         row = r.json()["rows"][0]
     probs = np.array([p["probability"] for p in row["probabilities"]])  # in the adapter's label order

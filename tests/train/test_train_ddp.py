@@ -42,7 +42,7 @@ def test_ddp_completes_with_one_set_of_artifacts(ddp_run):
     assert "world size 2 on cpu" in res.stdout
     assert res.stdout.count("wrote ") == 1                       # only rank 0 writes and logs
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "fold_0", "folds.csv", "label_names.json", "oof.csv", "oof.csv.meta.json", "run_config.yaml",
+        "fold_0", "folds.csv", "label_names.json", "launch.json", "oof.csv", "oof.csv.meta.json", "run_config.yaml",
         "summary.json"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["folds"] == [0] and 0 <= summary["oof_metrics"]["cascade/micro_f1"] <= 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import SAMPLE_TEST, SAMPLE_TRAIN, sample_prompts, tiny_config
+from conftest import SAMPLE_TEMPLATE, SAMPLE_TEST, SAMPLE_TRAIN, sample_prompts, tiny_config
 
 from core.config import DEFAULT_TEMPLATE, LoraArgs, ModelArgs, QuantizationArgs
 from core.io import InputError
@@ -62,7 +62,7 @@ def bpe_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The first 60 rows of sample_train: a corpus that uses part of the tiny vocabularies."""
-    return read_corpus([_head_csv(tmp_path_factory.mktemp("corpus"), 60)])
+    return read_corpus([_head_csv(tmp_path_factory.mktemp("corpus"), 60)], SAMPLE_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
