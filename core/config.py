@@ -182,6 +182,9 @@ class DistillArgs:
     unlabelled_csv: str | None = None
     """Rows without labels (the template's columns and the id column): added to the training rows of every fold
     (never to a validation fold) with the teachers' soft targets."""
+    final: bool = False
+    """After the folds, also train the submission student ``output_dir/final/last`` on every labelled and
+    unlabelled row, its targets each teacher's fold models averaged (needs every teacher fold; no validation)."""
 
 
 @dataclass
@@ -361,6 +364,8 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
     problems += _distill_problems(cfg.distill)
+    if cfg.distill.final and t.keep != "last":
+        problems.append("distill.final needs train.keep=last (the final student has no validation rows)")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -379,6 +384,8 @@ def _distill_problems(d: DistillArgs) -> list[str]:
             problems.append(f"distill.teacher_weights must be >= 0 with a positive sum, got {d.teacher_weights}")
     if not d.teachers and d.unlabelled_csv:
         problems.append("distill.unlabelled_csv needs distill.teachers (unlabelled rows learn from soft targets only)")
+    if d.final and not d.teachers:
+        problems.append("distill.final needs distill.teachers")
     if d.teachers and d.unlabelled_csv and d.alpha == 1:
         problems.append("distill.alpha=1 (hard labels only) gives distill.unlabelled_csv's rows no loss; "
                         "lower alpha or drop the unlabelled rows")

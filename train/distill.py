@@ -22,8 +22,13 @@ labelled row outside fold k) and the unlabelled rows. Fold k's own rows get no t
 
 The teachers' probabilities are written to ``RUN/teachers/t{j}_fold_{k}.csv`` (+ ``.meta.json``) before the first
 fold trains and read back from there, so a resumed run uses exactly the same targets; ``RUN/teachers/teachers.json``
-and every adapter's ``adapter_info.json`` (key ``distill``) name the teachers. Not implemented: a final student on
-all labelled rows (no validation fold) with fold-averaged teachers.
+and every adapter's ``adapter_info.json`` (key ``distill``) name the teachers.
+
+``--final`` (``distill.final``) also trains the submission student ``RUN/final/last`` after the folds: every labelled
+and unlabelled row, its targets each teacher's fold models averaged over all folds (``RUN/teachers/t{j}_final.csv``;
+every teacher fold must be finished), the same steps per epoch as a fold would take on all rows, no validation
+(``train.keep=last``). It is not part of ``oof.csv``; its adapter is what ``python -m infer predict --adapter
+RUN/final/last`` submits with (the CV estimate is the folds').
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from core.io import InputError, read_probs, write_json, write_probs
 from train.loop import SoftTargets
 
 TEACHER_DIR = "teachers"
+FINAL_DIR = "final"
 EPS = 1e-6
 
 
@@ -124,11 +130,13 @@ def read_teachers(cfg: RunConfig, ds: Dataset, fold_of_row: np.ndarray, folds: l
             names = json.loads(labels_file.read_text())["label_names"] if labels_file.is_file() else None
             teacher = Teacher(j, path, "run", tcfg, float(w))
             done = {k for k, _ in finished_folds(path, tcfg.train.keep)}
-            missing = [k for k in folds if k not in done]
+            need = sorted(set(folds) | (set(range(cfg.cv.n_folds)) if d.final else set()))
+            missing = [k for k in need if k not in done]
             if missing:
                 raise InputError(f"distill teacher {spec}: fold(s) {missing} have no finished "
                                  f"{tcfg.train.keep!r} adapter (fold_K/metrics.json and fold_K/{tcfg.train.keep}/); "
-                                 f"the student's fold k needs the teacher's fold-k model")
+                                 f"the student's fold k needs the teacher's fold-k model"
+                                 + (" (distill.final needs every fold)" if d.final else ""))
         elif info.get("produced_by") == "python -m train tfidf":
             try:
                 tcfg = RunConfig.from_dict(info["config"], source=str(summary))
@@ -199,10 +207,11 @@ def predict_fold(teacher: Teacher, fold: int, texts: list[str], device: torch.de
 
 
 def teacher_fold_probs(teacher: Teacher, fold: int, texts: list[str], labels: np.ndarray, fold_of_row: np.ndarray,
-                       rows: np.ndarray, device: torch.device) -> np.ndarray:
+                       rows: np.ndarray, device: torch.device, final: bool = False) -> np.ndarray:
     """The teacher's fold-``fold`` model's probabilities for ``rows`` (indices into labelled + unlabelled rows;
-    ``fold_of_row``: -1 for unlabelled rows). Never a model that saw fold ``fold``'s labels."""
-    if fold in fold_of_row[rows]:
+    ``fold_of_row``: -1 for unlabelled rows). Never a model that saw fold ``fold``'s labels. A student fold never
+    trains on fold ``fold``'s rows, so asking for them is an error unless ``final`` (the all-rows student)."""
+    if fold in fold_of_row[rows] and not final:
         raise ValueError(f"fold {fold}: its own rows get no teacher targets")
     if teacher.kind == "tfidf":
         from train.tfidf import fit_predict
@@ -276,6 +285,44 @@ def prepare_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher], ds: 
     return out
 
 
+def prepare_final_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher], ds: Dataset,
+                          unl: Dataset | None, fold_of_row: np.ndarray, env, log=print) -> SoftTargets:
+    """Soft targets of the final student over every labelled + unlabelled row: per teacher the mean of its fold
+    models' probabilities (fold k's on its own rows too: there is no held-out fold left to leak into)."""
+    n_lab = len(ds.ids)
+    ids = np.concatenate([ds.ids, unl.ids]) if unl is not None else ds.ids
+    folds_all = np.concatenate([fold_of_row, np.full(len(ids) - n_lab, -1)])
+    labels_all = np.zeros((len(ids), len(ds.label_names)), dtype=ds.labels.dtype)
+    labels_all[:n_lab] = ds.labels
+    rows = np.arange(len(ids))
+    tdir = run_dir / TEACHER_DIR
+    if env.is_main:
+        for t in teachers:
+            path = tdir / f"t{t.index}_final.csv"
+            if path.is_file():
+                continue
+            texts = teacher_texts(t, cfg, ds, unl)
+            per_fold = []
+            for fold in range(cfg.cv.n_folds):
+                log(f"distill (final): teacher {t.index} fold-{fold} model scores all {len(rows)} rows")
+                per_fold.append(teacher_fold_probs(t, fold, texts, labels_all, folds_all, rows, env.device,
+                                                   final=True))
+            write_probs(path, ids, np.mean(per_fold, axis=0), ds.label_names,
+                        meta={"kind": "distillation targets of the final student (fold models averaged)",
+                              **t.describe(list(range(cfg.cv.n_folds)))})
+    env.barrier()
+    probs = []
+    for t in teachers:
+        path = tdir / f"t{t.index}_final.csv"
+        got_ids, p, _ = read_probs(path, ds.label_names)
+        if not np.array_equal(_id_strings(got_ids), _id_strings(ids)):
+            raise InputError(f"{path}: targets for other rows than the final student's; the data changed since this "
+                             f"run started")
+        probs.append(p)
+    soft = combine(probs, [t.weight for t in teachers], cfg.distill.temperature).astype(np.float32)
+    return SoftTargets(soft=soft, labelled=rows < n_lab, alpha=cfg.distill.alpha)
+
+
 def provenance(cfg: RunConfig, teachers: list[Teacher], folds: list[int], unlabelled_rows: int) -> dict:
     """What a distilled run and its adapters record about their teachers."""
     d = cfg.distill
@@ -298,6 +345,8 @@ def main(argv: list[str] | None = None, callbacks=None) -> int:
     p.add_argument("--teacher", help="teacher run folder(s), comma-separated (sets distill.teachers)")
     p.add_argument("--teacher-weights", help="one weight per teacher, comma-separated (distill.teacher_weights)")
     p.add_argument("--unlabelled", help="CSV of unlabelled rows for the soft term (distill.unlabelled_csv)")
+    p.add_argument("--final", action="store_true", help="also train the final student on every row, fold-averaged "
+                   "teachers (distill.final; RUN/final/last)")
     p.add_argument("--resume", action="store_true", help="continue the student run in output_dir")
     args = p.parse_args(argv)
     try:
@@ -309,6 +358,8 @@ def main(argv: list[str] | None = None, callbacks=None) -> int:
                                                                              "--teacher-weights")))
         if args.unlabelled:
             overrides.append("distill.unlabelled_csv=" + json.dumps(args.unlabelled))
+        if args.final:
+            overrides.append("distill.final=true")
         cfg = RunConfig.from_yaml(args.config, overrides)
         if args.print_config:
             print(cfg.to_yaml())

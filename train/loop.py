@@ -187,7 +187,10 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
 
     def end_epoch(epoch: int, done: bool) -> None:
         # End of epoch (or of max_steps): evaluate on the held-out fold, save last/best.
-        if env.is_main:
+        if env.is_main and not len(val_idx):  # a final model (distill.final): nothing held out
+            state.history.append({"epoch": epoch + 1, "step": state.step})
+            save_adapter(model, fold_dir / "last", {"final": True, "epoch": epoch + 1})
+        elif env.is_main:
             probs = predict_probs(model, [token_ids[i] for i in val_idx], tokenizer.pad_token_id,
                                   t.eval_batch_size, dtype, desc=f"fold {fold} eval")
             model.train()
@@ -212,7 +215,7 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
                grad_accum_steps=t.grad_accum_steps, resumed=resumed, callbacks=callbacks,
                desc=f"fold {fold}")
 
-    probs = np.load(fold_dir / f"val_probs_{t.keep}.npy") if env.is_main else None
+    probs = np.load(fold_dir / f"val_probs_{t.keep}.npy") if env.is_main and len(val_idx) else None
     return {"fold": fold, "val_index": val_idx, "probs": probs, "history": state.history, "best": state.best,
             "steps": state.step, "samples": state.samples, "real_tokens": state.real_tokens,
             "padded_tokens": state.padded_tokens, "train_seconds": state.train_seconds,

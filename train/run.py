@@ -210,6 +210,33 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
             train_folds = np.concatenate([fold_of_row, np.full(n_unl, -1)])
         extra = {"distill": distill.provenance(cfg, teachers, folds, n_unl)}
 
+    def fit(fold: int, fold_dir: Path, rows_ids, rows_labels, rows_folds, fold_targets) -> dict:
+        """Train one fold (or the final student: ``rows_folds`` all -1, no validation rows) into ``fold_dir``."""
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        what = f"fold {fold}" if fold < cfg.cv.n_folds else "final student"
+        device_map, max_memory = device_map_for(cfg, env)
+        model, tok, dtype = load_classifier(model_path, len(label_names), cfg.model, cfg.quantization, env.device,
+                                            device_map=device_map, seed=cfg.train.seed + fold, max_memory=max_memory)
+        model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
+        params = count_parameters(model)
+        if env.is_main:
+            log(f"{what}: {params['trainable']:,} trainable of {params['total']:,} parameters, "
+                f"dtype {str(dtype).removeprefix('torch.')}")
+
+        def saver(m, folder, more, _tok=tok):
+            save_adapter(m, _tok, folder, cfg, label_names, descriptions, {**extra, **more, "parameters": params})
+
+        res = fit_fold(cfg, fold, model, tok, dtype, rows_ids, rows_labels, rows_folds, fold_dir, env, saver,
+                       log=log, decode=decode, fingerprint=fingerprint, callbacks=callbacks, push=push,
+                       targets=fold_targets)
+        if env.is_main:
+            write_fold_metrics(fold_dir, res)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return res
+
     results = []
     for fold in folds:
         fold_dir = run_dir / f"fold_{fold}"
@@ -220,29 +247,18 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
             log(f"fold {fold}: already done, skipped")
             results.append(res)
             continue
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        device_map, max_memory = device_map_for(cfg, env)
-        model, tok, dtype = load_classifier(model_path, len(label_names), cfg.model, cfg.quantization, env.device,
-                                            device_map=device_map, seed=cfg.train.seed + fold, max_memory=max_memory)
-        model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
-        params = count_parameters(model)
-        if env.is_main:
-            log(f"fold {fold}: {params['trainable']:,} trainable of {params['total']:,} parameters, "
-                f"dtype {str(dtype).removeprefix('torch.')}")
+        results.append(fit(fold, fold_dir, train_ids, train_labels, train_folds, targets.get(fold)))
 
-        def saver(m, folder, more, _tok=tok):
-            save_adapter(m, _tok, folder, cfg, label_names, descriptions, {**extra, **more, "parameters": params})
-
-        res = fit_fold(cfg, fold, model, tok, dtype, train_ids, train_labels, train_folds, fold_dir, env, saver,
-                       log=log, decode=decode, fingerprint=fingerprint, callbacks=callbacks, push=push,
-                       targets=targets.get(fold))
-        if env.is_main:
-            write_fold_metrics(fold_dir, res)
-        results.append(res)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    if teachers is not None and cfg.distill.final:  # the submission student: every row, fold-averaged teachers
+        final_dir = run_dir / distill.FINAL_DIR
+        if (final_dir / "metrics.json").is_file():
+            log("final student: already done, skipped")
+        else:
+            soft = distill.prepare_final_targets(cfg, run_dir, teachers, ds, unl, fold_of_row, env, log=log)
+            fit(cfg.cv.n_folds, final_dir, train_ids, train_labels, np.full(len(train_ids), -1), soft)
+        extra = {**extra, "final": {"adapter": str(final_dir / "last"), "rows_labelled": len(ds.ids),
+                                    "rows_unlabelled": 0 if unl is None else len(unl.ids),
+                                    "targets": "each teacher's fold models averaged (teachers/t{j}_final.csv)"}}
 
     if push is not None:
         push.close()

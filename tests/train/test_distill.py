@@ -85,6 +85,8 @@ def test_distill_config_checks():
                      ({"unlabelled_csv": "u.csv", "alpha": 1.0}, "distill.alpha=1")]:
         with pytest.raises(ConfigError, match=key):
             RunConfig.from_dict({"distill": {**base["distill"], **bad}})
+    with pytest.raises(ConfigError, match="distill.final needs train.keep=last"):
+        RunConfig.from_dict({"distill": {**base["distill"], "final": True}, "train": {"keep": "best"}})
     with pytest.raises(ConfigError, match="needs distill.teachers"):
         RunConfig.from_dict({"distill": {"unlabelled_csv": "u.csv"}})
     with pytest.raises(ConfigError, match="unknown"):
@@ -167,6 +169,44 @@ def test_student_of_fold_k_learns_only_from_teacher_fold_k(tiny_model, data, tmp
     assert json.loads((tmp_path / "student" / "teachers" / "teachers.json").read_text())["alpha"] == 0.5
     oof = pd.read_csv(tmp_path / "student" / "oof.csv")
     assert len(oof) == int(np.isin(fold_of_row, [0, 1]).sum())  # labelled validation rows only
+
+
+def test_final_student_trains_on_every_row_with_fold_averaged_teachers(tiny_model, data, tmp_path, monkeypatch):
+    import train.run
+
+    teacher = fake_teacher_run(tmp_path / "teacher", tiny_config_for(tiny_model, data / "train.csv", tmp_path / "t"))
+    calls, captured = [], {}
+
+    def fake_predict(t, fold, texts, device):
+        calls.append((fold, len(texts)))
+        return np.full((len(texts), 20), 0.1 + 0.2 * fold)
+
+    real_fit_fold = train.run.fit_fold
+
+    def spy_fit_fold(cfg, fold, *args, targets=None, **kw):
+        captured[fold] = (targets, args[5])
+        return real_fit_fold(cfg, fold, *args, targets=targets, **kw)
+
+    monkeypatch.setattr(distill, "predict_fold", fake_predict)
+    monkeypatch.setattr(train.run, "fit_fold", spy_fit_fold)
+    raw = tiny_overrides(tiny_model, data / "train.csv", tmp_path / "student", train__num_epochs=1,
+                         train__max_steps=2, distill={"teachers": [str(teacher)],
+                                                      "unlabelled_csv": str(data / "unlabelled.csv")})
+    train.run.main(RunConfig.from_dict(raw))        # fold 0 only ...
+    raw["distill"]["final"] = True                  # ... then the final student added on resume (allowed)
+    summary = train.run.main(RunConfig.from_dict(raw), resume=True)
+    assert calls[1:] == [(0, 80), (1, 80), (2, 80)]  # every teacher fold scores every row once
+    targets, trained_folds = captured[3]            # the final student: fold index n_folds, no row held out
+    assert (trained_folds == -1).all() and len(trained_folds) == 80
+    np.testing.assert_allclose(targets.soft, 0.3, atol=1e-6)  # mean of the fold models 0.1, 0.3, 0.5
+    assert targets.labelled.sum() == 60
+    final = tmp_path / "student" / "final"
+    info = json.loads((final / "last" / "adapter_info.json").read_text())
+    assert info["final"] is True and info["distill"]["teachers"][0]["teacher"] == str(teacher)
+    assert json.loads((final / "metrics.json").read_text())["samples"] == 2 * 8
+    assert summary["final"]["adapter"] == str(final / "last") and summary["folds"] == [0]
+    assert len(pd.read_csv(tmp_path / "student" / "oof.csv")) == 21   # the final student is not out of fold
+    assert "distill.final" in (tmp_path / "student" / "resume_log.json").read_text()
 
 
 def test_tfidf_teacher_is_refit_without_fold_k(tiny_model, data, monkeypatch):
