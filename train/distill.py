@@ -263,10 +263,6 @@ def prepare_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher], ds: 
                             meta={"kind": "distillation targets", **t.describe([fold]), "fold": fold,
                                   "rows_labelled": int(labelled[rows].sum()),
                                   "rows_unlabelled": int((~labelled[rows]).sum())})
-        write_json(tdir / "teachers.json", {"teachers": [t.describe(folds) for t in teachers],
-                                            "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
-                                            "unlabelled_csv": cfg.distill.unlabelled_csv,
-                                            "unlabelled_rows": len(ids) - n_lab})
     env.barrier()
     out = {}
     for fold in folds:
@@ -323,11 +319,16 @@ def prepare_final_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher]
     return SoftTargets(soft=soft, labelled=rows < n_lab, alpha=cfg.distill.alpha)
 
 
-def provenance(cfg: RunConfig, teachers: list[Teacher], folds: list[int], unlabelled_rows: int) -> dict:
-    """What a distilled run and its adapters record about their teachers."""
+def provenance(cfg: RunConfig, teachers: list[Teacher], folds: list[int], unlabelled_rows: int,
+               run_dir: Path | None = None) -> dict:
+    """What a distilled run and its adapters record about their teachers (also written to
+    ``run_dir/teachers/teachers.json`` when ``run_dir`` is given)."""
     d = cfg.distill
-    return {"teachers": [t.describe(folds) for t in teachers], "alpha": d.alpha, "temperature": d.temperature,
-            "unlabelled_csv": d.unlabelled_csv, "unlabelled_rows": unlabelled_rows}
+    out = {"teachers": [t.describe(folds) for t in teachers], "alpha": d.alpha, "temperature": d.temperature,
+           "unlabelled_csv": d.unlabelled_csv, "unlabelled_rows": unlabelled_rows}
+    if run_dir is not None:
+        write_json(run_dir / TEACHER_DIR / "teachers.json", out)
+    return out
 
 
 def _floats(text: str, what: str) -> list[float]:

@@ -208,7 +208,7 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
             train_ids = token_ids + tokenize(unl.texts, tokenizer, cfg.data.max_length)
             train_labels = np.concatenate([ds.labels, np.zeros((n_unl, len(label_names)), ds.labels.dtype)])
             train_folds = np.concatenate([fold_of_row, np.full(n_unl, -1)])
-        extra = {"distill": distill.provenance(cfg, teachers, folds, n_unl)}
+        extra = {"distill": distill.provenance(cfg, teachers, folds, n_unl, run_dir if env.is_main else None)}
 
     def fit(fold: int, fold_dir: Path, rows_ids, rows_labels, rows_folds, fold_targets) -> dict:
         """Train one fold (or the final student: ``rows_folds`` all -1, no validation rows) into ``fold_dir``."""
