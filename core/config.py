@@ -169,6 +169,29 @@ class HubArgs:
 
 
 @dataclass
+class DistillArgs:
+    """Knowledge distillation from cross-validated teacher runs (``python -m train distill``); off while ``teachers``
+    is empty. The student of fold k learns from each teacher's fold-k model only (it never saw fold k's labels)."""
+
+    teachers: list[str] = field(default_factory=list)
+    """Teacher run folders: ``python -m train`` runs (their ``fold_K/<keep>`` adapters) or ``python -m train tfidf``
+    runs (refit per fold); all on the student's folds (same ``folds.csv``)."""
+    teacher_weights: list[float] | None = None
+    """One weight per teacher for the mean of their soft targets; ``None``: equal weights."""
+    alpha: float = 0.5
+    """Weight of the hard-label loss; ``1 - alpha`` weighs the BCE against the teachers' soft targets (0: soft only,
+    1: hard only). Unlabelled rows have the soft term only."""
+    temperature: float = 1.0
+    """Teacher targets are ``sigmoid(logit(p) / temperature)`` of each teacher probability (> 1 softens)."""
+    unlabelled_csv: str | None = None
+    """Rows without labels (the template's columns and the id column): added to the training rows of every fold
+    (never to a validation fold) with the teachers' soft targets."""
+    final: bool = False
+    """After the folds, also train the submission student ``output_dir/final/last`` on every labelled and
+    unlabelled row, its targets each teacher's fold models averaged (needs every teacher fold; no validation)."""
+
+
+@dataclass
 class RunConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     quantization: QuantizationArgs = field(default_factory=QuantizationArgs)
@@ -179,6 +202,7 @@ class RunConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
     cv: CVArgs = field(default_factory=CVArgs)
     hub: HubArgs = field(default_factory=HubArgs)
+    distill: DistillArgs = field(default_factory=DistillArgs)
     output_dir: str = "adapters/run"
 
     def to_dict(self) -> dict[str, Any]:
@@ -343,5 +367,30 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         problems.append(f"train.split_gpu_memory_gib must be > 0, got {t.split_gpu_memory_gib}")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    problems += _distill_problems(cfg.distill)
+    if cfg.distill.final and t.keep != "last":
+        problems.append("distill.final needs train.keep=last (the final student has no validation rows)")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _distill_problems(d: DistillArgs) -> list[str]:
+    problems = []
+    if not 0 <= d.alpha <= 1:
+        problems.append(f"distill.alpha must be in [0, 1], got {d.alpha}")
+    if d.temperature <= 0:
+        problems.append(f"distill.temperature must be > 0, got {d.temperature}")
+    if d.teacher_weights is not None:
+        if len(d.teacher_weights) != len(d.teachers):
+            problems.append(f"distill.teacher_weights has {len(d.teacher_weights)} weights for "
+                            f"{len(d.teachers)} teachers")
+        elif any(w < 0 for w in d.teacher_weights) or not sum(d.teacher_weights) > 0:
+            problems.append(f"distill.teacher_weights must be >= 0 with a positive sum, got {d.teacher_weights}")
+    if not d.teachers and d.unlabelled_csv:
+        problems.append("distill.unlabelled_csv needs distill.teachers (unlabelled rows learn from soft targets only)")
+    if d.final and not d.teachers:
+        problems.append("distill.final needs distill.teachers")
+    if d.teachers and d.unlabelled_csv and d.alpha == 1:
+        problems.append("distill.alpha=1 (hard labels only) gives distill.unlabelled_csv's rows no loss; "
+                        "lower alpha or drop the unlabelled rows")
+    return problems

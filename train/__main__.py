@@ -7,6 +7,8 @@ Usage:
     python -m train trim-vocab ...    # shrink the embedding matrix to the corpus (python -m train trim-vocab -h)
     python -m train dapt ...          # domain-adaptive pretraining on unlabelled text (python -m train dapt -h)
     python -m train tfidf ...         # TF-IDF + logistic-regression baseline, same folds (python -m train tfidf -h)
+    python -m train distill ...       # a student learning from teacher runs' soft targets (python -m train distill -h)
+    python -m train prune ...         # drop decoder layers / MLP channels by importance (python -m train prune -h)
 
 Exit status: 0 on success, 2 on bad input (config, data, paths), 1 when training fails.
 """
@@ -30,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SUBCOMMANDS = {"trim-vocab": "train.vocab", "dapt": "train.dapt", "tfidf": "train.tfidf"}
+SUBCOMMANDS = {"trim-vocab": "train.vocab", "dapt": "train.dapt", "tfidf": "train.tfidf", "distill": "train.distill",
+               "prune": "train.prune"}
+WITH_CALLBACKS = ("dapt", "distill")
+"""Subcommands that train on the engine (and take test callbacks)."""
 
 
 def main(argv: list[str] | None = None, callbacks=None) -> int:
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> int:
         import importlib
 
         module = importlib.import_module(SUBCOMMANDS[argv[0]])
-        return module.main(argv[1:], callbacks=callbacks) if argv[0] == "dapt" else module.main(argv[1:])
+        return module.main(argv[1:], callbacks=callbacks) if argv[0] in WITH_CALLBACKS else module.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cfg = RunConfig.from_yaml(args.config, args.overrides)

@@ -154,10 +154,10 @@ def fingerprint(*parts: Any) -> str:
 
 RESUME_FREE = ("output_dir", "hub.", "cv.folds", "data.label_names_csv", "train.save_every_steps",
                "train.eval_batch_size", "train.nan_guard_steps", "train.keep", "train.max_tokens_per_micro_batch",
-               "train.grad_checkpointing", "train.parallel")
+               "train.grad_checkpointing", "train.parallel", "distill.final")
 """Settings that do not change what a run computes (save cadence, Hub, logging, which folds: more folds of the same
-split, evaluation batch size, same-gradient memory levers): a resumed run may change them, and the change is
-recorded. Every other key (model, quantization, lora, data, decode, loss, train.lr / epochs / micro-batch / accum /
+split, evaluation batch size, same-gradient memory levers, adding the final distilled student): a resumed run may
+change them, and the change is recorded. Every other key (model, quantization, lora, data, decode, loss, train.lr / epochs / micro-batch / accum /
 seed ..., cv.n_folds) is refused."""
 
 

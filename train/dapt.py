@@ -57,7 +57,7 @@ LOGIT_CHUNK_ELEMENTS = 2 ** 26
 # Settings that do not change what a DAPT run computes: a resumed run may differ in these.
 _RESUME_FREE = ("output_dir", "data.train_csv", "data.id_column", "data.label_prefix",
                 "data.label_columns", "data.label_names_csv", "model.num_labels", "lora.init_adapter", "loss.",
-                "cv.", "hub.", "train.head_lr", "train.save_every_steps", "train.keep",
+                "cv.", "hub.", "distill.", "train.head_lr", "train.save_every_steps", "train.keep",
                 "train.parallel", "train.eval_batch_size", "train.nan_guard_steps")
 
 

@@ -25,7 +25,7 @@ from train import checkpoint
 from train.checkpoint import Progress
 from train.data import batch_order, split_by_tokens
 from train.engine import Callbacks, DistContext, Optimization, broadcast_trainable, run_epochs, step_seed
-from train.loss import multilabel_loss, pos_weight_from_labels
+from train.loss import distill_loss, multilabel_loss, pos_weight_from_labels
 
 
 @dataclass
@@ -34,6 +34,19 @@ class DistEnv(DistContext):
 
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+
+
+@dataclass
+class SoftTargets:
+    """Distillation targets of one fold (:mod:`train.distill`): per-row teacher probabilities and which rows have
+    labels, over the same rows as ``fit_fold``'s ``token_ids``."""
+
+    soft: np.ndarray
+    """rows x classes teacher probabilities; NaN on rows that are not trained on (the validation fold)."""
+    labelled: np.ndarray
+    """rows booleans: False for the unlabelled rows (soft term only)."""
+    alpha: float
+    """Weight of the hard-label term (see :func:`train.loss.distill_loss`)."""
 
 
 def setup_dist(parallel: str) -> DistEnv:
@@ -94,14 +107,16 @@ def selection_key(cfg: RunConfig) -> str:
 def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, token_ids: list[list[int]],
              labels: np.ndarray, fold_of_row: np.ndarray, fold_dir: Path, env: DistEnv, save_adapter,
              log=print, decode: ThresholdSpec | None = None, fingerprint: str = "",
-             callbacks: Callbacks | None = None, push=None) -> dict:
+             callbacks: Callbacks | None = None, push=None, targets: SoftTargets | None = None) -> dict:
     """Train one fold (resuming from ``fold_dir/checkpoint`` if present); returns the fold's result.
 
     ``save_adapter(model, folder, extra)`` writes an adapter folder (see core.adapter). ``decode`` is the run's
     cascade (``ThresholdSpec.from_decode(label_names, cfg.decode)``); None: the config's steps with an argmax
     fallback (for callers without label names, e.g. benchmarks). With ``decode.strategy: sets`` each epoch also
-    scores set decoding with priors from this fold's training rows (:func:`fold_decoding`). ``fingerprint`` identifies the run a checkpoint
-    belongs to (see :mod:`train.checkpoint`); ``push()`` (rank 0, after each checkpoint) sends it to the Hub.
+    scores set decoding with priors from this fold's training rows (:func:`fold_decoding`). ``fingerprint``
+    identifies the run a checkpoint belongs to (see :mod:`train.checkpoint`); ``push()`` (rank 0, after each checkpoint) sends it to the Hub.
+    ``targets``: distillation (soft targets, labelled mask); rows with ``fold_of_row`` -1 (unlabelled) are trained
+    on in every fold and never evaluated.
     """
     t = cfg.train
     if decode is None:
@@ -110,10 +125,13 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
     device = input_device(model)
     train_idx = np.flatnonzero(fold_of_row != fold)
     val_idx = np.flatnonzero(fold_of_row == fold)
-    decode = fold_decoding(cfg, decode, labels, train_idx)
+    labelled_train = train_idx if targets is None else train_idx[targets.labelled[train_idx]]
+    decode = fold_decoding(cfg, decode, labels, labelled_train)  # set priors: this fold's labelled training rows
     key = selection_key(cfg)
     lengths = np.array([len(x) for x in token_ids])
-    pos_weight = pos_weight_from_labels(labels[train_idx], cfg.loss.pos_weight, cfg.loss.pos_weight_max)
+    pos_weight = pos_weight_from_labels(labels[labelled_train], cfg.loss.pos_weight, cfg.loss.pos_weight_max)
+    if targets is not None and not np.isfinite(targets.soft[train_idx]).all():
+        raise TrainingError(f"fold {fold}: training rows without teacher targets")
 
     n_batches = math.ceil(len(train_idx) / t.micro_batch_size) // env.world_size
     if n_batches < 1:
@@ -162,7 +180,11 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
             with autocast(device, dtype):
                 logits = model(input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device)).logits
-            loss = multilabel_loss(logits, batch["labels"].to(logits.device), cfg.loss, pos_weight)
+            if targets is None:
+                loss = multilabel_loss(logits, batch["labels"].to(logits.device), cfg.loss, pos_weight)
+            else:
+                loss = distill_loss(logits, batch["labels"], torch.as_tensor(targets.soft[rows]),
+                                    torch.as_tensor(targets.labelled[rows]), targets.alpha, cfg.loss, pos_weight)
             # Weight each micro-batch (or piece of one) by its rows so a short one counts as much as its rows;
             # the all-reduce averages over ranks, so the gradient is the mean over the step's rows on all ranks.
             opt.backward(loss * (len(rows) * env.world_size / step_rows[g]))
@@ -177,7 +199,10 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
 
     def end_epoch(epoch: int, done: bool) -> None:
         # End of epoch (or of max_steps): evaluate on the held-out fold, save last/best.
-        if env.is_main:
+        if env.is_main and not len(val_idx):  # a final model (distill.final): nothing held out
+            state.history.append({"epoch": epoch + 1, "step": state.step})
+            save_adapter(model, fold_dir / "last", {"final": True, "epoch": epoch + 1})
+        elif env.is_main:
             probs = predict_probs(model, [token_ids[i] for i in val_idx], tokenizer.pad_token_id,
                                   t.eval_batch_size, dtype, desc=f"fold {fold} eval")
             model.train()
@@ -204,7 +229,7 @@ def fit_fold(cfg: RunConfig, fold: int, model, tokenizer, dtype: torch.dtype, to
                grad_accum_steps=t.grad_accum_steps, resumed=resumed, callbacks=callbacks,
                desc=f"fold {fold}")
 
-    probs = np.load(fold_dir / f"val_probs_{t.keep}.npy") if env.is_main else None
+    probs = np.load(fold_dir / f"val_probs_{t.keep}.npy") if env.is_main and len(val_idx) else None
     return {"fold": fold, "val_index": val_idx, "probs": probs, "history": state.history, "best": state.best,
             "steps": state.step, "samples": state.samples, "real_tokens": state.real_tokens,
             "padded_tokens": state.padded_tokens, "train_seconds": state.train_seconds,

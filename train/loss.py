@@ -38,3 +38,32 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, args: LossArgs,
     loss_pos = targets * torch.log(p.clamp(min=1e-8)) * (1 - p) ** args.asl_gamma_pos
     loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=1e-8)) * p_neg ** args.asl_gamma_neg
     return -(loss_pos + loss_neg).mean()
+
+
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor, labelled: torch.Tensor,
+                 alpha: float, args: LossArgs, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Knowledge-distillation loss of a batch: ``alpha`` x hard + ``(1 - alpha)`` x soft, a mean over the rows.
+
+    The hard term is :func:`multilabel_loss` (the configured loss, ``pos_weight``) on the labelled rows only,
+    scaled by their share of the batch; the soft term is BCE against the teachers' targets ``soft`` (probabilities)
+    on every row. An unlabelled row (``labelled`` False) therefore carries the soft term only. ``alpha`` 0: soft
+    only, 1: hard only.
+
+    Args:
+        logits: rows x classes student logits.
+        labels: rows x classes 0/1 labels (any value on unlabelled rows: unused).
+        soft: rows x classes teacher probabilities in [0, 1].
+        labelled: rows booleans, True where ``labels`` are real.
+        alpha: weight of the hard term in [0, 1].
+        args: the config's ``loss`` section (the hard term).
+        pos_weight: per-class positive weight of the hard term (BCE).
+    """
+    logits = logits.float()
+    labelled = labelled.to(logits.device).bool()
+    total = logits.new_zeros(())
+    if alpha > 0 and bool(labelled.any()):
+        hard = multilabel_loss(logits[labelled], labels.to(logits.device)[labelled], args, pos_weight)
+        total = total + alpha * hard * (labelled.sum() / len(labelled))
+    if alpha < 1:
+        total = total + (1 - alpha) * F.binary_cross_entropy_with_logits(logits, soft.to(logits.device).float())
+    return total

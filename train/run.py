@@ -163,6 +163,12 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
     fold_of_row = make_folds(ds.labels, cfg.cv.n_folds, cfg.train.seed)
     folds = cfg.cv.folds if cfg.cv.folds is not None else list(range(cfg.cv.n_folds))
     lengths = np.array([len(t) for t in token_ids])
+    teachers, unl = None, None
+    if cfg.distill.teachers:  # distillation: validate the teachers (folds, labels, fold models) before writing
+        from train import distill
+
+        teachers = distill.read_teachers(cfg, ds, fold_of_row, folds)
+        unl = distill.read_unlabelled(cfg, ds)
     if env.is_main:
         if cfg.data.label_columns is None and cfg.data.label_prefix is None:
             log(f"label columns detected (only 0/1 values; set data.label_columns to choose): {label_names}")
@@ -197,6 +203,44 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
         push = BackgroundPush(lambda: push_checkpoint(run_dir, cfg.hub.push_checkpoints_to, private=cfg.hub.private,
                                                       log=log), log=log)
     fingerprint = run_fingerprint(cfg)
+    # The rows fit_fold trains on: the labelled rows, then (distillation) the unlabelled ones in no fold (-1).
+    train_ids, train_labels, train_folds, targets, extra = token_ids, ds.labels, fold_of_row, {}, {}
+    if teachers is not None:
+        pending = [f for f in folds if not (run_dir / f"fold_{f}" / "metrics.json").is_file()]
+        targets = distill.prepare_targets(cfg, run_dir, teachers, ds, unl, fold_of_row, pending, env, log=log)
+        n_unl = 0 if unl is None else len(unl.ids)
+        if n_unl:
+            train_ids = token_ids + tokenize(unl.texts, tokenizer, cfg.data.max_length)
+            train_labels = np.concatenate([ds.labels, np.zeros((n_unl, len(label_names)), ds.labels.dtype)])
+            train_folds = np.concatenate([fold_of_row, np.full(n_unl, -1)])
+        extra = {"distill": distill.provenance(cfg, teachers, folds, n_unl, run_dir if env.is_main else None)}
+
+    def fit(fold: int, fold_dir: Path, rows_ids, rows_labels, rows_folds, fold_targets) -> dict:
+        """Train one fold (or the final student: ``rows_folds`` all -1, no validation rows) into ``fold_dir``."""
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        what = f"fold {fold}" if fold < cfg.cv.n_folds else "final student"
+        device_map, max_memory = device_map_for(cfg, env)
+        model, tok, dtype = load_classifier(model_path, len(label_names), cfg.model, cfg.quantization, env.device,
+                                            device_map=device_map, seed=cfg.train.seed + fold, max_memory=max_memory)
+        model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
+        params = count_parameters(model)
+        if env.is_main:
+            log(f"{what}: {params['trainable']:,} trainable of {params['total']:,} parameters, "
+                f"dtype {str(dtype).removeprefix('torch.')}")
+
+        def saver(m, folder, more, _tok=tok):
+            save_adapter(m, _tok, folder, cfg, label_names, descriptions, {**extra, **more, "parameters": params})
+
+        res = fit_fold(cfg, fold, model, tok, dtype, rows_ids, rows_labels, rows_folds, fold_dir, env, saver,
+                       log=log, decode=decode, fingerprint=fingerprint, callbacks=callbacks, push=push,
+                       targets=fold_targets)
+        if env.is_main:
+            write_fold_metrics(fold_dir, res)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return res
 
     results = []
     for fold in folds:
@@ -208,34 +252,24 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
             log(f"fold {fold}: already done, skipped")
             results.append(res)
             continue
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        device_map, max_memory = device_map_for(cfg, env)
-        model, tok, dtype = load_classifier(model_path, len(label_names), cfg.model, cfg.quantization, env.device,
-                                            device_map=device_map, seed=cfg.train.seed + fold, max_memory=max_memory)
-        model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
-        params = count_parameters(model)
-        if env.is_main:
-            log(f"fold {fold}: {params['trainable']:,} trainable of {params['total']:,} parameters, "
-                f"dtype {str(dtype).removeprefix('torch.')}")
+        results.append(fit(fold, fold_dir, train_ids, train_labels, train_folds, targets.get(fold)))
 
-        def saver(m, folder, extra, _tok=tok):
-            save_adapter(m, _tok, folder, cfg, label_names, descriptions, {**extra, "parameters": params})
-
-        res = fit_fold(cfg, fold, model, tok, dtype, token_ids, ds.labels, fold_of_row, fold_dir, env, saver, log=log,
-                       decode=decode, fingerprint=fingerprint, callbacks=callbacks, push=push)
-        if env.is_main:
-            write_fold_metrics(fold_dir, res)
-        results.append(res)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    if teachers is not None and cfg.distill.final:  # the submission student: every row, fold-averaged teachers
+        final_dir = run_dir / distill.FINAL_DIR
+        if (final_dir / "metrics.json").is_file():
+            log("final student: already done, skipped")
+        else:
+            soft = distill.prepare_final_targets(cfg, run_dir, teachers, ds, unl, fold_of_row, env, log=log)
+            fit(cfg.cv.n_folds, final_dir, train_ids, train_labels, np.full(len(train_ids), -1), soft)
+        extra = {**extra, "final": {"adapter": str(final_dir / "last"), "rows_labelled": len(ds.ids),
+                                    "rows_unlabelled": 0 if unl is None else len(unl.ids),
+                                    "targets": "each teacher's fold models averaged (teachers/t{j}_final.csv)"}}
 
     if push is not None:
         push.close()
     summary = {}
     if env.is_main:
-        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode)
+        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode, extra)
     env.barrier()
     if env.world_size > 1:
         torch.distributed.destroy_process_group()
@@ -243,7 +277,7 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
 
 
 def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], results: list[dict],
-                  seconds: float, decode: ThresholdSpec) -> dict:
+                  seconds: float, decode: ThresholdSpec, extra: dict | None = None) -> dict:
     """Out-of-fold probabilities of the trained folds + a summary JSON (metrics, throughput, provenance)."""
     idx = np.concatenate([r["val_index"] for r in results])
     probs = np.concatenate([np.asarray(r["probs"]) for r in results])
@@ -277,7 +311,7 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
                        "samples_per_s": round(samples / secs, 2) if secs else None,
                        "padding_fraction": round(1 - real / padded, 4) if padded else None},
         "wall_seconds": round(seconds, 1), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-        else "cpu", "config": cfg.to_dict(), "label_names": label_names, "versions": versions(),
+        else "cpu", "config": cfg.to_dict(), "label_names": label_names, "versions": versions(), **(extra or {}),
     }
     write_json(run_dir / "summary.json", summary)
     log("out-of-fold (" + ", ".join(map(str, folds)) + f"), {len(idx)} rows: exact-match "

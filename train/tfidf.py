@@ -105,7 +105,7 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
         metrics.update({f"sets/{k}": v for k, v in scores(ds.labels, pred_sets).items()})
     meta = {"kind": "out-of-fold", "produced_by": "python -m train tfidf", "model": "tfidf word 1-2 + char_wb 2-5, "
             f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions()}
-    summary = {**meta, "rows": int(len(ds.ids)), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
+    summary = {**meta, "C": c, "rows": int(len(ds.ids)), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
                "config": cfg.to_dict()}
     with atomic_dir(out) as tmp:
         write_probs(tmp / "oof.csv", ds.ids, oof, ds.label_names, meta=meta)
