@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -428,7 +427,7 @@ def _cli(args) -> int:
         print("error: the web UI needs streamlit (pip install streamlit)", file=sys.stderr)
         return 2
     print(f"starting the UI on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    # Become the Streamlit server (no child process): a signal to this process (Ctrl+C, a supervisor's SIGTERM, a
+    # test's terminate()) then stops the server itself instead of leaving it running as an orphan.
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)

@@ -59,3 +59,29 @@ def test_gemma3_270m_train_save_reload(tmp_path):
     ids, oof, _ = read_probs(out / "oof.csv", ds.label_names)
     assert list(ids) == list(ds.ids[val])
     np.testing.assert_allclose(oof, saved, atol=1e-6)
+    serve_the_trained_run(out, csv, val, probs)
+
+
+def serve_the_trained_run(run, csv, val, probs):
+    """The real 270M behind ``infer serve`` (HTTP on a loopback port): the probabilities of the fold adapter, and the
+    decoded set from the run's decode section."""
+    import time
+
+    import httpx
+
+    from infer.serve import Settings, create_app, serve_in_thread
+
+    df = pd.read_csv(csv).iloc[val[:3]]
+    rows = [{"assessment": float(r.assessment), "tags": None if pd.isna(r.tags) else str(r.tags),
+             "text": "" if pd.isna(r.text) else str(r.text)} for r in df.itertuples()]
+    app = create_app(settings=Settings(adapters=[str(run)], max_wait_ms=50))
+    with serve_in_thread(app) as url:
+        t0 = time.perf_counter()
+        while httpx.get(f"{url}/ready").status_code != 200:
+            assert time.perf_counter() - t0 < 300, "the 270M server never got ready"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=120)
+    assert r.status_code == 200, r.text
+    got = np.array([[p["probability"] for p in row["probabilities"]] for row in r.json()["rows"]])
+    np.testing.assert_allclose(got, probs[:3], atol=1e-4)
+    assert all(row["labels"] for row in r.json()["rows"])  # the cascade always ends in the fallback class
