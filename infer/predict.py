@@ -73,11 +73,13 @@ def check_labels(refs: Sequence[AdapterRef], labels_like: str | Path | None = No
         path = Path(labels_like)
         if not path.is_file():
             raise InputError(f"{path}: file not found (--labels-like)")
+        data = refs[0].cfg.data
+        detect = data.label_columns is None and data.label_prefix is None  # only detection needs the values
         try:
-            frame = pd.read_csv(path)
+            frame = pd.read_csv(path, nrows=None if detect else 0)
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{path}: cannot read CSV: {e}") from None
-        cols = label_columns(frame, refs[0].cfg.data, str(path))
+        cols = label_columns(frame, data, str(path))
         for r in refs:
             count = r.head_labels if r.head_labels is not None else len(r.label_names)
             if count != len(cols):

@@ -175,6 +175,11 @@ def _free(key: str, free: tuple[str, ...]) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
 
 
+def result_settings(config: dict, free: tuple[str, ...] = RESUME_FREE) -> dict:
+    """The flat ``section.key -> value`` settings of a config dict that a resume may not change."""
+    return {k: v for k, v in flat(config).items() if not _free(k, free)}
+
+
 def changes(saved: dict, now: dict, free: tuple[str, ...] = RESUME_FREE) -> tuple[list, list]:
     """(refused, allowed) changes between two config dicts, each a list of (key, old, new)."""
     a, b = flat(saved), flat(now)

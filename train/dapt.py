@@ -248,9 +248,7 @@ def _run(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool, eval_
 
     # 3. Train on the engine (resuming from the checkpoint if there is one).
     opt = Optimization(model, cfg, device, dtype, total_steps)
-    fp = checkpoint.fingerprint(fingerprint, {k: v for k, v in checkpoint.flat(cfg.to_dict()).items()
-                                              if not any(k == f or (f.endswith(".") and k.startswith(f))
-                                                         for f in _RESUME_FREE)})
+    fp = checkpoint.fingerprint(fingerprint, checkpoint.result_settings(cfg.to_dict(), _RESUME_FREE))
     resumed = checkpoint.exists(ckpt)
     if resumed:
         state = opt.load(ckpt, fp)

@@ -85,10 +85,8 @@ LATER_DEFAULTS = {"decode.strategy": "cascade"}
 
 def run_fingerprint(cfg: RunConfig) -> str:
     """What every checkpoint of this run must agree on: the settings a resume may not change."""
-    return checkpoint.fingerprint({k: v for k, v in checkpoint.flat(cfg.to_dict()).items()
-                                   if not any(k == f or (f.endswith(".") and k.startswith(f))
-                                              for f in checkpoint.RESUME_FREE)
-                                   and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])})
+    return checkpoint.fingerprint({k: v for k, v in checkpoint.result_settings(cfg.to_dict()).items()
+                                   if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])})
 
 
 class BackgroundPush:
