@@ -112,6 +112,36 @@ def meta_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
+OPTIMISTIC_KEY = "optimistic"
+"""Key of a probability file's ``.meta.json`` that says why scores on its rows are optimistic by construction."""
+
+
+def keep_best_reason(keep: str) -> str | None:
+    """Why the out-of-fold file of a run with ``train.keep=keep`` is optimistic (None for ``last``)."""
+    if keep != "best":
+        return None
+    return ("train.keep=best chose each fold's epoch on the very rows of this out-of-fold file, so scores on it "
+            "(and thresholds tuned on it) are optimistic")
+
+
+def optimistic_reason(path: str | Path) -> str | None:
+    """Why scores on the probability file ``path`` are optimistic by construction, from its ``.meta.json``
+    (:data:`OPTIMISTIC_KEY`, or an out-of-fold file of a ``train.keep=best`` run written before the key existed);
+    None if they are not, or nothing says so."""
+    mp = meta_path(path)
+    try:
+        meta = json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if meta.get(OPTIMISTIC_KEY):
+        return str(meta[OPTIMISTIC_KEY])
+    if meta.get("kind") == "out-of-fold probabilities" and meta.get("adapter") == "best":
+        return keep_best_reason("best")
+    return None
+
+
 def write_probs(path: str | Path, ids: Sequence, probs: np.ndarray, label_names: Sequence[str],
                 meta: dict[str, Any] | None = None) -> None:
     """Write a probability file (and its ``.meta.json`` sidecar when ``meta`` is given), atomically."""

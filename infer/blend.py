@@ -135,7 +135,7 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     """Read and validate everything, tune the weights (and estimate the blend's score honestly, nested over the
     folds: ``folds`` file, else RUN/folds.csv beside the first OOF file, else a seeded K-fold), then write the
     blended file(s)."""
-    from infer.tune import default_spec, labels_id_column, resolve_folds
+    from infer.tune import check_honest, default_spec, labels_id_column, resolve_folds
 
     oof = _split(oof, "--oof")
     probs = None if probs is None else _split(probs, "--probs")  # None: measure the blend on OOF rows only
@@ -149,6 +149,8 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
                          f"in the same order")
     if len(oof) < 2:
         raise InputError("blend needs at least two models (--probs a.csv,b.csv --oof a_oof.csv,b_oof.csv)")
+    for path in oof:
+        check_honest(path, nested, "--no-nested", log)
     oof_ids, oofs, names = _read_group(oof, None)
     label_ids, y_all = read_labels(labels, names, probs_path=oof[0], id_column=labels_id_column(oof[0], id_column))
     y = y_all[align_ids(oof[0], oof_ids, labels, label_ids)]

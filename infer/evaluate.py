@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.io import InputError, align_ids, atomic_path, read_labels, read_probs, write_json
+from core.io import InputError, align_ids, atomic_path, optimistic_reason, read_labels, read_probs, write_json
 from core.metrics import exact_match, micro_f1, paired_difference, per_class_f1, scores
 from core.sets import SetDecoder, is_sets
 from core.thresholds import ThresholdSpec, fallback_name, threshold
@@ -184,6 +184,10 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     log(table(result["metrics"]))
     if baseline is not None:
         log("\n".join(compare_lines(comparison, baseline)))
+    reason = optimistic_reason(probs)
+    if reason:
+        log(f"note: {probs}: {reason}")
+        result["optimistic"] = reason
     tuned_on = tuned.meta.get("oof") if tuned is not None else None
     if tuned_on and Path(tuned_on).resolve() == Path(probs).resolve():
         kind = "sets" if is_sets(tuned) else "tuned"  # the nested estimate of the decoding the file holds

@@ -40,8 +40,8 @@ import numpy as np
 
 from core.config import ConfigError, DecodeArgs, RunConfig
 from core.errors import InputError
-from core.io import (ID_COLUMN, align_ids, meta_path, progress_bar, read_folds, read_labels, read_oof, versions,
-                     write_json)
+from core.io import (ID_COLUMN, align_ids, meta_path, optimistic_reason, progress_bar, read_folds, read_labels,
+                     read_oof, versions, write_json)
 from core.metrics import OBJECTIVES, objective_score, scores
 from core.sets import SetDecoder, is_sets, tune_sets
 from core.thresholds import (
@@ -491,6 +491,24 @@ def resolve_folds(folds: str | Path | None, oof: str | Path, ids, fold_col: np.n
     return fold_of, source
 
 
+def check_honest(path: str | Path, nested: bool, opt_out: str, log=print) -> str | None:
+    """Refuse a nested estimate on a probability file whose scores are optimistic by construction
+    (:func:`core.io.optimistic_reason`: e.g. the OOF file of a ``train.keep=best`` run); without one, say so and
+    return the reason (None: nothing known against the file).
+
+    Raises:
+        InputError: ``nested`` and the file is optimistic.
+    """
+    reason = optimistic_reason(path)
+    if reason and nested:
+        raise InputError(f"{path}: {reason}; a nested estimate on it would be optimistic too. Use the out-of-fold "
+                         f"file of a train.keep=last run for an honest estimate, or pass {opt_out} to go on "
+                         f"without one")
+    if reason:
+        log(f"note: {path}: {reason}")
+    return reason
+
+
 def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | Path | None = None,
              objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS, seed: int = 0,
              fallback: str | int | None = None, per_class: bool = True, shrink: float = DEFAULT_SHRINK,
@@ -508,6 +526,7 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
         raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if n_trials < 1:
         raise InputError(f"--n-trials must be >= 1, got {n_trials}")
+    optimistic = check_honest(oof, nested, "--no-nested", log)
     ids, probs, names, fold_col = read_oof(oof)
     label_ids, y_all = read_labels(labels, names, probs_path=oof, id_column=labels_id_column(oof, id_column))
     y = y_all[align_ids(oof, ids, labels, label_ids)]
@@ -528,7 +547,8 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
         "produced_by": "python -m infer tune", "oof": str(oof), "labels": str(labels), "rows": int(len(ids)),
         "objective": objective, "n_trials": int(n_trials), "seed": int(seed), "per_class": per_class,
         "shrink_k": float(shrink), "fallback_class": fallback_name(names, fb),
-        "folds_source": source, "nested": estimate, "versions": versions()})
+        "folds_source": source, "nested": estimate, "versions": versions(),
+        **({"optimistic": optimistic} if optimistic else {})})
     result = spec
     if strategy == "sets":
         dec = tune_sets(probs, y, names, ThresholdSpec(spec.label_names, spec.start, spec.stop, spec.step,

@@ -15,7 +15,7 @@ import torch
 from core.adapter import save_adapter
 from core.config import ConfigError, RunConfig
 from core.data import read_csv, read_label_descriptions, tokenize
-from core.io import InputError, versions, write_json, write_probs, write_text
+from core.io import OPTIMISTIC_KEY, InputError, keep_best_reason, versions, write_json, write_probs, write_text
 from core.metrics import scores
 from core.model import load_classifier, load_tokenizer, resolve_model_path
 from core.thresholds import ThresholdSpec, threshold
@@ -282,8 +282,9 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
     order = np.argsort(idx)
     idx, probs = idx[order], probs[order]
     folds = [r["fold"] for r in results]
+    optimistic = keep_best_reason(cfg.train.keep)
     meta = {"kind": "out-of-fold probabilities", "folds": folds, "adapter": cfg.train.keep,
-            "config": cfg.to_dict(), "source": ds.path}
+            "config": cfg.to_dict(), "source": ds.path, **({OPTIMISTIC_KEY: optimistic} if optimistic else {})}
     write_probs(run_dir / "oof.csv", ds.ids[idx], probs, label_names, meta=meta)
     y = ds.labels[idx]
     oof = {f"t0.5/{k}": v for k, v in scores(y, threshold(probs, 0.5)).items()}
@@ -310,12 +311,15 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
                        "padding_fraction": round(1 - real / padded, 4) if padded else None},
         "wall_seconds": round(seconds, 1), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
         else "cpu", "config": cfg.to_dict(), "label_names": label_names, "versions": versions(), **(extra or {}),
+        **({OPTIMISTIC_KEY: optimistic} if optimistic else {}),
     }
     write_json(run_dir / "summary.json", summary)
     log("out-of-fold (" + ", ".join(map(str, folds)) + f"), {len(idx)} rows: exact-match "
         f"{oof['t0.5/exact_match']:.4f} @0.5, {oof['cascade/exact_match']:.4f} cascade"
         + (f", {oof['sets/exact_match']:.4f} sets" if "sets/exact_match" in oof else "") + "; micro-F1 "
         f"{oof['t0.5/micro_f1']:.4f} @0.5, {oof['cascade/micro_f1']:.4f} cascade")
+    if optimistic:
+        log(f"note: {optimistic}; for an honest estimate train with train.keep=last")
     log(f"wrote {run_dir / 'oof.csv'} and {run_dir / 'summary.json'}")
     return summary
 

@@ -325,6 +325,34 @@ def test_blend_without_probs_only_measures(data, capsys):
     assert code == 2 and "--out needs --probs" in err and not (d / "b.csv").exists()
 
 
+@pytest.mark.parametrize("marked", ["key", "keep_best"])
+def test_an_optimistic_oof_file_is_refused_for_nested_estimates(data, capsys, marked):
+    """The OOF file of a train.keep=best run (each fold's epoch chosen on its rows) gives no nested estimate in tune
+    or blend; --no-nested goes on and says so; evaluate says so. Marked by the key, or (older files) by the
+    out-of-fold kind with adapter best."""
+    d = data["dir"]
+    opt = d / "best_oof.csv"
+    meta = ({"kind": "out-of-fold probabilities", "adapter": "last", "optimistic": "picked on these rows"}
+            if marked == "key" else {"kind": "out-of-fold probabilities", "adapter": "best"})
+    write_probs(opt, data["ids"], data["p"], NAMES, meta=meta)
+    out = d / "t.json"
+    code, _, err = run(["tune", "--oof", opt, "--labels", data["labels"], "--out", out, "--n-trials", 5,
+                        "--no-progress"], capsys)
+    assert code == 2 and str(opt) in err and "optimistic" in err and "--no-nested" in err and not out.exists()
+    code, _, err = run(["blend", "--oof", f"{data['oof']},{opt}", "--labels", data["labels"], "--n-trials", 5,
+                        "--no-progress"], capsys)
+    assert code == 2 and str(opt) in err and "optimistic" in err
+    code, stdout, _ = run(["tune", "--oof", opt, "--labels", data["labels"], "--out", out, "--n-trials", 5,
+                           "--no-progress", "--no-nested"], capsys)
+    assert code == 0 and "optimistic" in stdout and json.loads(out.read_text())["meta"]["optimistic"]
+    code, stdout, _ = run(["evaluate", "--probs", opt, "--labels", data["labels"]], capsys)
+    assert code == 0 and "optimistic" in stdout
+    assert json.loads((d / "best_oof.eval.json").read_text())["optimistic"]
+    # the same rows without the mark: a nested estimate as usual
+    code, stdout, _ = run(tune_args(data, d / "t2.json"), capsys)
+    assert code == 0 and "nested estimate" in stdout and f"note: {data['oof']}" not in stdout
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bad input: exit 2, the file and column/row named, nothing written
 # --------------------------------------------------------------------------------------------------------------

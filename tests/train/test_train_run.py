@@ -68,6 +68,12 @@ def test_run_writes_complete_artifacts(runs, arch):
         assert 0.0 <= summary["oof_metrics"][k] <= 1.0
         assert 0.0 <= summary["mean_fold_metrics"][k] <= 1.0
     assert summary["label_names"] == LABELS
+    # keep: best chose the epoch on the OOF rows: the summary and the OOF file say they are optimistic
+    oof_meta = json.loads((run / "oof.csv.meta.json").read_text())
+    if cfg.train.keep == "best":
+        assert "optimistic" in summary["optimistic"] and summary["optimistic"] == oof_meta["optimistic"]
+    else:
+        assert "optimistic" not in summary and "optimistic" not in oof_meta
     assert yaml.safe_load((run / "run_config.yaml").read_text()) == cfg.to_dict()
 
     # Folds: 60 rows in 3 folds; the OOF file holds exactly fold 0's rows, in data order, with every class column.

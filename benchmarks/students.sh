@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Production students (issue 16): the embedded 270M (shipped config, 2 epochs) as teacher; students on its trimmed
+# vocabulary pruned to 12, 9 and 6 of 18 layers, distilled from it on the same folds; then CPU prediction speed.
+#
+#   bash benchmarks/students.sh [RUNS_DIR] [FOLDS] [LAYERS]      # defaults: runs/students "[0]" "9 6 12"
+#
+# Every step is skipped when its output exists, so running it again after a cut goes on where it stopped (a
+# training step that was cut is resumed with --resume). Figures: python -m benchmarks.students RUNS_DIR.
+# The teacher's fold-k probabilities on the students' training rows are computed by the first student's distill
+# run and copied to the others (same teacher, same rows: the files are checked by row id when read).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=${1:-runs/students}
+FOLDS=${2:-"[0]"}
+LAYERS=${3:-"9 6 12"}
+DLS=${DLS:-../shared/data/dls}
+UNLABELLED_ROWS=${UNLABELLED_ROWS:-1000}
+PY=${PYTHON:-python}
+CFG=configs/gemma-3-270m/qlora.yaml
+DATA=(--set "data.train_csv=$DLS/train.csv" --set "data.label_names_csv=$DLS/trends_description.csv"
+      --set "cv.folds=$FOLDS")
+mkdir -p "$R"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$R/students.log"; }
+mkdir -p "$R/logs"
+timed() {  # timed NAME CMD...: runs CMD (output in $R/logs/NAME.log), appends wall time + peak RSS to $R/times.jsonl
+    local name=$1; shift
+    /usr/bin/time -f "{\"step\": \"$name\", \"wall_s\": %e, \"peak_rss_kib\": %M}" -a -o "$R/times.jsonl" "$@" \
+        >>"$R/logs/$name.log" 2>&1
+}
+train_or_resume() {  # train_or_resume DIR CMD...: --resume when DIR holds a started run
+    local dir=$1; shift
+    if [ -f "$dir/summary.json" ]; then log "done: $dir"; return; fi
+    if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then "$@" --resume; else "$@"; fi
+}
+
+if [ ! -f "$R/unlabelled.csv" ]; then
+    $PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).head(int(sys.argv[2])).to_csv(sys.argv[3], index=False)" \
+        "$DLS/test.csv" "$UNLABELLED_ROWS" "$R/unlabelled.csv.part" && mv "$R/unlabelled.csv.part" "$R/unlabelled.csv"
+fi
+
+log "teacher: $CFG, folds $FOLDS"
+train_or_resume "$R/teacher" timed teacher $PY -m train --config $CFG "${DATA[@]}" --set "output_dir=$R/teacher"
+
+[ -d "$R/trimmed" ] || timed trim $PY -m train trim-vocab --model embedded:gemma-3-270m \
+    --corpus "$DLS/train.csv,$DLS/test.csv" --out "$R/trimmed" --config $CFG
+
+first=""
+for n in $LAYERS; do
+    [ -d "$R/pruned$n" ] || timed "prune$n" $PY -m train prune --model "$R/trimmed" --keep-layers "$n" \
+        --data "$DLS/train.csv" --out "$R/pruned$n" --config $CFG
+    s="$R/student$n"
+    if [ -n "$first" ] && [ ! -d "$s" ] && [ -d "$first/teachers" ]; then
+        mkdir -p "$s" && cp -r "$first/teachers" "$s/teachers"
+    fi
+    log "student $n layers"
+    train_or_resume "$s" timed "student$n" $PY -m train distill --config $CFG "${DATA[@]}" \
+        --set "model.name_or_path=$R/pruned$n" --set "output_dir=$s" --teacher "$R/teacher" \
+        --unlabelled "$R/unlabelled.csv"
+    first=${first:-$s}
+done
+
+# CPU prediction: the same 512 test rows through infer predict, one process per model (load + predict timed by
+# infer predict itself; peak RSS by /usr/bin/time).
+$PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).iloc[-512:].to_csv(sys.argv[2], index=False)" \
+    "$DLS/test.csv" "$R/predict_rows.csv"
+for m in teacher $(for n in $LAYERS; do echo "student$n"; done); do
+    [ -f "$R/predict_$m.csv" ] && continue
+    log "predict $m"
+    timed "predict_$m" $PY -m infer predict --adapter "$R/$m" --input "$R/predict_rows.csv" \
+        --out "$R/predict_$m.csv" --no-progress
+done
+$PY -m benchmarks.students "$R"
