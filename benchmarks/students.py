@@ -16,23 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
-
+from benchmarks.vocab import safetensors_params
 from core.adapter import finished_folds
 from core.config import RunConfig
 from core.io import meta_path
-
-
-def _params(folder: Path) -> int:
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():  # noqa: SIM118 - safe_open is not iterable
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
 
 
 def base_folder(run: Path) -> Path:
@@ -52,7 +39,7 @@ def row(run: Path, labels: str, teacher: Path | None, times: dict) -> dict:
     res = evaluate(run / "oof.csv", labels, log=lambda m: None, out_dir=run,
                    baseline=None if teacher is None else teacher / "oof.csv")
     m = res["metrics"]
-    out = {"run": str(run), "layers": layers, "base_params": _params(base),
+    out = {"run": str(run), "layers": layers, "base_params": safetensors_params(base),
            "adapter_mib": sum(f.stat().st_size for f in adapter.glob("*.safetensors")) / 2**20,
            "folds": [f for f, _ in folds], "rows": res["rows"],
            "em_0.5": m["threshold 0.5"]["exact_match"], "em_cascade": m["default cascade"]["exact_match"]}
