@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ import torch
 from core.adapter import LABELS_FILE, finished_folds
 from core.config import ConfigError, RunConfig, add_config_arguments
 from core.data import Dataset, read_csv
-from core.io import InputError, read_probs, write_json, write_probs
+from core.io import InputError, meta_path, read_probs, write_json, write_probs
 from train.loop import SoftTargets
 
 TEACHER_DIR = "teachers"
@@ -233,6 +234,32 @@ def combine(probs: list[np.ndarray], weights: list[float], temperature: float) -
     return np.asarray(out)
 
 
+def check_cached(path: Path, teacher: Teacher) -> None:
+    """Refuse a cached target file (e.g. copied from another run's ``teachers/``) that another teacher wrote."""
+    mp = meta_path(path)
+    meta = json.loads(mp.read_text()) if mp.is_file() else {}
+    got = meta.get("teacher")
+    if got is None or Path(got).resolve() != teacher.path.resolve() or meta.get("kind") != teacher.kind:
+        raise InputError(f"{path}: cached targets of teacher {got!r} ({meta.get('kind')}), but teacher "
+                         f"{teacher.index} is {teacher.path} ({teacher.kind}); remove the file to recompute it")
+
+
+def copy_cached(src: str | Path, tdir: Path, log=print) -> None:
+    """Copy the teacher target files of another run's ``teachers/`` folder (``--targets-from``) into ``tdir``;
+    :func:`prepare_targets` then checks each against its teacher and rows before using it."""
+    src = Path(src)
+    files = sorted(src.glob("t*_fold_*.csv")) + sorted(src.glob("t*_final.csv"))
+    if not files:
+        raise InputError(f"--targets-from {src}: no teacher target files (t<j>_fold_<k>.csv) there")
+    tdir.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if not (tdir / f.name).exists():
+            shutil.copyfile(f, tdir / f.name)
+            if meta_path(f).is_file():
+                shutil.copyfile(meta_path(f), meta_path(tdir / f.name))
+    log(f"distill: {len(files)} cached teacher target file(s) from {src}")
+
+
 def prepare_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher], ds: Dataset, unl: Dataset | None,
                     fold_of_row: np.ndarray, folds: list[int], env, log=print) -> dict[int, SoftTargets]:
     """Soft targets of each of ``folds`` over the labelled + unlabelled rows, from the teachers' fold models.
@@ -254,6 +281,7 @@ def prepare_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher], ds: 
             for t in teachers:
                 path = tdir / f"t{t.index}_fold_{fold}.csv"
                 if path.is_file():
+                    check_cached(path, t)
                     continue
                 if t.index not in texts:
                     texts[t.index] = teacher_texts(t, cfg, ds, unl)
@@ -296,6 +324,7 @@ def prepare_final_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher]
         for t in teachers:
             path = tdir / f"t{t.index}_final.csv"
             if path.is_file():
+                check_cached(path, t)
                 continue
             texts = teacher_texts(t, cfg, ds, unl)
             per_fold = []
@@ -338,27 +367,38 @@ def _floats(text: str, what: str) -> list[float]:
         raise InputError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
+    """``--teacher``, ``--teacher-weights``, ``--unlabelled``: the ``distill`` section from the command line (``train
+    distill`` and ``train tfidf``)."""
+    p.add_argument("--teacher", help="teacher run folder(s), comma-separated (sets distill.teachers)")
+    p.add_argument("--teacher-weights", help="one weight per teacher, comma-separated (distill.teacher_weights)")
+    p.add_argument("--unlabelled", help="CSV of unlabelled rows for the soft term (distill.unlabelled_csv)")
+
+
+def teacher_overrides(args) -> list[str]:
+    """``--set`` overrides of ``args.overrides`` followed by those of :func:`add_teacher_arguments`."""
+    overrides = list(args.overrides)
+    if args.teacher:
+        overrides.append("distill.teachers=" + json.dumps([t for t in args.teacher.split(",") if t.strip()]))
+    if args.teacher_weights:
+        overrides.append("distill.teacher_weights=" + json.dumps(_floats(args.teacher_weights, "--teacher-weights")))
+    if args.unlabelled:
+        overrides.append("distill.unlabelled_csv=" + json.dumps(args.unlabelled))
+    return overrides
+
+
 def main(argv: list[str] | None = None, callbacks=None) -> int:
     """``python -m train distill``: a student run with ``distill.*`` from the command line (see the module doc)."""
     p = argparse.ArgumentParser(prog="python -m train distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
-    p.add_argument("--teacher", help="teacher run folder(s), comma-separated (sets distill.teachers)")
-    p.add_argument("--teacher-weights", help="one weight per teacher, comma-separated (distill.teacher_weights)")
-    p.add_argument("--unlabelled", help="CSV of unlabelled rows for the soft term (distill.unlabelled_csv)")
+    add_teacher_arguments(p)
     p.add_argument("--final", action="store_true", help="also train the final student on every row, fold-averaged "
                    "teachers (distill.final; RUN/final/last)")
     p.add_argument("--resume", action="store_true", help="continue the student run in output_dir")
     args = p.parse_args(argv)
     try:
-        overrides = list(args.overrides)
-        if args.teacher:
-            overrides.append("distill.teachers=" + json.dumps([t for t in args.teacher.split(",") if t.strip()]))
-        if args.teacher_weights:
-            overrides.append("distill.teacher_weights=" + json.dumps(_floats(args.teacher_weights,
-                                                                             "--teacher-weights")))
-        if args.unlabelled:
-            overrides.append("distill.unlabelled_csv=" + json.dumps(args.unlabelled))
+        overrides = teacher_overrides(args)
         if args.final:
             overrides.append("distill.final=true")
         cfg = RunConfig.from_yaml(args.config, overrides)

@@ -17,7 +17,7 @@ from core.io import read_probs
 from core.metrics import exact_match
 from core.thresholds import cascade
 from train.data import make_folds
-from train.tfidf import fit_predict, main
+from train.tfidf import fit_predict, fit_predict_soft, main, soft_fit_targets
 
 SAMPLE_TEST = ROOT / "data" / "sample_test.csv"
 
@@ -89,3 +89,82 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     assert main(args(out)) == 2
     assert "already holds files" in capsys.readouterr().err and (out / "keep.txt").read_text() == "x"
+
+
+# ---- the TF-IDF student (distillation) -------------------------------------------------------------------------
+
+
+def test_soft_fit_with_hard_targets_is_the_hard_fit():
+    texts = np.asarray(pd.read_csv(SAMPLE_TRAIN)["text"].fillna("").astype(str))[:120]
+    y = np.zeros((120, 3), dtype=np.int8)
+    y[:, 0] = [("доставк" in t.lower()) for t in texts]
+    y[::3, 1] = 1
+    y[:, 2] = 0                                   # constant: the constant, as in fit_predict
+    hard = fit_predict(texts[:90], y[:90], texts[90:], c=4.0, seed=0)
+    soft = fit_predict_soft(texts[:90], y[:90].astype(float), np.ones(90), texts[90:], c=4.0, seed=0)
+    assert np.abs(hard - soft).max() < 1e-3 and (soft[:, 2] == 0).all()
+
+
+def test_soft_targets_follow_the_distillation_loss():
+    y = np.array([[1, 0], [0, 1], [0, 0]])
+    s = np.array([[0.6, 0.2], [0.1, 0.7], [0.9, 0.3]])
+    labelled = np.array([True, True, False])
+    t, w = soft_fit_targets(y, s, labelled, alpha=1.0)           # hard only; the unlabelled row weighs nothing
+    assert (t[:2] == y[:2]).all() and list(w) == [1, 1, 0]
+    t, w = soft_fit_targets(y, s, labelled, alpha=0.0)           # soft only
+    assert np.allclose(t, s) and list(w) == [1, 1, 1]
+    t, w = soft_fit_targets(y, s, labelled, alpha=0.25)
+    assert np.allclose(t[0], [0.25 + 0.75 * 0.6, 0.75 * 0.2]) and np.allclose(t[2], s[2]) and list(w) == [1, 1, 0.75]
+    # The weighted BCE against these targets is the distillation loss's (linear in the target): check one row.
+    z = np.array([0.3, -1.2])
+    bce = lambda tt: -(tt * np.log(1 / (1 + np.exp(-z))) + (1 - tt) * np.log(1 - 1 / (1 + np.exp(-z))))  # noqa: E731
+    assert np.allclose(bce(t[0]), 0.25 * bce(y[0]) + 0.75 * bce(s[0]))
+
+
+@pytest.fixture(scope="module")
+def tfidf_teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "tfidf"
+    assert main(args(out)) == 0
+    return out
+
+
+def test_tfidf_student_learns_from_fold_k_teachers_only(tfidf_teacher_run, tmp_path):
+    unl = tmp_path / "unl.csv"
+    pd.read_csv(SAMPLE_TEST).head(40).to_csv(unl, index=False)
+    out = tmp_path / "student"
+    assert main(args(out, "--folds", tfidf_teacher_run / "folds.csv", "--teacher", tfidf_teacher_run,
+                     "--unlabelled", unl, "--set", "distill.alpha=0.5")) == 0
+    folds = pd.read_csv(out / "folds.csv")
+    for k in range(3):  # fold k's teacher targets cover every row but fold k's: the fold-k model never saw them
+        ids, _, _ = read_probs(out / "teachers" / f"t0_fold_{k}.csv")
+        own = set(folds.loc[folds["fold"] == k, "index"].astype(str))
+        assert not own & set(map(str, ids)) and len(ids) == (folds["fold"] != k).sum() + 40
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distill"]["teachers"][0]["teacher"] == str(tfidf_teacher_run)
+    assert summary["distill"]["unlabelled_rows"] == 40
+    _, student, _ = read_probs(out / "oof.csv")
+    _, teacher, _ = read_probs(tfidf_teacher_run / "oof.csv")
+    assert 0 < np.abs(student - teacher).max() < 0.5             # taught, not copied
+
+    # alpha 1 without unlabelled rows: hard labels only, the teacher's own fit; cached targets reused
+    hard = tmp_path / "hard"
+    assert main(args(hard, "--folds", tfidf_teacher_run / "folds.csv", "--teacher", tfidf_teacher_run,
+                     "--set", "distill.alpha=1", "--targets-from", out / "teachers")) == 2   # other rows: refused
+    assert not hard.exists()
+    assert main(args(hard, "--folds", tfidf_teacher_run / "folds.csv", "--teacher", tfidf_teacher_run,
+                     "--set", "distill.alpha=1")) == 0
+    _, p, _ = read_probs(hard / "oof.csv")
+    assert np.abs(p - teacher).max() < 1e-3
+
+
+def test_cached_targets_of_another_teacher_are_refused(tfidf_teacher_run, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(args(first, "--folds", tfidf_teacher_run / "folds.csv", "--teacher", tfidf_teacher_run)) == 0
+    other = tmp_path / "other_teacher"
+    assert main(args(other, "--folds", tfidf_teacher_run / "folds.csv", "--C", 1)) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(args(out, "--folds", tfidf_teacher_run / "folds.csv", "--teacher", other,
+                     "--targets-from", first / "teachers")) == 2
+    err = capsys.readouterr().err
+    assert "cached targets of teacher" in err and str(other) in err and not out.exists()

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Exact-match levers of the embedded 270M (issue 18) and the ensemble-into-one student (issue 16), on the same folds
+# of ../shared/data/dls/train.csv, each step paired with the shipped config by python -m benchmarks.levers.
+#
+#   bash benchmarks/levers.sh [RUNS_DIR] [FOLDS] [STEPS]     # defaults: runs/levers "[0,1]" "base tfidf blend ens dapt2"
+#
+# Steps (each skipped when its output exists; a cut training step is resumed with --resume):
+#   base   the shipped config (configs/gemma-3-270m/qlora.yaml, 2 epochs) on FOLDS
+#   tfidf  python -m train tfidf on base's folds (all 5 folds; its OOF is cut to base's rows for the blend)
+#   blend  infer blend of base + tfidf on base's rows (weights tuned, nested estimate)
+#   ens    ensemble into one: a 270M student distilled from base + tfidf (weights TEACHER_WEIGHTS, default 2,1)
+#          with UNLABELLED_ROWS (default 1000) rows of test.csv for the soft term
+#   dapt2  DAPT (configs/gemma-3-270m/dapt.yaml, on test.csv) on the trimmed vocabulary, then the shipped config
+#   ep3    the shipped config with 3 epochs
+#   lora64 LoRA r 64, alpha 128
+# Figures: python -m benchmarks.levers RUNS_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=${1:-runs/levers}
+FOLDS=${2:-"[0,1]"}
+STEPS=${3:-"base tfidf blend ens dapt2"}
+DLS=${DLS:-../shared/data/dls}
+UNLABELLED_ROWS=${UNLABELLED_ROWS:-1000}
+TEACHER_WEIGHTS=${TEACHER_WEIGHTS:-2,1}
+PY=${PYTHON:-python}
+CFG=configs/gemma-3-270m/qlora.yaml
+DATA=(--set "data.train_csv=$DLS/train.csv" --set "data.label_names_csv=$DLS/trends_description.csv")
+mkdir -p "$R/logs"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$R/levers.log"; }
+timed() {  # timed NAME CMD...: runs CMD (output in $R/logs/NAME.log), appends wall time + peak RSS to $R/times.jsonl
+    local name=$1; shift
+    /usr/bin/time -f "{\"step\": \"$name\", \"wall_s\": %e, \"peak_rss_kib\": %M}" -a -o "$R/times.jsonl" "$@" \
+        >>"$R/logs/$name.log" 2>&1
+}
+train_or_resume() {  # train_or_resume DIR CMD...: --resume when DIR holds a started run
+    local dir=$1; shift
+    if [ -f "$dir/summary.json" ]; then log "done: $dir"; return; fi
+    if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then "$@" --resume; else "$@"; fi
+}
+run_cfg() {  # run_cfg NAME [--set ...]: the shipped config on FOLDS with the given overrides
+    local name=$1; shift
+    log "$name: $*"
+    train_or_resume "$R/$name" timed "$name" $PY -m train --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" \
+        --set "output_dir=$R/$name" "$@"
+}
+
+for step in $STEPS; do
+    case $step in
+    base) run_cfg base ;;
+    tfidf)
+        [ -d "$R/tfidf" ] || { log "tfidf"; timed tfidf $PY -m train tfidf --config $CFG "${DATA[@]}" \
+            --folds "$R/base/folds.csv" --out "$R/tfidf"; }
+        $PY -m benchmarks.levers subset "$R/tfidf/oof.csv" "$R/base/oof.csv" "$R/tfidf_base_rows.csv" ;;
+    blend)
+        [ -f "$R/blend_oof.csv" ] || { log "blend"; timed blend $PY -m infer blend \
+            --oof "$R/base/oof.csv,$R/tfidf_base_rows.csv" --labels "$DLS/train.csv" --folds "$R/base/folds.csv" \
+            --out-oof "$R/blend_oof.csv" --no-progress; } ;;
+    ens)
+        if [ ! -f "$R/unlabelled.csv" ]; then
+            $PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).head(int(sys.argv[2])).to_csv(sys.argv[3], index=False)" \
+                "$DLS/test.csv" "$UNLABELLED_ROWS" "$R/unlabelled.csv.part" && mv "$R/unlabelled.csv.part" "$R/unlabelled.csv"
+        fi
+        log "ens: distill from base + tfidf ($TEACHER_WEIGHTS), $UNLABELLED_ROWS unlabelled rows"
+        train_or_resume "$R/ens" timed ens $PY -m train distill --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" \
+            --set "output_dir=$R/ens" --teacher "$R/base,$R/tfidf" --teacher-weights "$TEACHER_WEIGHTS" \
+            --unlabelled "$R/unlabelled.csv" ;;
+    dapt2)
+        [ -d "$R/trimmed" ] || { log "trim-vocab"; timed trim $PY -m train trim-vocab --model embedded:gemma-3-270m \
+            --corpus "$DLS/train.csv,$DLS/test.csv" --out "$R/trimmed" --config $CFG; }
+        if [ ! -f "$R/dapt/adapter_model.safetensors" ]; then
+            log "dapt on test.csv"
+            if [ -d "$R/dapt" ]; then resume=--resume; else resume=; fi
+            timed dapt $PY -m train dapt --config configs/gemma-3-270m/dapt.yaml --corpus "$DLS/test.csv" \
+                --out "$R/dapt" --set "model.name_or_path=$R/trimmed" --eval-rows 256 $resume
+        fi
+        run_cfg dapt2 --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt" ;;
+    ep3) run_cfg ep3 --set train.num_epochs=3 ;;
+    lora64) run_cfg lora64 --set lora.r=64 --set lora.alpha=128 ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done
+log "finished: $STEPS"
