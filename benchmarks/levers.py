@@ -3,6 +3,7 @@
 Usage:
     python -m benchmarks.levers RUNS [--labels ../shared/data/dls/train.csv] [--json out.json]
     python -m benchmarks.levers subset FULL_OOF ROWS_OF OUT      # FULL_OOF cut to the rows of ROWS_OF (same meta)
+    python -m benchmarks.levers archive RUNS DEST                # the OOF files, gzipped, to keep in the repository
 
 Per run (a ``python -m train`` run folder with ``oof.csv``, or an OOF file such as the blend's): out-of-fold exact
 match at 0.5, with the default cascade, with the tuned cascade and with set decoding (both nested: tuned on the other
@@ -13,7 +14,9 @@ difference to the base run on the same rows (default cascade; 95% bootstrap inte
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import numpy as np
 
 from core.io import align_ids, meta_path, read_probs, write_probs
 
-RUNS = ("base", "ens", "dapt2", "ep3", "lora64")
+RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora64")
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}
 
 
@@ -35,6 +38,35 @@ def subset(full: str, rows_of: str, out: str) -> None:
     for k in ("label_names", "rows", "versions"):
         meta.pop(k, None)
     write_probs(out, ids[idx], p[idx], names, meta={**meta, "subset_of": full, "rows_of": rows_of})
+
+
+def oof_file(folder: Path, name: str = "oof.csv") -> Path:
+    """``name`` in ``folder``, or its gzipped copy (an archived run)."""
+    plain = folder / name
+    return plain if plain.is_file() else folder / f"{name}.gz"
+
+
+def archive(runs: str, dest: str) -> None:
+    """Copy what the figures need (OOF probabilities gzipped + sidecar, folds, config, summary) of every finished
+    run and OOF file of ``runs`` to ``dest``, so that a later session scores or blends them without training again."""
+    runs, dest = Path(runs), Path(dest)
+    names = [n for n in RUNS if (runs / n / "summary.json").is_file()] + ["tfidf"] * (runs / "tfidf").is_dir()
+    for n in names:
+        (dest / n).mkdir(parents=True, exist_ok=True)
+        for f in ("oof.csv.meta.json", "folds.csv", "run_config.yaml", "summary.json", "label_names.json"):
+            if (runs / n / f).is_file():
+                shutil.copyfile(runs / n / f, dest / n / f)
+        with open(runs / n / "oof.csv", "rb") as src, gzip.open(dest / n / "oof.csv.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        if (runs / n / "oof.csv.meta.json").is_file():
+            shutil.copyfile(runs / n / "oof.csv.meta.json", dest / n / "oof.csv.gz.meta.json")
+    for f in FILES.values():
+        if (runs / f).is_file():
+            with open(runs / f, "rb") as src, gzip.open(dest / f"{f}.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            if meta_path(runs / f).is_file():
+                shutil.copyfile(meta_path(runs / f), meta_path(dest / f"{f}.gz"))
+    print(f"archived {names} and {[f for f in FILES.values() if (runs / f).is_file()]} to {dest}")
 
 
 def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Path) -> dict:
@@ -65,21 +97,30 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         subset(*argv[1:])
         return 0
+    if argv[:1] == ["archive"]:
+        if len(argv) != 3:
+            print("usage: python -m benchmarks.levers archive RUNS DEST", file=sys.stderr)
+            return 2
+        archive(*argv[1:])
+        return 0
     ap = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", help="the folder benchmarks/levers.sh wrote")
     ap.add_argument("--labels", default="../shared/data/dls/train.csv")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--work", help="folder for the evaluation files and tuned decoders (default: RUNS/eval)")
     args = ap.parse_args(argv)
     runs = Path(args.runs)
     base = runs / "base"
     folds = base / "folds.csv"
-    items = [(name, runs / name / "oof.csv", runs / name) for name in RUNS if (runs / name / "summary.json").is_file()]
-    items += [(name, runs / f, runs / "eval" / Path(f).stem) for name, f in FILES.items() if (runs / f).is_file()]
+    work = Path(args.work) if args.work else runs / "eval"
+    items = [(name, oof_file(runs / name), work / name) for name in RUNS if (runs / name / "summary.json").is_file()]
+    items += [(name, oof_file(runs, f), work / Path(f).stem) for name, f in FILES.items()
+              if oof_file(runs, f).is_file()]
     rows = []
     for name, oof, work in items:
         work.mkdir(parents=True, exist_ok=True)
-        r = figures(oof, args.labels, folds, None if name == "base" else base / "oof.csv", work)
+        r = figures(oof, args.labels, folds, None if name == "base" else oof_file(base), work)
         rows.append({"name": name, **r})
     b = rows[0]
     print(f"{runs}: {b['rows']} out-of-fold rows (folds {sorted({f['fold'] for f in b['per_fold']})} of "

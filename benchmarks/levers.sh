@@ -10,6 +10,8 @@
 #   blend  infer blend of base + tfidf on base's rows (weights tuned, nested estimate)
 #   ens    ensemble into one: a 270M student distilled from base + tfidf (weights TEACHER_WEIGHTS, default 2,1)
 #          with UNLABELLED_ROWS (default 1000) rows of test.csv for the soft term
+#   tfstudent  the TF-IDF student of base (its soft labels, the same unlabelled rows; the cheapest student), reusing
+#          the targets ens computed
 #   dapt2  DAPT (configs/gemma-3-270m/dapt.yaml, on test.csv) on the trimmed vocabulary, then the shipped config
 #   ep3    the shipped config with 3 epochs
 #   lora64 LoRA r 64, alpha 128
@@ -25,18 +27,8 @@ TEACHER_WEIGHTS=${TEACHER_WEIGHTS:-2,1}
 PY=${PYTHON:-python}
 CFG=configs/gemma-3-270m/qlora.yaml
 DATA=(--set "data.train_csv=$DLS/train.csv" --set "data.label_names_csv=$DLS/trends_description.csv")
-mkdir -p "$R/logs"
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$R/levers.log"; }
-timed() {  # timed NAME CMD...: runs CMD (output in $R/logs/NAME.log), appends wall time + peak RSS to $R/times.jsonl
-    local name=$1; shift
-    /usr/bin/time -f "{\"step\": \"$name\", \"wall_s\": %e, \"peak_rss_kib\": %M}" -a -o "$R/times.jsonl" "$@" \
-        >>"$R/logs/$name.log" 2>&1
-}
-train_or_resume() {  # train_or_resume DIR CMD...: --resume when DIR holds a started run
-    local dir=$1; shift
-    if [ -f "$dir/summary.json" ]; then log "done: $dir"; return; fi
-    if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then "$@" --resume; else "$@"; fi
-}
+LOG_NAME=levers.log
+source benchmarks/steps.sh
 run_cfg() {  # run_cfg NAME [--set ...]: the shipped config on FOLDS with the given overrides
     local name=$1; shift
     log "$name: $*"
@@ -64,6 +56,10 @@ for step in $STEPS; do
         train_or_resume "$R/ens" timed ens $PY -m train distill --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" \
             --set "output_dir=$R/ens" --teacher "$R/base,$R/tfidf" --teacher-weights "$TEACHER_WEIGHTS" \
             --unlabelled "$R/unlabelled.csv" ;;
+    tfstudent)
+        [ -d "$R/tfstudent" ] || { log "tfstudent: tfidf distilled from base"; timed tfstudent $PY -m train tfidf \
+            --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" --folds "$R/base/folds.csv" --teacher "$R/base" \
+            --unlabelled "$R/unlabelled.csv" --targets-from "$R/ens/teachers" --out "$R/tfstudent"; } ;;
     dapt2)
         [ -d "$R/trimmed" ] || { log "trim-vocab"; timed trim $PY -m train trim-vocab --model embedded:gemma-3-270m \
             --corpus "$DLS/train.csv,$DLS/test.csv" --out "$R/trimmed" --config $CFG; }

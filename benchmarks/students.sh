@@ -19,19 +19,8 @@ PY=${PYTHON:-python}
 CFG=configs/gemma-3-270m/qlora.yaml
 DATA=(--set "data.train_csv=$DLS/train.csv" --set "data.label_names_csv=$DLS/trends_description.csv"
       --set "cv.folds=$FOLDS")
-mkdir -p "$R"
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$R/students.log"; }
-mkdir -p "$R/logs"
-timed() {  # timed NAME CMD...: runs CMD (output in $R/logs/NAME.log), appends wall time + peak RSS to $R/times.jsonl
-    local name=$1; shift
-    /usr/bin/time -f "{\"step\": \"$name\", \"wall_s\": %e, \"peak_rss_kib\": %M}" -a -o "$R/times.jsonl" "$@" \
-        >>"$R/logs/$name.log" 2>&1
-}
-train_or_resume() {  # train_or_resume DIR CMD...: --resume when DIR holds a started run
-    local dir=$1; shift
-    if [ -f "$dir/summary.json" ]; then log "done: $dir"; return; fi
-    if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then "$@" --resume; else "$@"; fi
-}
+LOG_NAME=students.log
+source benchmarks/steps.sh
 
 if [ ! -f "$R/unlabelled.csv" ]; then
     $PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).head(int(sys.argv[2])).to_csv(sys.argv[3], index=False)" \

@@ -8,7 +8,8 @@ Usage:
 The text is the config's prompt (``data.text_template``), so the baseline sees what the LLM sees. Features: word
 1-2-grams + character 2-5-grams within word boundaries (sublinear TF, terms in at least 2 rows); one L2 logistic
 regression per class. Folds: ``--folds`` (e.g. the LLM run's ``folds.csv``: blends need the same folds), else the
-config's (``cv.n_folds``, ``train.seed``: the split ``python -m train`` makes). Writes into ``--out`` (atomically):
+config's (``cv.n_folds``, ``train.seed``: the split ``python -m train`` makes); ``cv.folds`` fits only those folds
+(``oof.csv`` then holds their rows). Writes into ``--out`` (atomically):
 ``oof.csv`` (+ .meta.json), ``folds.csv``, ``summary.json`` and, with ``--test``, ``test_probs.csv``.
 
 The cheapest student (distillation, the ``distill`` config section as in ``python -m train distill``)::
@@ -147,6 +148,11 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
     uniq = sorted(set(fold_of.tolist()))
     if len(uniq) < 2:
         raise InputError(f"{folds}: needs at least 2 folds, found {uniq}")
+    if cfg.cv.folds is not None:  # some folds only (as python -m train does): oof.csv holds their rows
+        unknown = sorted(set(cfg.cv.folds) - set(uniq))
+        if unknown:
+            raise ConfigError(f"cv.folds: fold(s) {unknown} are not in the split ({source}: folds {uniq})")
+        uniq = sorted(set(cfg.cv.folds))
     teachers, unl = None, None
     if cfg.distill.teachers:  # a distilled student: validate the teachers before any work
         from train import distill
@@ -204,14 +210,15 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, te
         per_fold.append({"fold": int(f), "rows": int(val.sum()), **evaluate(oof[val], ds.labels[val], fold_decode)})
         log(f"fold {f}: exact match {per_fold[-1]['t0.5/exact_match']:.4f} @0.5, "
             f"{per_fold[-1]['cascade/exact_match']:.4f} cascade")
-    metrics = evaluate(oof, ds.labels, decode)
+    done = np.isin(fold_of, uniq)
+    metrics = evaluate(oof[done], ds.labels[done], decode)
     if pred_sets is not None:
-        metrics.update({f"sets/{k}": v for k, v in scores(ds.labels, pred_sets).items()})
+        metrics.update({f"sets/{k}": v for k, v in scores(ds.labels[done], pred_sets[done]).items()})
     meta = {"kind": "out-of-fold", "produced_by": "python -m train tfidf", "model": "tfidf word 1-2 + char_wb 2-5, "
             f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions(), **extra}
-    summary = {**meta, "C": c, "rows": int(len(ds.ids)), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
+    summary = {**meta, "C": c, "rows": int(done.sum()), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
                "config": cfg.to_dict()}
-    write_probs(tmp / "oof.csv", ds.ids, oof, ds.label_names, meta=meta)
+    write_probs(tmp / "oof.csv", ds.ids[done], oof[done], ds.label_names, meta=meta)
     pd.DataFrame({"index": ds.ids, "fold": fold_of}).to_csv(tmp / "folds.csv", index=False)
     if test_ds is not None:
         if teachers:

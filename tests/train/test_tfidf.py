@@ -168,3 +168,17 @@ def test_cached_targets_of_another_teacher_are_refused(tfidf_teacher_run, tmp_pa
                      "--targets-from", first / "teachers")) == 2
     err = capsys.readouterr().err
     assert "cached targets of teacher" in err and str(other) in err and not out.exists()
+
+
+def test_cv_folds_fits_only_those_folds(tfidf_teacher_run, tmp_path, capsys):
+    out = tmp_path / "fold1"
+    assert main(args(out, "--folds", tfidf_teacher_run / "folds.csv", "--set", "cv.folds=[1]")) == 0
+    ids, p, _ = read_probs(out / "oof.csv")
+    folds = pd.read_csv(tfidf_teacher_run / "folds.csv")
+    assert sorted(map(str, ids)) == sorted(folds.loc[folds["fold"] == 1, "index"].astype(str))
+    all_ids, full, _ = read_probs(tfidf_teacher_run / "oof.csv")
+    pos = {str(i): r for r, i in enumerate(all_ids)}
+    assert np.allclose(p, full[[pos[str(i)] for i in ids]])
+    assert json.loads((out / "summary.json").read_text())["folds"] == [1]
+    assert main(args(tmp_path / "bad", "--folds", tfidf_teacher_run / "folds.csv", "--set", "cv.folds=[7]")) == 2
+    assert "cv.folds must be a non-empty list of fold indices in [0, 3), got [7]" in capsys.readouterr().err
