@@ -20,8 +20,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from core.io import align_ids, meta_path, read_probs, write_probs
 
 RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora64")
@@ -74,7 +72,7 @@ def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Pa
     from infer.evaluate import evaluate
     from infer.tune import run_tune
 
-    quiet = dict(log=lambda m: None)
+    quiet = {"log": lambda m: None}
     res = evaluate(oof, labels, out_dir=work, baseline=baseline, **quiet)
     m = res["metrics"]
     dec = run_tune(oof, labels, work / "thresholds_sets.json", folds=folds, strategy="sets", progress=False, **quiet)
