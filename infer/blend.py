@@ -135,7 +135,7 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     """Read and validate everything, tune the weights (and estimate the blend's score honestly, nested over the
     folds: ``folds`` file, else RUN/folds.csv beside the first OOF file, else a seeded K-fold), then write the
     blended file(s)."""
-    from infer.tune import check_honest, default_spec, labels_id_column, resolve_folds
+    from infer.tune import check_honest, default_spec, labels_id_column, resolve_folds, run_config_of
 
     oof = _split(oof, "--oof")
     probs = None if probs is None else _split(probs, "--probs")  # None: measure the blend on OOF rows only
@@ -187,6 +187,9 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     meta = {"kind": "blend", "produced_by": "python -m infer blend", "inputs": list(probs or []), "oof": list(oof),
             "labels": str(labels), "weights": weights, "objective": objective, "n_trials": int(n_trials),
             "seed": int(seed), "oof_scores": rows, "nested": estimate}
+    cfg, _ = run_config_of(oof[0])
+    if cfg is not None:  # the first model's run config: tune / submit / evaluate of the blend decode like that run
+        meta["config"] = cfg.to_dict()
     written = []
     if probs is not None:
         write_probs(out, test_ids, blend_probs(tests, weights), names, meta=meta)

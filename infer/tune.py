@@ -218,9 +218,12 @@ def tune_thresholds(probs: np.ndarray, labels: np.ndarray, label_names: Sequence
                     objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS, seed: int = 0,
                     fallback: Fallback = DEFAULT_FALLBACK, per_class: bool = True, shrink: float = DEFAULT_SHRINK,
                     grid: Sequence[float] = OFFSET_GRID, passes: int = 2, progress: bool = False,
-                    desc: str = "tune cascade") -> ThresholdSpec:
-    """Tune the cascade (global start/stop/step, then shrunk per-class offsets) on labelled probabilities.
+                    desc: str = "tune cascade", fallbacks: Sequence[Fallback] = ()) -> ThresholdSpec:
+    """Tune the cascade (global start/stop/step and the fallback, then shrunk per-class offsets) on labelled
+    probabilities.
 
+    ``fallbacks``: other fallbacks to try besides ``fallback`` (e.g. ``argmax`` beside a "no meaning" class), each
+    with its own global search; one replaces ``fallback`` only if it strictly improves the objective.
     Pure and deterministic: the same inputs and seed give the same spec. ``spec.meta`` holds the in-sample scores.
     """
     probs = np.asarray(probs, dtype=np.float64)
@@ -230,7 +233,12 @@ def tune_thresholds(probs: np.ndarray, labels: np.ndarray, label_names: Sequence
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
     names = tuple(label_names) if label_names is not None else tuple(f"class_{j}" for j in range(probs.shape[1]))
+    configured = fallback
     (start, stop, step), value = search_global(probs, labels, objective, n_trials, seed, fallback, progress, desc)
+    for fb in dict.fromkeys(f for f in fallbacks if f != configured):  # the global search again with each
+        steps, v = search_global(probs, labels, objective, n_trials, seed, fb, progress, f"{desc} (fallback {fb})")
+        if v > value + 1e-12:
+            (start, stop, step), value, fallback = steps, v, fb
     offsets = None
     if per_class:
         o, v = search_offsets(probs, labels, cascade_steps(start, stop, step), fallback, objective, shrink, grid,
@@ -238,7 +246,7 @@ def tune_thresholds(probs: np.ndarray, labels: np.ndarray, label_names: Sequence
         if v > value and np.any(o != 0):
             offsets, value = tuple(float(x) for x in o), v
     spec = ThresholdSpec(names, start, stop, step, fallback, offsets)
-    default = ThresholdSpec(names, fallback=fallback)
+    default = ThresholdSpec(names, fallback=configured)
     spec.meta.update({"objective": objective, "in_sample": {"default": scores(labels, default.decode(probs)),
                                                               "tuned": scores(labels, spec.decode(probs))}})
     return spec
@@ -536,7 +544,10 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
          else f"; labels {labels}") + f"; objective {objective}, {n_trials} trials, seed {seed}")
 
     fold_of, source = resolve_folds(folds, oof, ids, fold_col, kfolds, seed)
-    kw = dict(objective=objective, n_trials=n_trials, seed=seed, fallback=fb, per_class=per_class, shrink=shrink)
+    # The fallback is tuned too unless --fallback fixes it: the run's (e.g. a "no meaning" class) or argmax.
+    others = () if fallback is not None else (ARGMAX,)
+    kw = dict(objective=objective, n_trials=n_trials, seed=seed, fallback=fb, per_class=per_class, shrink=shrink,
+              fallbacks=others)
 
     estimate = None
     if nested:
@@ -546,7 +557,8 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
     spec.meta.update({
         "produced_by": "python -m infer tune", "oof": str(oof), "labels": str(labels), "rows": int(len(ids)),
         "objective": objective, "n_trials": int(n_trials), "seed": int(seed), "per_class": per_class,
-        "shrink_k": float(shrink), "fallback_class": fallback_name(names, fb),
+        "shrink_k": float(shrink), "fallback_class": fallback_name(names, spec.fallback),
+        "fallback_candidates": list(dict.fromkeys(fallback_name(names, f) for f in (fb, *others))),
         "folds_source": source, "nested": estimate, "versions": versions(),
         **({"optimistic": optimistic} if optimistic else {})})
     result = spec
@@ -643,7 +655,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--id-column",
                    help="id column of the labelled / --ids CSV (default: the run's data.id_column, else index)")
     p.add_argument("--fallback", help="for rows no threshold selects: a label name, a class id, 'argmax' or 'none' "
-                                      "(default: decode.fallback of the run that wrote the file, else argmax)")
+                                      "(fixed; default: tuned, decode.fallback of the run that wrote the file or "
+                                      "argmax, whichever scores better)")
     p.add_argument("--no-per-class", action="store_true", help="tune only the global cascade")
     p.add_argument("--shrink", type=float, default=DEFAULT_SHRINK,
                    help="k of the per-class shrinkage n_pos / (n_pos + k) (0 = none)")

@@ -215,9 +215,9 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, te
     if pred_sets is not None:
         metrics.update({f"sets/{k}": v for k, v in scores(ds.labels[done], pred_sets[done]).items()})
     meta = {"kind": "out-of-fold", "produced_by": "python -m train tfidf", "model": "tfidf word 1-2 + char_wb 2-5, "
-            f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions(), **extra}
-    summary = {**meta, "C": c, "rows": int(done.sum()), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
-               "config": cfg.to_dict()}
+            f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions(),
+            "config": cfg.to_dict(), **extra}  # config: infer tune / evaluate / blend read its decode section
+    summary = {**meta, "C": c, "rows": int(done.sum()), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold}
     write_probs(tmp / "oof.csv", ds.ids[done], oof[done], ds.label_names, meta=meta)
     pd.DataFrame({"index": ds.ids, "fold": fold_of}).to_csv(tmp / "folds.csv", index=False)
     if test_ds is not None:

@@ -197,6 +197,11 @@ def test_decoding_and_id_column_come_from_the_run(tmp_path, capsys):
     code, stdout, err = run(["tune", "--oof", oof, "--labels", labels, "--out", thr, "--n-trials", 5, "--no-progress",
                              "--no-nested"], capsys)
     assert code == 0, err
+    tuned = json.loads(thr.read_text())   # the fallback is tuned between the run's and argmax
+    assert tuned["meta"]["fallback_candidates"] == ["trend_id_res19", "argmax"] and tuned["fallback"] in (19, "argmax")
+    code, stdout, err = run(["tune", "--oof", oof, "--labels", labels, "--out", thr, "--n-trials", 5, "--no-progress",
+                             "--no-nested", "--fallback", "trend_id_res19"], capsys)   # fixed
+    assert code == 0, err
     assert json.loads(thr.read_text())["fallback"] == 19
     p0 = p.copy()
     p0[:4] = 0.01
@@ -206,6 +211,13 @@ def test_decoding_and_id_column_come_from_the_run(tmp_path, capsys):
     sub = pd.read_csv(tmp_path / "s.csv", dtype={"target": str}, keep_default_na=False)
     assert list(sub["target"][:4]) == ["19"] * 4
     assert run(["evaluate", "--probs", oof, "--labels", labels, "--out-dir", tmp_path / "ev"], capsys)[0] == 0
+    other = tmp_path / "other.csv"   # a blend written elsewhere decodes like the first model's run
+    write_probs(other, ids, np.clip(p + 0.05, 0, 1), NAMES)
+    assert run(["blend", "--oof", f"{oof},{other}", "--labels", labels, "--out-oof", tmp_path / "b.csv",
+                "--no-nested", "--n-trials", 3, "--no-progress"], capsys)[0] == 0
+    from infer.tune import default_spec
+
+    assert default_spec(tmp_path / "b.csv", NAMES).fallback == 19
     (run_dir / "run_config.yaml").write_text("decode:\n  fallback: no_such_label\n")
     code, _, err = run(["submit", "--probs", probs, "--out", tmp_path / "s2.csv"], capsys)
     assert code == 2 and "decode.fallback" in err and "run_config.yaml" in err and "no_such_label" in err

@@ -159,3 +159,31 @@ def test_paired_difference_is_the_exact_match_gap_with_a_paired_interval():
     assert fewer["high"] - fewer["low"] < r["high"] - r["low"]
     with pytest.raises(ValueError, match="same rows"):
         paired_difference(y, a, b[:10])
+
+
+def test_fallback_is_tuned_only_when_it_strictly_helps():
+    """Rows whose single label scores below every threshold: falling back to their most probable class beats a fixed
+    "no meaning" class; where that class is the truth of those rows, the configured fallback is kept."""
+    rng = np.random.default_rng(5)
+    n = 300
+    y = np.zeros((n, 20), dtype=np.int8)
+    y[np.arange(n), rng.integers(0, 19, n)] = 1                  # never class 19
+    p = np.where(y == 1, rng.uniform(0.6, 0.9, y.shape), rng.uniform(0.0, 0.1, y.shape))
+    weak = np.flatnonzero(rng.random(n) < 0.3)                    # right but unsure: below 0.2, still the row's max,
+    p[weak] = rng.uniform(0.0, 0.03, (len(weak), 20))             # a wrong class close behind, at any level
+    truth = y[weak].argmax(axis=1)
+    other = (truth + 1 + rng.integers(0, 18, len(weak))) % 19
+    p[weak, other] = rng.uniform(0.04, 0.17, len(weak))
+    p[weak, truth] = p[weak, other] + rng.uniform(0.002, 0.02, len(weak))
+    spec = tune_thresholds(p, y, NAMES, n_trials=20, seed=0, fallback=19, fallbacks=("argmax",), per_class=False)
+    assert spec.fallback == "argmax" and exact_match(y, spec.decode(p)) > exact_match(y, cascade(p, fallback=19))
+    assert spec.meta["in_sample"]["default"]["exact_match"] == pytest.approx(exact_match(y, cascade(p, fallback=19)))
+    kept = tune_thresholds(p, y, NAMES, n_trials=20, seed=0, fallback=19, per_class=False)    # no candidates
+    assert kept.fallback == 19
+    y19 = y.copy()
+    y19[weak] = 0
+    y19[weak, 19] = 1                                             # the unsure rows really are "no meaning"
+    p19 = p.copy()
+    p19[weak, 19] = 0.01
+    assert tune_thresholds(p19, y19, NAMES, n_trials=20, seed=0, fallback=19, fallbacks=("argmax",),
+                           per_class=False).fallback == 19

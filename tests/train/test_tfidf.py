@@ -45,6 +45,9 @@ def test_oof_and_test_probabilities_on_the_runs_folds(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["folds"] == [0, 1, 2] and len(summary["per_fold"]) == 3
     assert summary["oof_metrics"]["cascade/exact_match"] == pytest.approx(exact_match(ds.labels, cascade(oof)))
+    from infer.tune import default_spec   # tune / evaluate / blend of the file decode as the config says
+
+    assert default_spec(out / "oof.csv", names).fallback == 19
 
 
 def test_folds_file_is_followed(tmp_path):
