@@ -16,6 +16,7 @@ from core.data import read_csv
 from core.io import read_probs
 from core.metrics import exact_match
 from core.thresholds import cascade
+from infer.tune import default_spec
 from train.data import make_folds
 from train.tfidf import fit_predict, fit_predict_soft, main, soft_fit_targets
 
@@ -45,9 +46,7 @@ def test_oof_and_test_probabilities_on_the_runs_folds(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["folds"] == [0, 1, 2] and len(summary["per_fold"]) == 3
     assert summary["oof_metrics"]["cascade/exact_match"] == pytest.approx(exact_match(ds.labels, cascade(oof)))
-    from infer.tune import default_spec   # tune / evaluate / blend of the file decode as the config says
-
-    assert default_spec(out / "oof.csv", names).fallback == 19
+    assert default_spec(out / "oof.csv", names).fallback == 19   # tune / evaluate / blend decode as configured
 
 
 def test_folds_file_is_followed(tmp_path):
