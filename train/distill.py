@@ -244,11 +244,12 @@ def check_cached(path: Path, teacher: Teacher) -> None:
                          f"{teacher.index} is {teacher.path} ({teacher.kind}); remove the file to recompute it")
 
 
-def copy_cached(src: str | Path, tdir: Path, log=print) -> None:
-    """Copy the teacher target files of another run's ``teachers/`` folder (``--targets-from``) into ``tdir``;
-    :func:`prepare_targets` then checks each against its teacher and rows before using it."""
+def copy_cached(src: str | Path, tdir: Path, teachers: list[Teacher], log=print) -> None:
+    """Copy the target files of ``teachers`` (by position) from another run's ``teachers/`` folder
+    (``--targets-from``) into ``tdir``; :func:`prepare_targets` then checks each against its teacher and rows."""
     src = Path(src)
-    files = sorted(src.glob("t*_fold_*.csv")) + sorted(src.glob("t*_final.csv"))
+    files = [f for t in teachers for f in sorted(src.glob(f"t{t.index}_fold_*.csv")) + [src / f"t{t.index}_final.csv"]
+             if f.is_file()]
     if not files:
         raise InputError(f"--targets-from {src}: no teacher target files (t<j>_fold_<k>.csv) there")
     tdir.mkdir(parents=True, exist_ok=True)

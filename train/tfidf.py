@@ -186,7 +186,7 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, te
         from train.loop import DistEnv
 
         if targets_from:
-            distill.copy_cached(targets_from, tmp / distill.TEACHER_DIR, log=log)
+            distill.copy_cached(targets_from, tmp / distill.TEACHER_DIR, teachers, log=log)
         targets = distill.prepare_targets(cfg, tmp, teachers, ds, unl, fold_of, uniq, DistEnv(), log=log)
         n_unl = 0 if unl is None else len(unl.ids)
         texts_all = np.concatenate([texts, np.asarray(unl.texts, dtype=object)]) if n_unl else texts

@@ -170,6 +170,11 @@ def test_cached_targets_of_another_teacher_are_refused(tfidf_teacher_run, tmp_pa
                      "--targets-from", first / "teachers")) == 2
     err = capsys.readouterr().err
     assert "cached targets of teacher" in err and str(other) in err and not out.exists()
+    # the same teacher and rows: the cached files are used, the student is the same
+    assert main(args(out, "--folds", tfidf_teacher_run / "folds.csv", "--teacher", tfidf_teacher_run,
+                     "--targets-from", first / "teachers")) == 0
+    assert "3 cached teacher target file(s)" in capsys.readouterr().out
+    assert (out / "oof.csv").read_text() == (first / "oof.csv").read_text()
 
 
 def test_cv_folds_fits_only_those_folds(tfidf_teacher_run, tmp_path, capsys):
