@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from core.io import align_ids, meta_path, read_probs, write_probs
+from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
 
 RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora64")
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}
@@ -75,13 +75,17 @@ def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Pa
     quiet = {"log": lambda m: None}
     res = evaluate(oof, labels, out_dir=work, baseline=baseline, **quiet)
     m = res["metrics"]
-    dec = run_tune(oof, labels, work / "thresholds_sets.json", folds=folds, strategy="sets", progress=False, **quiet)
-    nested = dec.meta["nested"]
-    out = {"oof": str(oof), "rows": res["rows"], "em_0.5": m["threshold 0.5"]["exact_match"],
-           "em_cascade": m["default cascade"]["exact_match"], "micro_f1": m["default cascade"]["micro_f1"],
-           "em_tuned_nested": nested["pooled"]["tuned"]["exact_match"],
-           "em_sets_nested": nested["pooled"]["sets"]["exact_match"],
-           "per_fold": nested["per_fold"]}
+    ids, _, _ = read_probs(oof)
+    fold_of = read_folds(folds, oof, ids)
+    out = {"oof": str(oof), "rows": res["rows"], "folds": sorted({int(f) for f in fold_of}),
+           "em_0.5": m["threshold 0.5"]["exact_match"], "em_cascade": m["default cascade"]["exact_match"],
+           "micro_f1": m["default cascade"]["micro_f1"], "em_tuned_nested": None, "em_sets_nested": None}
+    if len(out["folds"]) > 1:  # a nested estimate needs two folds
+        dec = run_tune(oof, labels, work / "thresholds_sets.json", folds=folds, strategy="sets", progress=False,
+                       **quiet)
+        nested = dec.meta["nested"]
+        out.update(em_tuned_nested=nested["pooled"]["tuned"]["exact_match"],
+                   em_sets_nested=nested["pooled"]["sets"]["exact_match"], per_fold=nested["per_fold"])
     if baseline is not None:
         out["vs_base"] = res["baseline"]["default cascade"]
     return out
@@ -121,15 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         r = figures(oof, args.labels, folds, None if name == "base" else oof_file(base), work)
         rows.append({"name": name, **r})
     b = rows[0]
-    print(f"{runs}: {b['rows']} out-of-fold rows (folds {sorted({f['fold'] for f in b['per_fold']})} of "
-          f"{args.labels}); nested = tuned on the other folds, the left-out fold scored")
-    print("| run | EM @0.5 | EM cascade | EM tuned (nested) | EM sets (nested) | micro-F1 | cascade vs base (95% CI) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{runs}: base {b['rows']} out-of-fold rows (folds {b['folds']} of {args.labels}); nested = tuned on "
+          f"the other folds, the left-out fold scored; 'vs base': the same rows, paired")
+    print("| run | folds | EM @0.5 | EM cascade | EM tuned (nested) | EM sets (nested) | micro-F1 | cascade vs base "
+          "(95% CI) |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def f4(v):
+        return "-" if v is None else f"{v:.4f}"
+
     for r in rows:
         v = r.get("vs_base")
         vs = "-" if v is None else f"{v['difference']:+.4f} ({v['low']:+.4f} .. {v['high']:+.4f})"
-        print(f"| {r['name']} | {r['em_0.5']:.4f} | {r['em_cascade']:.4f} | {r['em_tuned_nested']:.4f} | "
-              f"{r['em_sets_nested']:.4f} | {r['micro_f1']:.4f} | {vs} |")
+        print(f"| {r['name']} | {','.join(map(str, r['folds']))} | {r['em_0.5']:.4f} | {r['em_cascade']:.4f} | "
+              f"{f4(r['em_tuned_nested'])} | {f4(r['em_sets_nested'])} | {r['micro_f1']:.4f} | {vs} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
     return 0
