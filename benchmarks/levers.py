@@ -93,17 +93,13 @@ def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Pa
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["subset"]:
-        if len(argv) != 4:
-            print("usage: python -m benchmarks.levers subset FULL_OOF ROWS_OF OUT", file=sys.stderr)
+    tools = {"subset": (subset, "FULL_OOF ROWS_OF OUT"), "archive": (archive, "RUNS DEST")}
+    if argv[:1] and argv[0] in tools:
+        fn, usage = tools[argv[0]]
+        if len(argv) - 1 != len(usage.split()):
+            print(f"usage: python -m benchmarks.levers {argv[0]} {usage}", file=sys.stderr)
             return 2
-        subset(*argv[1:])
-        return 0
-    if argv[:1] == ["archive"]:
-        if len(argv) != 3:
-            print("usage: python -m benchmarks.levers archive RUNS DEST", file=sys.stderr)
-            return 2
-        archive(*argv[1:])
+        fn(*argv[1:])
         return 0
     ap = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

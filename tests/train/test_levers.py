@@ -1,0 +1,43 @@
+"""benchmarks.levers: the paired table of lever runs, the OOF cut to the base run's rows, and the archive (gzipped
+OOF files) that a later session scores again without training. Runs on TF-IDF runs of the sample data (a tfidf run
+folder has what a lever run needs: oof.csv, folds.csv, summary.json)."""
+
+from __future__ import annotations
+
+from conftest import SAMPLE_SET_ARGS
+from trainkit import SAMPLE_TRAIN
+
+from benchmarks.levers import main as levers
+from core.io import read_probs
+from train.tfidf import main as tfidf
+
+
+def tfidf_run(out, *extra):
+    assert tfidf(["--set", f"data.train_csv={SAMPLE_TRAIN}", "--set", "cv.n_folds=3", *SAMPLE_SET_ARGS,
+                  "--out", str(out), *map(str, extra)]) == 0
+
+
+def test_table_subset_and_archive_round_trip(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    tfidf_run(runs / "tfidf", "--C", 1)                                   # all 3 folds
+    tfidf_run(runs / "base", "--folds", runs / "tfidf" / "folds.csv", "--set", "cv.folds=[0,1]")
+    assert levers(["subset", str(runs / "tfidf" / "oof.csv"), str(runs / "base" / "oof.csv"),
+                   str(runs / "tfidf_base_rows.csv")]) == 0
+    ids, p, _ = read_probs(runs / "tfidf_base_rows.csv")
+    base_ids, _, _ = read_probs(runs / "base" / "oof.csv")
+    assert list(map(str, ids)) == list(map(str, base_ids))
+    capsys.readouterr()
+    assert levers([str(runs), "--labels", str(SAMPLE_TRAIN)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| base", "| tfidf (base's rows)"]
+    assert "(" in table[-1] and table[1].endswith("| - |")                # the paired interval vs base, not for base
+
+    assert levers(["archive", str(runs), str(tmp_path / "kept")]) == 0
+    assert (tmp_path / "kept" / "base" / "oof.csv.gz").is_file() and (tmp_path / "kept" / "tfidf_base_rows.csv.gz").is_file()
+    _, kept, _ = read_probs(tmp_path / "kept" / "tfidf_base_rows.csv.gz")
+    assert (kept == p).all()
+    capsys.readouterr()
+    assert levers([str(tmp_path / "kept"), "--labels", str(SAMPLE_TRAIN), "--work", str(tmp_path / "w")]) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert again[1:] == table[1:]
+    assert levers(["archive", str(runs)]) == 2
