@@ -51,7 +51,7 @@ def archive(runs: str, dest: str) -> None:
     names = [n for n in RUNS if (runs / n / "summary.json").is_file()] + ["tfidf"] * (runs / "tfidf").is_dir()
     for n in names:
         (dest / n).mkdir(parents=True, exist_ok=True)
-        for f in ("oof.csv.meta.json", "folds.csv", "run_config.yaml", "summary.json", "label_names.json"):
+        for f in ("folds.csv", "run_config.yaml", "summary.json", "label_names.json"):
             if (runs / n / f).is_file():
                 shutil.copyfile(runs / n / f, dest / n / f)
         with open(runs / n / "oof.csv", "rb") as src, gzip.open(dest / n / "oof.csv.gz", "wb") as dst:
