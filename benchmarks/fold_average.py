@@ -34,11 +34,6 @@ from train.tfidf import fit_predict
 DLS = "../shared/data/dls"
 
 
-def dls_config(train_csv: str) -> RunConfig:
-    cfg = RunConfig.from_yaml("configs/gemma-3-270m/qlora.yaml", [f"data.train_csv={train_csv}"])
-    return cfg
-
-
 def sharpen(p: np.ndarray, t: float) -> np.ndarray:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return 1 / (1 + np.exp(-np.log(p / (1 - p)) / t))
@@ -56,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--C", dest="c", type=float, default=4.0)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    cfg = dls_config(args.labels)
+    cfg = RunConfig.from_yaml("configs/gemma-3-270m/qlora.yaml", [f"data.train_csv={args.labels}"])
     ds = read_csv(args.labels, cfg.data)
     fold_of = read_folds(args.folds, ds.path, ds.ids)
     texts, y = np.asarray(ds.texts, dtype=object), ds.labels

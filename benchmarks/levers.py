@@ -44,6 +44,14 @@ def oof_file(folder: Path, name: str = "oof.csv") -> Path:
     return plain if plain.is_file() else folder / f"{name}.gz"
 
 
+def _gzip_with_meta(src: Path, dst: Path) -> None:
+    """``src`` gzipped to ``dst``, its ``.meta.json`` sidecar beside it when there is one."""
+    with open(src, "rb") as fin, gzip.open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+    if meta_path(src).is_file():
+        shutil.copyfile(meta_path(src), meta_path(dst))
+
+
 def archive(runs: str, dest: str) -> None:
     """Copy what the figures need (OOF probabilities gzipped + sidecar, folds, config, summary) of every finished
     run and OOF file of ``runs`` to ``dest``, so that a later session scores or blends them without training again."""
@@ -54,16 +62,10 @@ def archive(runs: str, dest: str) -> None:
         for f in ("folds.csv", "run_config.yaml", "summary.json", "label_names.json"):
             if (runs / n / f).is_file():
                 shutil.copyfile(runs / n / f, dest / n / f)
-        with open(runs / n / "oof.csv", "rb") as src, gzip.open(dest / n / "oof.csv.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        if (runs / n / "oof.csv.meta.json").is_file():
-            shutil.copyfile(runs / n / "oof.csv.meta.json", dest / n / "oof.csv.gz.meta.json")
+        _gzip_with_meta(runs / n / "oof.csv", dest / n / "oof.csv.gz")
     for f in FILES.values():
         if (runs / f).is_file():
-            with open(runs / f, "rb") as src, gzip.open(dest / f"{f}.gz", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            if meta_path(runs / f).is_file():
-                shutil.copyfile(meta_path(runs / f), meta_path(dest / f"{f}.gz"))
+            _gzip_with_meta(runs / f, dest / f"{f}.gz")
     print(f"archived {names} and {[f for f in FILES.values() if (runs / f).is_file()]} to {dest}")
 
 

@@ -41,9 +41,10 @@ from core.data import read_csv
 from core.io import InputError, atomic_dir, versions, write_json, write_probs
 from core.metrics import scores
 from core.thresholds import ThresholdSpec
+from train import distill
 from train.data import make_folds
 from train.distill import add_teacher_arguments, teacher_overrides
-from train.loop import evaluate, fold_decoding
+from train.loop import DistEnv, evaluate, fold_decoding
 
 
 def build_model(c: float = 4.0, seed: int = 0):
@@ -94,6 +95,7 @@ def fit_predict_soft(train_texts, targets: np.ndarray, weights: np.ndarray, text
     per class minimising the weighted BCE against ``targets`` in [0, 1] (each row enters twice, as a positive with
     weight ``w * t`` and as a negative with weight ``w * (1 - t)``: the same objective, scikit-learn's solver). With
     0/1 targets and unit weights it is the hard-label fit. A class whose targets are constant gets that constant."""
+    from scipy.sparse import vstack
     from sklearn.base import clone
     from sklearn.linear_model import LogisticRegression
 
@@ -102,8 +104,6 @@ def fit_predict_soft(train_texts, targets: np.ndarray, weights: np.ndarray, text
     features = build_model(c, seed).steps[0][1]
     x = features.fit_transform(list(train_texts))
     x_new = features.transform(list(texts))
-    from scipy.sparse import vstack
-
     x2 = vstack([x, x]).tocsr()
     y2 = np.concatenate([np.ones(len(t)), np.zeros(len(t))])
     probs = np.zeros((len(texts), t.shape[1]))
@@ -155,8 +155,6 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
         uniq = sorted(set(cfg.cv.folds))
     teachers, unl = None, None
     if cfg.distill.teachers:  # a distilled student: validate the teachers before any work
-        from train import distill
-
         if test_ds is not None:  # the test model learns from every teacher fold (fold-averaged targets)
             cfg.distill.final = True
         teachers = distill.read_teachers(cfg, ds, fold_of, uniq)
@@ -182,9 +180,6 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, te
     texts = np.asarray(ds.texts, dtype=object)
     targets, extra = {}, {}
     if teachers:
-        from train import distill
-        from train.loop import DistEnv
-
         if targets_from:
             distill.copy_cached(targets_from, tmp / distill.TEACHER_DIR, teachers, log=log)
         targets = distill.prepare_targets(cfg, tmp, teachers, ds, unl, fold_of, uniq, DistEnv(), log=log)
@@ -222,9 +217,6 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, te
     pd.DataFrame({"index": ds.ids, "fold": fold_of}).to_csv(tmp / "folds.csv", index=False)
     if test_ds is not None:
         if teachers:
-            from train import distill
-            from train.loop import DistEnv
-
             st = distill.prepare_final_targets(cfg, tmp, teachers, ds, unl, fold_of, DistEnv(), log=log)
             t, w = soft_fit_targets(labels_all, st.soft, st.labelled, st.alpha)
             probs = fit_predict_soft(texts_all, t, w, test_ds.texts, c, cfg.train.seed)
