@@ -7,11 +7,14 @@ blended out-of-fold probabilities. Tune thresholds on the blended OOF afterwards
 ``python -m infer tune``).
 
 The blend's OOF score with weights tuned on the same OOF is optimistic; the nested estimate (weights tuned on all
-folds but one, the left-out fold scored, rotated) is the honest one, printed beside it.
+folds but one, the left-out fold scored, rotated) is the honest one, printed beside it. Thresholds (or set decoding)
+tuned afterwards on the blended OOF inherit the weights' optimism: ``--tune-decoding cascade|sets`` tunes them inside
+the same nested estimate (weights, then decoding, on all folds but one), the honest figure of blend + tune together.
 
 Usage:
     python -m infer blend --probs a.csv,b.csv --oof a_oof.csv,b_oof.csv --labels train.csv --out blend.csv \\
-        [--out-oof blend_oof.csv] [--folds RUN/folds.csv] [--objective micro_f1] [--n-trials 100] [--seed 0]
+        [--out-oof blend_oof.csv] [--folds RUN/folds.csv] [--objective micro_f1] [--n-trials 100] [--seed 0] \\
+        [--tune-decoding cascade|sets]
     python -m infer blend --oof a_oof.csv,b_oof.csv --labels train.csv      # only measure: OOF scores, no test file
 """
 
@@ -26,7 +29,7 @@ import numpy as np
 
 from core.io import InputError, align_ids, progress_bar, read_labels, read_probs, write_probs
 from core.metrics import OBJECTIVES, objective_score, scores
-from core.thresholds import DEFAULT_FALLBACK, Fallback, cascade_steps, decode_global
+from core.thresholds import ARGMAX, DEFAULT_FALLBACK, Fallback, cascade_steps, decode_global
 
 DEFAULT_TRIALS = 100
 
@@ -83,11 +86,16 @@ def search_weights(oofs: Sequence[np.ndarray], labels: np.ndarray, objective: st
 
 
 def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence[int], objective: str = "exact_match",
-                 n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: Fallback = DEFAULT_FALLBACK) -> dict:
+                 n_trials: int = DEFAULT_TRIALS, seed: int = 0, fallback: Fallback = DEFAULT_FALLBACK,
+                 strategy: str | None = None, label_names: Sequence[str] | None = None, **tune_kwargs) -> dict:
     """Honest estimate of the blend: tune the weights on all folds but one, decode the left-out fold's blend with
     the default cascade, rotate; the left-out predictions are pooled.
 
-    Returns ``{"folds", "per_fold": [{"fold", "rows", "weights", objective}], "pooled": scores}``.
+    ``strategy`` (``"cascade"`` or ``"sets"``): also tune the decoding on each fold's blended training rows (as
+    :func:`infer.tune.nested_estimate`, same ``seed``, ``tune_kwargs`` passed on) and score the left-out fold with it: the honest
+    figure of blend + ``tune`` together. Its result is under ``"decoding"``.
+
+    Returns ``{"folds", "per_fold": [{"fold", "rows", "weights", objective}], "pooled": scores}`` (+ ``"decoding"``).
     """
 
     y = np.asarray(labels).astype(np.int8)
@@ -104,7 +112,18 @@ def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence
         pred[test] = decode_global(blend_probs([p[test] for p in oofs], w), steps, fallback)
         per_fold.append({"fold": int(f), "rows": int(test.sum()), "weights": w,
                          objective: float(objective_score(y[test], pred[test], objective))})
-    return {"folds": len(uniq), "per_fold": per_fold, "pooled": scores(y, pred)}
+    out = {"folds": len(uniq), "per_fold": per_fold, "pooled": scores(y, pred)}
+    if strategy is not None:
+        from infer.tune import nested_estimate
+
+        weights = {r["fold"]: r["weights"] for r in per_fold}
+
+        def fold_blend(train: np.ndarray) -> np.ndarray:  # the weights tuned above without the left-out fold
+            return blend_probs(oofs, weights[int(folds[~train][0])])
+
+        out["decoding"] = nested_estimate(oofs[0], y, folds, label_names, fallback, objective, strategy=strategy,
+                                          fold_probs=fold_blend, seed=seed, **tune_kwargs)
+    return out
 
 
 def _split(value: str | Sequence[str], what: str) -> list[str]:
@@ -131,11 +150,12 @@ def _read_group(paths: Sequence[str], names: Sequence[str] | None):
 def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str | Path, out: str | Path | None = None,
               out_oof: str | Path | None = None, objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS,
               seed: int = 0, fallback=None, folds: str | Path | None = None, kfolds: int = 5, nested: bool = True,
-              progress: bool = True, log=print, id_column: str | None = None) -> dict:
+              progress: bool = True, log=print, id_column: str | None = None, tune_decoding: str | None = None) -> dict:
     """Read and validate everything, tune the weights (and estimate the blend's score honestly, nested over the
     folds: ``folds`` file, else RUN/folds.csv beside the first OOF file, else a seeded K-fold), then write the
-    blended file(s)."""
-    from infer.tune import check_honest, default_spec, labels_id_column, resolve_folds, run_config_of
+    blended file(s). ``tune_decoding`` (``cascade`` / ``sets``): the nested estimate also tunes the decoding on each
+    fold's blended training rows, as ``tune --strategy`` would (the fallback tuned too unless ``fallback`` is given)."""
+    from infer.tune import STRATEGIES, check_honest, default_spec, labels_id_column, resolve_folds, run_config_of
 
     oof = _split(oof, "--oof")
     probs = None if probs is None else _split(probs, "--probs")  # None: measure the blend on OOF rows only
@@ -149,6 +169,10 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
                          f"in the same order")
     if len(oof) < 2:
         raise InputError("blend needs at least two models (--probs a.csv,b.csv --oof a_oof.csv,b_oof.csv)")
+    if tune_decoding is not None and tune_decoding not in STRATEGIES:
+        raise InputError(f"--tune-decoding must be one of {', '.join(STRATEGIES)}, got {tune_decoding!r}")
+    if tune_decoding is not None and not nested:
+        raise InputError("--tune-decoding is part of the nested estimate: drop --no-nested")
     for path in oof:
         check_honest(path, nested, "--no-nested", log)
     oof_ids, oofs, names = _read_group(oof, None)
@@ -170,10 +194,18 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     if nested:
         fold_of, source = resolve_folds(folds, oof[0], oof_ids, None, kfolds, seed)
         log(f"nested estimate over {len(set(fold_of.tolist()))} folds from {source}")
-        estimate = nested_blend(oofs, y, fold_of, objective, n_trials, seed, fb)
+        extra = {} if tune_decoding is None else {
+            "strategy": tune_decoding, "label_names": names, "progress": progress,
+            "fallbacks": () if fallback is not None else (ARGMAX,)}
+        estimate = nested_blend(oofs, y, fold_of, objective, n_trials, seed, fb, **extra)
         rows["blend (nested)"] = estimate["pooled"]
+        if tune_decoding is not None:
+            dec = estimate["decoding"]["pooled"]
+            rows["blend + tuned cascade (nested)"] = dec["tuned"]
+            if "sets" in dec:
+                rows["blend + sets (nested)"] = dec["sets"]
     width = max(len(str(k)) for k in rows) + 2
-    lines = ["OOF scores with the default cascade:", f"  {'model':<{width}} {'weight':>7} {'exact_match':>12} "
+    lines = ["OOF scores (the default cascade unless the row names another decoding):", f"  {'model':<{width}} {'weight':>7} {'exact_match':>12} "
                                                        f"{'micro_f1':>9}"]
     for i, (k, s) in enumerate(rows.items()):
         w = f"{weights[i]:.3f}" if i < len(weights) else ""
@@ -226,6 +258,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "the first --oof file, else a seeded K-fold)")
     p.add_argument("--kfold", type=int, default=5, help="folds of the fallback split")
     p.add_argument("--no-nested", action="store_true", help="skip the nested estimate")
+    p.add_argument("--tune-decoding", choices=("cascade", "sets"),
+                   help="the nested estimate also tunes the decoding on each fold's blended training rows (as tune "
+                        "--strategy) and scores the left-out fold with it: the honest figure of blend + tune")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cli)
     return p
@@ -237,7 +272,8 @@ def _cli(args) -> int:
             raise InputError(f"--n-trials must be >= 1, got {args.n_trials}")
         run_blend(args.probs, args.oof, args.labels, args.out, args.out_oof, args.objective, args.n_trials,
                   args.seed, args.fallback, folds=args.folds, kfolds=args.kfold, nested=not args.no_nested,
-                  progress=not args.no_progress, id_column=args.id_column)
+                  progress=not args.no_progress, id_column=args.id_column,
+                  tune_decoding=args.tune_decoding)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -266,11 +266,13 @@ def kfold(n: int, k: int = DEFAULT_KFOLD, seed: int = 0) -> np.ndarray:
 def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
                     label_names: Sequence[str] | None = None, fallback: Fallback = DEFAULT_FALLBACK,
                     objective: str = "exact_match", progress: bool = False, strategy: str = "cascade",
-                    **tune_kwargs) -> dict:
+                    fold_probs=None, **tune_kwargs) -> dict:
     """Honest estimate of the tuning gain: tune on all folds but one, decode the left-out fold, rotate.
 
     ``strategy="sets"`` also tunes set decoding (:func:`core.sets.tune_sets`, its cascade candidate the fold's tuned
     cascade, its set priors from the fold's training rows only) and scores it on the left-out fold.
+    ``fold_probs``: a function of a fold's training-row mask returning the N x L probabilities that fold uses (e.g.
+    a blend whose weights are tuned on those rows only, :func:`infer.blend.nested_blend`); default ``probs``.
 
     Returns a dict: per-fold scores (default cascade vs tuned, the objective; ``sets`` too with that strategy), and
     the pooled left-out predictions' full scores (``pooled.default`` / ``pooled.tuned`` / ``pooled.sets``), plus
@@ -286,20 +288,23 @@ def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
         raise ValueError("the nested estimate needs at least 2 folds")
     names = tuple(label_names) if label_names is not None else tuple(f"class_{j}" for j in range(probs.shape[1]))
     default = ThresholdSpec(names, fallback=fallback)
-    pred_default = default.decode(probs)
+    pred_default = default.decode(probs) if fold_probs is None else np.zeros_like(labels)
     pred_tuned = np.zeros_like(pred_default)
     pred_sets = np.zeros_like(pred_default) if strategy == "sets" else None
     per_fold = []
     bar = progress_bar(len(uniq), "nested estimate", progress)
     for f in uniq:
         test = folds == f
-        spec = tune_thresholds(probs[~test], labels[~test], names, objective=objective, fallback=fallback,
+        p = probs if fold_probs is None else np.asarray(fold_probs(~test), dtype=np.float64)
+        if fold_probs is not None:
+            pred_default[test] = default.decode(p[test])
+        spec = tune_thresholds(p[~test], labels[~test], names, objective=objective, fallback=fallback,
                                **tune_kwargs)
-        pred_tuned[test] = spec.decode(probs[test])
+        pred_tuned[test] = spec.decode(p[test])
         extra = {}
         if pred_sets is not None:  # priors from this fold's training rows only
-            dec = tune_sets(probs[~test], labels[~test], names, spec, objective)
-            pred_sets[test] = dec.decode(probs[test])
+            dec = tune_sets(p[~test], labels[~test], names, spec, objective)
+            pred_sets[test] = dec.decode(p[test])
             extra = {"sets": objective_score(labels[test], pred_sets[test], objective), "lambda": dec.lam,
                      "temperature": dec.temperature, "singletons": dec.singletons, "pair_top": dec.pair_top}
         per_fold.append({

@@ -337,6 +337,24 @@ def test_blend_without_probs_only_measures(data, capsys):
     assert code == 2 and "--out needs --probs" in err and not (d / "b.csv").exists()
 
 
+def test_blend_tune_decoding_reports_blend_plus_tune_nested(data, capsys):
+    d = data["dir"]
+    other, out_oof = d / "other_oof.csv", d / "blend_oof.csv"
+    write_probs(other, data["ids"], np.clip(data["p"] + np.random.default_rng(7).normal(0, 0.2, data["p"].shape),
+                                            0, 1), NAMES)
+    code, stdout, _ = run(["blend", "--oof", f"{data['oof']},{other}", "--labels", data["labels"], "--n-trials", 5,
+                           "--tune-decoding", "sets", "--out-oof", out_oof, "--no-progress"], capsys)
+    assert code == 0 and "blend + tuned cascade (nested)" in stdout and "blend + sets (nested)" in stdout
+    meta = json.loads(meta_path(out_oof).read_text())
+    dec, rows = meta["nested"]["decoding"], meta["oof_scores"]
+    assert dec["folds"] == 5 and dec["pooled"]["default"] == rows["blend (nested)"] == meta["nested"]["pooled"]
+    assert rows["blend + tuned cascade (nested)"] == dec["pooled"]["tuned"]
+    assert rows["blend + sets (nested)"] == dec["pooled"]["sets"]
+    code, _, err = run(["blend", "--oof", f"{data['oof']},{other}", "--labels", data["labels"], "--n-trials", 5,
+                        "--tune-decoding", "sets", "--no-nested", "--no-progress"], capsys)
+    assert code == 2 and "--tune-decoding is part of the nested estimate" in err
+
+
 @pytest.mark.parametrize("marked", ["key", "keep_best"])
 def test_an_optimistic_oof_file_is_refused_for_nested_estimates(data, capsys, marked):
     """The OOF file of a train.keep=best run (each fold's epoch chosen on its rows) gives no nested estimate in tune

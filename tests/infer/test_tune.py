@@ -126,6 +126,40 @@ def test_nested_blend_tunes_each_folds_weights_on_the_other_folds():
         nested_blend([good, other], y, np.zeros(300), n_trials=5)
 
 
+def test_nested_blend_tunes_the_decoding_on_each_folds_blended_training_rows_only():
+    """blend + tune, honestly: per fold the weights tuned without the left-out fold, then the cascade and the set
+    decoding tuned on the blended training rows, the left-out rows decoded with them; the default column equals the
+    plain nested blend. A fold_probs that returns the file itself gives the plain nested estimate."""
+    from core.metrics import scores
+    from core.sets import tune_sets
+    from infer.blend import nested_blend
+
+    rng = np.random.default_rng(2)
+    y = np.zeros((240, 20), dtype=np.int8)
+    y[np.arange(240), rng.integers(0, 20, 240)] = 1
+    y[rng.random(240) < 0.3, 3] = 1
+    good = np.clip(np.where(y == 1, 0.45, 0.1) + rng.normal(0, 0.12, y.shape), 0, 1)
+    other = np.clip(np.where(y == 1, 0.4, 0.15) + rng.normal(0, 0.15, y.shape), 0, 1)
+    folds = np.arange(240) % 3
+    kw = {"n_trials": 8, "seed": 0, "fallback": 19}
+    est = nested_blend([good, other], y, folds, strategy="sets", label_names=NAMES, per_class=False, **kw)
+    dec = est["decoding"]
+    assert dec["strategy"] == "sets" and dec["folds"] == 3
+    assert dec["pooled"]["default"] == est["pooled"]
+    tuned, sets = np.zeros_like(y), np.zeros_like(y)
+    for r in est["per_fold"]:
+        test = folds == r["fold"]
+        b = blend_probs([good, other], r["weights"])
+        spec = tune_thresholds(b[~test], y[~test], NAMES, per_class=False, fallback=19)  # tune's own trials
+        tuned[test] = spec.decode(b[test])
+        sets[test] = tune_sets(b[~test], y[~test], NAMES, spec, "exact_match").decode(b[test])
+    assert dec["pooled"]["tuned"] == scores(y, tuned) and dec["pooled"]["sets"] == scores(y, sets)
+    assert nested_blend([good, other], y, folds, **kw) == {k: v for k, v in est.items() if k != "decoding"}
+
+    plain = nested_estimate(good, y, folds, NAMES, per_class=False, **kw)
+    assert nested_estimate(good, y, folds, NAMES, per_class=False, fold_probs=lambda train: good, **kw) == plain
+
+
 def test_spec_decode_matches_the_fast_global_decoder():
     from infer.tune import decode_global
 
