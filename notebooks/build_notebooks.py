@@ -176,7 +176,11 @@ out-of-fold probabilities, and writes `submission.csv`, all with the `qlora-mult
 * `ADAPTERS`: comma-separated Hub repos (`user/name`), run folders (= all their folds) or fold adapter folders.
 * With *internet off* (code competitions), attach the adapters as a Kaggle dataset/model (e.g. a folder made with
   `python -m infer pull` + copy, or the training notebook's output) and give their paths; install from `WHEELS`.
-* Thresholds are tuned on `OOF` (default: the first run's `oof.csv`) against the labels in `TRAIN_CSV`.'''),
+* Thresholds are tuned on `OOF` (default: the first run's `oof.csv`) against the labels in `TRAIN_CSV`.
+* `TFIDF_BLEND`: also fit the toolkit's TF-IDF model on `TRAIN_CSV` with the first run's folds and config (seconds
+  on a CPU), blend it with the LLM (weights tuned on the out-of-fold files) and tune the decoding on the blend.
+  `STRATEGY`: the decoding tuned on the OOF, `cascade` (thresholds) or `sets` (label sets seen in training).
+  The printed nested rows (`blend + tuned cascade (nested)`, `blend + sets (nested)`) are the honest figures.'''),
         new_code_cell('''\
 # Parameters
 TOOLKIT = "/kaggle/input/qlora-multilabel"   # the toolkit's source (dataset with the repo, or "git+https://...")
@@ -187,6 +191,8 @@ TEST_CSV = "/kaggle/input/dls-trends/test.csv"
 TRAIN_CSV = "/kaggle/input/dls-trends/train.csv"   # labels for threshold tuning
 OOF = None                    # out-of-fold probability file; None = oof.csv of the first adapter's run
 TUNE = True                   # tune thresholds on OOF; False = the default cascade
+STRATEGY = "cascade"          # decoding tuned on OOF: "cascade" (thresholds) or "sets" (label sets)
+TFIDF_BLEND = False           # also fit TF-IDF on TRAIN_CSV (the first run's folds) and blend it with the LLM
 WORK_DIR = "/kaggle/working"
 SUBMISSION = "/kaggle/working/submission.csv"
 BATCH_SIZE = 64
@@ -207,14 +213,29 @@ probs = str(Path(WORK_DIR) / "test_probs.csv")
 weights = f" --weights {WEIGHTS}" if WEIGHTS else ""
 sh(f"{INFER} predict --adapter {shlex.quote(','.join(adapters))} --input {shlex.quote(TEST_CSV)} "
    f"--out {probs} --batch-size {BATCH_SIZE}{weights}")'''),
-        new_markdown_cell("## Tune thresholds on the out-of-fold probabilities"),
+        new_markdown_cell("## Optional: blend with a TF-IDF model fitted on the same folds"),
         new_code_cell('''\
 from core.hub import resolve_adapter  # local folder of a path or an already pulled Hub id
 
+run0 = resolve_adapter(adapters[0])
+oof = OOF or str(run0 / "oof.csv")
+if TFIDF_BLEND:
+    tfidf, q = Path(WORK_DIR) / "tfidf", shlex.quote
+    if not (tfidf / "summary.json").is_file():   # written atomically: present = finished
+        sh(f"{PY} -m train tfidf --config {q(str(run0 / 'run_config.yaml'))} --set data.train_csv={q(TRAIN_CSV)} "
+           f"--folds {q(str(run0 / 'folds.csv'))} --test {q(TEST_CSV)} --out {q(str(tfidf))}")
+    blend, blend_oof = str(Path(WORK_DIR) / "blend.csv"), str(Path(WORK_DIR) / "blend_oof.csv")
+    sh(f"{INFER} blend --probs {probs},{q(str(tfidf / 'test_probs.csv'))} --oof {q(oof)},{q(str(tfidf / 'oof.csv'))} "
+       f"--labels {q(TRAIN_CSV)} --folds {q(str(run0 / 'folds.csv'))} --out {blend} --out-oof {blend_oof} "
+       f"--no-progress" + (f" --tune-decoding {STRATEGY}" if TUNE else ""))
+    probs, oof = blend, blend_oof'''),
+        new_markdown_cell("## Tune the decoding on the out-of-fold probabilities"),
+        new_code_cell('''\
 thresholds = str(Path(WORK_DIR) / "thresholds.json")
-oof = OOF or str(resolve_adapter(adapters[0]) / "oof.csv")
 if TUNE:
-    sh(f"{INFER} tune --oof {shlex.quote(oof)} --labels {shlex.quote(TRAIN_CSV)} --out {thresholds}")
+    folds = f" --folds {shlex.quote(str(run0 / 'folds.csv'))}" if (run0 / "folds.csv").is_file() else ""
+    sh(f"{INFER} tune --oof {shlex.quote(oof)} --labels {shlex.quote(TRAIN_CSV)} --out {thresholds} "
+       f"--strategy {STRATEGY} --no-progress{folds}")
 else:
     thresholds = None'''),
         new_markdown_cell("## Write the submission"),

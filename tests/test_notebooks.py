@@ -90,20 +90,30 @@ def test_train_notebook(trained):
     assert "resume: --resume" in out2 and "fold 0: already done, skipped" in out2
 
 
-def test_submit_notebook(trained, tmp_path):
+@pytest.mark.parametrize("blend", [False, True], ids=["llm", "llm+tfidf,sets"])
+def test_submit_notebook(trained, tmp_path, blend):
     work, train_csv, _, _, params = trained
     test_csv = tmp_path / "test20.csv"
     pd.read_csv(ROOT / "data" / "sample_test.csv").head(20).to_csv(test_csv, index=False)
     nb = run_notebook("kaggle_submit.ipynb", {
         "TOOLKIT": str(ROOT), "ADAPTERS": str(work / "run"), "TEST_CSV": str(test_csv), "TRAIN_CSV": str(train_csv),
         "WORK_DIR": str(tmp_path), "SUBMISSION": str(tmp_path / "submission.csv"), "BATCH_SIZE": 8,
-        "INFER": params["INFER"]}, tmp_path)
+        "INFER": params["INFER"], "TFIDF_BLEND": blend, "STRATEGY": "sets" if blend else "cascade"}, tmp_path)
     probs = pd.read_csv(tmp_path / "test_probs.csv")
     assert list(probs["index"]) == list(pd.read_csv(test_csv)["index"])
-    assert (tmp_path / "thresholds.json").is_file()
+    thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     sub = pd.read_csv(tmp_path / "submission.csv")
     assert len(sub) == 20
-    assert "rows/s" in text_of(nb)
+    out = text_of(nb)
+    assert "rows/s" in out
+    if blend:  # TF-IDF on the run's folds, blended on its OOF, the decoding tuned on the blend
+        assert (tmp_path / "tfidf" / "test_probs.csv").is_file()
+        meta = json.loads((tmp_path / "blend.csv.meta.json").read_text())
+        assert meta["inputs"] == [str(tmp_path / "test_probs.csv"), str(tmp_path / "tfidf" / "test_probs.csv")]
+        assert "blend + sets (nested)" in out and thresholds["strategy"] == "sets"
+        assert thresholds["meta"]["oof"] == str(tmp_path / "blend_oof.csv")
+    else:
+        assert "strategy" not in thresholds and not (tmp_path / "tfidf").exists()
 
 
 @pytest.fixture()
