@@ -9,6 +9,8 @@ Per run (a ``python -m train`` run folder with ``oof.csv``, or an OOF file such 
 match at 0.5, with the default cascade, with the tuned cascade and with set decoding (both nested: tuned on the other
 folds, the left-out fold scored, rotated, over the base run's ``folds.csv``), micro-F1 (cascade), and the paired
 difference to the base run on the same rows (default cascade; 95% bootstrap interval, ``infer evaluate --baseline``).
+Each LLM run whose rows are the TF-IDF file's also gets a row blended with TF-IDF, everything nested (weights, then the
+cascade / set decoding, tuned on the other folds: ``infer blend --tune-decoding sets``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,23 @@ def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Pa
     return out
 
 
+def blend_figures(oofs: list[Path], labels: str, folds: Path) -> dict:
+    """The honest figures of blend + tune: weights, then the cascade / set decoding, tuned on all folds but one
+    (``infer blend --tune-decoding sets``)."""
+    from infer.blend import run_blend
+
+    res = run_blend(None, [str(o) for o in oofs], labels, folds=folds, tune_decoding="sets", progress=False,
+                    log=lambda m: None)
+    dec = res["nested"]["decoding"]
+    ids, _, _ = read_probs(oofs[0])
+    return {"oof": ",".join(map(str, oofs)), "rows": len(ids), "folds": sorted({int(f) for f in read_folds(folds,
+            oofs[0], ids)}), "em_0.5": None, "em_cascade": dec["pooled"]["default"]["exact_match"],
+            "micro_f1": dec["pooled"]["default"]["micro_f1"],
+            "em_tuned_nested": dec["pooled"]["tuned"]["exact_match"],
+            "em_sets_nested": dec["pooled"]["sets"]["exact_match"], "weights": [r["weights"] for r in
+                                                                             res["nested"]["per_fold"]]}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     tools = {"subset": (subset, "FULL_OOF ROWS_OF OUT"), "archive": (archive, "RUNS DEST")}
@@ -122,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         r = figures(oof, args.labels, folds, None if name == "base" else oof_file(base), work)
         rows.append({"name": name, **r})
+    tfidf = oof_file(runs, FILES["tfidf (base's rows)"])
+    if tfidf.is_file() and len(rows[0]["folds"]) > 1:  # LLM + TF-IDF blends on the same rows, everything nested
+        want = set(read_probs(tfidf)[0].tolist())
+        for r in list(rows):
+            if r["name"] in RUNS and set(read_probs(r["oof"])[0].tolist()) == want:
+                rows.append({"name": f"blend {r['name']} + tfidf, nested weights + decoding",
+                             **blend_figures([Path(r["oof"]), tfidf], args.labels, folds)})
     b = rows[0]
     print(f"{runs}: base {b['rows']} out-of-fold rows (folds {b['folds']} of {args.labels}); nested = tuned on "
           f"the other folds, the left-out fold scored; 'vs base': the same rows, paired")
@@ -135,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         v = r.get("vs_base")
         vs = "-" if v is None else f"{v['difference']:+.4f} ({v['low']:+.4f} .. {v['high']:+.4f})"
-        print(f"| {r['name']} | {','.join(map(str, r['folds']))} | {r['em_0.5']:.4f} | {r['em_cascade']:.4f} | "
+        print(f"| {r['name']} | {','.join(map(str, r['folds']))} | {f4(r['em_0.5'])} | {r['em_cascade']:.4f} | "
               f"{f4(r['em_tuned_nested'])} | {f4(r['em_sets_nested'])} | {r['micro_f1']:.4f} | {vs} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))

@@ -29,8 +29,11 @@ def test_table_subset_and_archive_round_trip(tmp_path, capsys):
     capsys.readouterr()
     assert levers([str(runs), "--labels", str(SAMPLE_TRAIN)]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0] for line in table[1:]] == ["| base", "| tfidf (base's rows)"]
-    assert "(" in table[-1] and table[1].endswith("| - |")                # the paired interval vs base, not for base
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| base", "| tfidf (base's rows)",
+                                                            "| blend base + tfidf, nested weights + decoding"]
+    assert "(" in table[-2] and table[1].endswith("| - |")                # the paired interval vs base, not for base
+    blend = table[-1].split(" | ")
+    assert blend[2] == "-" and all(float(x) > 0 for x in blend[3:7])      # no 0.5 column; cascade, tuned, sets, F1
 
     assert levers(["archive", str(runs), str(tmp_path / "kept")]) == 0
     assert (tmp_path / "kept" / "base" / "oof.csv.gz").is_file() and (tmp_path / "kept" / "tfidf_base_rows.csv.gz").is_file()
