@@ -92,8 +92,8 @@ def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence
     the default cascade, rotate; the left-out predictions are pooled.
 
     ``strategy`` (``"cascade"`` or ``"sets"``): also tune the decoding on each fold's blended training rows (as
-    :func:`infer.tune.nested_estimate`, same ``seed``, ``tune_kwargs`` passed on) and score the left-out fold with it: the honest
-    figure of blend + ``tune`` together. Its result is under ``"decoding"``.
+    :func:`infer.tune.nested_estimate`, same ``seed``, ``tune_kwargs`` passed on) and score the left-out fold with
+    it: the honest figure of blend + ``tune`` together. Its result is under ``"decoding"``.
 
     Returns ``{"folds", "per_fold": [{"fold", "rows", "weights", objective}], "pooled": scores}`` (+ ``"decoding"``).
     """
@@ -205,8 +205,8 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
             if "sets" in dec:
                 rows["blend + sets (nested)"] = dec["sets"]
     width = max(len(str(k)) for k in rows) + 2
-    lines = ["OOF scores (the default cascade unless the row names another decoding):", f"  {'model':<{width}} {'weight':>7} {'exact_match':>12} "
-                                                       f"{'micro_f1':>9}"]
+    lines = ["OOF scores (the default cascade unless the row names another decoding):",
+             f"  {'model':<{width}} {'weight':>7} {'exact_match':>12} {'micro_f1':>9}"]
     for i, (k, s) in enumerate(rows.items()):
         w = f"{weights[i]:.3f}" if i < len(weights) else ""
         lines.append(f"  {k:<{width}} {w:>7} {s['exact_match']:>12.4f} {s['micro_f1']:>9.4f}")

@@ -288,7 +288,7 @@ def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
         raise ValueError("the nested estimate needs at least 2 folds")
     names = tuple(label_names) if label_names is not None else tuple(f"class_{j}" for j in range(probs.shape[1]))
     default = ThresholdSpec(names, fallback=fallback)
-    pred_default = default.decode(probs) if fold_probs is None else np.zeros_like(labels)
+    pred_default = np.zeros_like(labels)
     pred_tuned = np.zeros_like(pred_default)
     pred_sets = np.zeros_like(pred_default) if strategy == "sets" else None
     per_fold = []
@@ -296,8 +296,7 @@ def nested_estimate(probs: np.ndarray, labels: np.ndarray, folds: Sequence[int],
     for f in uniq:
         test = folds == f
         p = probs if fold_probs is None else np.asarray(fold_probs(~test), dtype=np.float64)
-        if fold_probs is not None:
-            pred_default[test] = default.decode(p[test])
+        pred_default[test] = default.decode(p[test])  # row by row: the same as decoding every row at once
         spec = tune_thresholds(p[~test], labels[~test], names, objective=objective, fallback=fallback,
                                **tune_kwargs)
         pred_tuned[test] = spec.decode(p[test])
