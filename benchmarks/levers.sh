@@ -15,6 +15,7 @@
 #   dapt2  DAPT (configs/gemma-3-270m/dapt.yaml, on test.csv) on the trimmed vocabulary, then the shipped config
 #   ep3    the shipped config with 3 epochs
 #   lora64 LoRA r 64, alpha 128
+#   loraplus  LoRA+: the B matrices at 16x the adapters' lr (train.lora_plus_ratio=16)
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +73,7 @@ for step in $STEPS; do
         run_cfg dapt2 --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt" ;;
     ep3) run_cfg ep3 --set train.num_epochs=3 ;;
     lora64) run_cfg lora64 --set lora.r=64 --set lora.alpha=128 ;;
+    loraplus) run_cfg loraplus --set train.lora_plus_ratio=16 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

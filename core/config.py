@@ -119,6 +119,9 @@ class TrainArgs:
     lr: float = 2e-4
     head_lr: float | None = None
     """Learning rate of the classification head; ``None`` uses ``lr``."""
+    lora_plus_ratio: float | None = None
+    """LoRA+ (Hayou et al., 2024): the adapters' B matrices learn at ``lr * lora_plus_ratio`` (the paper uses ~16),
+    the A matrices at ``lr``; ``None``: one learning rate for both."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -340,6 +343,9 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
             problems.append(f"{key} must be >= 1, got {v}")
     if t.lr <= 0:
         problems.append(f"train.lr must be > 0, got {t.lr}")
+    for key, v in [("train.head_lr", t.head_lr), ("train.lora_plus_ratio", t.lora_plus_ratio)]:
+        if v is not None and v <= 0:
+            problems.append(f"{key} must be > 0 (or null), got {v}")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if not 0 <= lo.dropout < 1:

@@ -40,7 +40,7 @@ def template_fields(template: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-_SET_LITERAL = re.compile(r"^\{(.*)\}$", re.S)
+_SET_LITERAL = re.compile(r"^\{(.*)\}$", re.DOTALL)
 
 
 def format_value(value: object) -> str:

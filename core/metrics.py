@@ -70,5 +70,5 @@ def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray
                        rng=np.random.default_rng(seed)).confidence_interval
         lo, hi = float(ci.low), float(ci.high)
     return {"exact_match_a": float(ok_a.mean()), "exact_match_b": float(ok_b.mean()), "difference": diff,
-            "low": lo, "high": hi, "confidence": confidence, "rows": int(len(d)),
+            "low": lo, "high": hi, "confidence": confidence, "rows": len(d),
             "only_a": int((ok_a & ~ok_b).sum()), "only_b": int((ok_b & ~ok_a).sum())}

@@ -49,7 +49,7 @@ def evaluate_arrays(probs: np.ndarray, labels: np.ndarray, label_names: Sequence
              "exact_match": [exact_match(labels, threshold(probs, t)) for t in CURVE],
              "micro_f1": [micro_f1(labels, threshold(probs, t)) for t in CURVE]}
     positives = dict(zip(label_names, map(int, np.asarray(labels).sum(axis=0))))
-    return {"rows": int(len(labels)), "metrics": metrics, "per_class_f1": per_class, "positives": positives,
+    return {"rows": len(labels), "metrics": metrics, "per_class_f1": per_class, "positives": positives,
             "curve": curve}
 
 

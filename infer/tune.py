@@ -559,7 +559,7 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
         estimate = nested_estimate(probs, y, fold_of, names, progress=progress, strategy=strategy, **kw)
     spec = tune_thresholds(probs, y, names, progress=progress, desc="tune on all folds", **kw)
     spec.meta.update({
-        "produced_by": "python -m infer tune", "oof": str(oof), "labels": str(labels), "rows": int(len(ids)),
+        "produced_by": "python -m infer tune", "oof": str(oof), "labels": str(labels), "rows": len(ids),
         "objective": objective, "n_trials": int(n_trials), "seed": int(seed), "per_class": per_class,
         "shrink_k": float(shrink), "fallback_class": fallback_name(names, spec.fallback),
         "fallback_candidates": list(dict.fromkeys(fallback_name(names, f) for f in (fb, *others))),

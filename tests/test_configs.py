@@ -101,6 +101,7 @@ def test_bad_literal_is_named_with_choices(raw, key, allowed):
     ({"decode": {"start": 0.3, "stop": 0.5}}, "decode.stop"),
     ({"decode": {"fallback": " "}}, "decode.fallback"),
     ({"data": {"max_length": 0}}, "data.max_length"),
+    ({"train": {"lora_plus_ratio": 0}}, "train.lora_plus_ratio"),
 ])
 def test_inconsistent_values_are_named(raw, key):
     with pytest.raises(ConfigError) as e:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> int:
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - TrainingError and friends: one clear line, traceback on demand
+    except Exception as e:
         if isinstance(e, TrainingError):
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -175,9 +175,15 @@ def _free(key: str, free: tuple[str, ...]) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
 
 
-def result_settings(config: dict, free: tuple[str, ...] = RESUME_FREE) -> dict:
-    """The flat ``section.key -> value`` settings of a config dict that a resume may not change."""
-    return {k: v for k, v in flat(config).items() if not _free(k, free)}
+LATER_DEFAULTS = {"train.lora_plus_ratio": None}
+"""Keys added after checkpoints existed: left out of a checkpoint's fingerprint at their default, so checkpoints
+written before the key existed still resume."""
+
+
+def result_settings(config: dict, free: tuple[str, ...] = RESUME_FREE, later: dict = LATER_DEFAULTS) -> dict:
+    """The flat ``section.key -> value`` settings of a config dict that a resume may not change (a key of ``later``
+    at its default left out)."""
+    return {k: v for k, v in flat(config).items() if not _free(k, free) and not (k in later and v == later[k])}
 
 
 def changes(saved: dict, now: dict, free: tuple[str, ...] = RESUME_FREE) -> tuple[list, list]:

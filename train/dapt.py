@@ -42,9 +42,9 @@ from core.data import collate, tokenize
 from core.errors import TrainingError
 from core.io import InputError, atomic_dir, versions, write_json, write_text
 from core.model import autocast, load_causal_lm, load_tokenizer, resolve_model_path
-from train.data import batch_order, read_corpus, split_paths
 from train import checkpoint
 from train.checkpoint import Progress
+from train.data import batch_order, read_corpus, split_paths
 from train.engine import Callbacks, DistContext, Optimization, run_epochs, step_seed
 from train.lora import apply_lora, count_parameters
 

@@ -126,5 +126,5 @@ def read_corpus(paths: Sequence[str | Path], template: str = DEFAULT_TEMPLATE, w
                 kept += 1
         if kept == 0:
             raise InputError(f"{path}: the {what} file has no text (columns {fields} are empty in all {len(df)} rows)")
-        corpus.files.append({"path": path, "rows": int(len(df)), "rows_with_text": kept})
+        corpus.files.append({"path": path, "rows": len(df), "rows_with_text": kept})
     return corpus

@@ -19,12 +19,11 @@ from core.io import OPTIMISTIC_KEY, InputError, keep_best_reason, versions, writ
 from core.metrics import scores
 from core.model import load_classifier, load_tokenizer, resolve_model_path
 from core.thresholds import ThresholdSpec, threshold
-from train.data import make_folds
 from train import checkpoint
+from train.data import make_folds
 from train.engine import Callbacks
 from train.loop import device_map_for, fit_fold, fold_decoding, setup_dist, write_fold_metrics
 from train.lora import apply_lora, count_parameters
-
 
 LAUNCH_FILE = "launch.json"
 """How the run was launched (world size): a resume must use the same."""
@@ -79,14 +78,13 @@ def record_resume(run_dir: Path, allowed: list) -> None:
     write_json(path, entries)
 
 
-# Keys added after checkpoints existed: left out of the fingerprint at their default, so older checkpoints resume.
-LATER_DEFAULTS = {"decode.strategy": "cascade"}
+# Keys added after classification checkpoints existed (DAPT's fingerprint has always held decode.strategy).
+LATER_DEFAULTS = {**checkpoint.LATER_DEFAULTS, "decode.strategy": "cascade"}
 
 
 def run_fingerprint(cfg: RunConfig) -> str:
     """What every checkpoint of this run must agree on: the settings a resume may not change."""
-    return checkpoint.fingerprint({k: v for k, v in checkpoint.result_settings(cfg.to_dict()).items()
-                                   if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])})
+    return checkpoint.fingerprint(checkpoint.result_settings(cfg.to_dict(), later=LATER_DEFAULTS))
 
 
 class BackgroundPush:
@@ -304,7 +302,7 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
     secs = sum(r["train_seconds"] for r in results)
     real, padded = sum(r["real_tokens"] for r in results), sum(r["padded_tokens"] for r in results)
     summary = {
-        "folds": folds, "rows": int(len(idx)), "oof_metrics": oof, "mean_fold_metrics": mean,
+        "folds": folds, "rows": len(idx), "oof_metrics": oof, "mean_fold_metrics": mean,
         "per_fold": [{"fold": r["fold"], **m} for r, m in zip(results, per_fold)],
         "throughput": {"train_samples": samples, "train_seconds": round(secs, 2),
                        "samples_per_s": round(samples / secs, 2) if secs else None,

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SAMPLE_DATA
 import yaml
+from conftest import SAMPLE_DATA
 
 from core import hub as transport
 from core.io import InputError, read_probs

@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SAMPLE_DATA, SAMPLE_DECODE, SAMPLE_TEMPLATE
 
 from core.adapter import AdapterRef
-from conftest import SAMPLE_DATA, SAMPLE_DECODE, SAMPLE_TEMPLATE
 from core.config import RunConfig
 from core.data import format_prompt
 from core.errors import InputError

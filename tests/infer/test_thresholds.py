@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from core.thresholds import ThresholdSpec, cascade, cascade_steps, class_ids, decode_global, resolve_fallback, threshold
+from core.thresholds import (ThresholdSpec, cascade, cascade_steps, class_ids, decode_global, resolve_fallback,
+                             threshold)
 from infer.tune import _ClassSearch
 
 # The reference solution's thresholds, as literal floats.

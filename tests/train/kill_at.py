@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from train.__main__ import main  # noqa: E402
-from train.engine import Callbacks  # noqa: E402
+from train.__main__ import main
+from train.engine import Callbacks
 
 
 def kill_after(step: int):

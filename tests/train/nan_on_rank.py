@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import train.loop  # noqa: E402
-from train.__main__ import main  # noqa: E402
+import train.loop
+from train.__main__ import main
 
 if __name__ == "__main__":
     rank, module, *args = sys.argv[1:]

@@ -20,7 +20,6 @@ from train import distill
 from train.data import make_folds
 from train.loss import distill_loss, multilabel_loss
 
-
 # ------------------------------------------------------------------------------------------------------------ loss
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SAMPLE_DATA, SAMPLE_TEMPLATE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from trainkit import ROOT, SAMPLE_TRAIN, write_rows
 
-from conftest import SAMPLE_DATA, SAMPLE_TEMPLATE
 from core.config import DataArgs, LossArgs
 from core.data import (
     collate,

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import LoraArgs, ModelArgs, QuantizationArgs
+from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
 from core.io import InputError
 from core.model import load_classifier, load_tokenizer, predict_probs, resolve_model_path
+from train.engine import build_optimizer
 from train.lora import apply_lora, count_parameters
 
 CPU = torch.device("cpu")
@@ -110,6 +111,22 @@ def test_apply_lora_trains_only_adapters_and_head(tiny_model):
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {"q_proj", "v_proj"}
     counts = count_parameters(model)
     assert counts["trainable"] == sum(p.numel() for p in trainable.values()) < counts["total"]
+
+
+@pytest.mark.parametrize("ratio", [None, 16.0])
+def test_optimizer_groups_lora_plus_and_head(tiny_model, ratio):
+    """train.lora_plus_ratio: B matrices at lr * ratio, A at lr, the head at head_lr; every trainable tensor once."""
+    model = apply_lora(load(tiny_model)[0], LoraArgs(r=4, target_modules=["q_proj", "v_proj"]), False)
+    cfg = RunConfig.from_dict({"train": {"lr": 1e-4, "head_lr": 1e-3, "lora_plus_ratio": ratio}})
+    groups = build_optimizer(model, cfg, CPU).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(lr_of)
+    assert set(lr_of) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for n, lr in lr_of.items():
+        want = 1e-3 if "score" in n else 1e-4 * (ratio if ratio and "lora_B" in n else 1)
+        assert lr == pytest.approx(want), n
+    assert len(groups) == (2 if ratio is None else 3)   # unchanged layout (and checkpoints) without LoRA+
 
 
 @pytest.mark.parametrize("largs, match", [
