@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> int:
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
+    except Exception as e:  # TrainingError and friends: one clear line, traceback on demand
         if isinstance(e, TrainingError):
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> int:
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
+    except Exception as e:  # TrainingError: one clear line
         from core.errors import TrainingError
 
         if isinstance(e, TrainingError):
