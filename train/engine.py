@@ -33,12 +33,12 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
     t = cfg.train
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head = [p for n, p in trainable if "score" in n]
+    adapters = [(n, p) for n, p in trainable if "score" not in n]
     if t.lora_plus_ratio is None:
-        groups = [{"params": [p for n, p in trainable if "score" not in n], "lr": t.lr}]
+        groups = [{"params": [p for _, p in adapters], "lr": t.lr}]
     else:  # LoRA+: B learns faster than A (peft's create_loraplus_optimizer has no group for the head)
-        groups = [{"params": [p for n, p in trainable if "score" not in n and "lora_B" not in n], "lr": t.lr},
-                  {"params": [p for n, p in trainable if "score" not in n and "lora_B" in n],
-                   "lr": t.lr * t.lora_plus_ratio}]
+        groups = [{"params": [p for n, p in adapters if "lora_B" not in n], "lr": t.lr},
+                  {"params": [p for n, p in adapters if "lora_B" in n], "lr": t.lr * t.lora_plus_ratio}]
     groups.append({"params": head, "lr": t.head_lr or t.lr})
     name = t.optimizer
     if name == "auto":
@@ -52,11 +52,8 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
 
 
 def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
 
     warmup = int(round(cfg.train.warmup_ratio * total_steps))
     if cfg.train.scheduler == "cosine":
