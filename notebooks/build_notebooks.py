@@ -97,7 +97,11 @@ Trains the cross-validation folds of a config with the `qlora-multilabel` toolki
 * **Resume**: re-running continues from `OUTPUT_DIR`'s last checkpoint (`--resume`). In a *new* session, set
   `CHECKPOINT_REPO` (checkpoints are pushed there while training) and `RESUME_FROM_HUB = True`
   (`--resume hub:CHECKPOINT_REPO`).
-* **Token**: add a Kaggle secret `HF_TOKEN` (write access) for pushes and private repos.'''),
+* **Token**: add a Kaggle secret `HF_TOKEN` (write access) for pushes and private repos.
+* **Before the CV** (optional; the embedded 270M's best measured recipe uses both): `TRIM_VOCAB` shrinks the
+  vocabulary to `TRAIN_CSV` + `DAPT_CORPUS` (model folder `OUTPUT_DIR-base`), `DAPT_CORPUS` (unlabelled text, e.g.
+  `test.csv`) adapts a LoRA adapter to the domain (`OUTPUT_DIR-dapt`) and the folds start from it. With a trimmed
+  base, attach `OUTPUT_DIR-base` to the submit notebook too and give it as its `BASE_MODEL`.'''),
         new_code_cell('''\
 # Parameters
 TOOLKIT = "/kaggle/input/qlora-multilabel"   # the toolkit's source: an attached dataset with the repo, or "git+https://..."
@@ -113,17 +117,38 @@ PRIVATE = True
 DRY_RUN = False               # only list what would be pushed (no network)
 CHECKPOINT_REPO = None        # "user/name-ckpt": push resumable checkpoints while training
 RESUME_FROM_HUB = False       # new session: restore OUTPUT_DIR from CHECKPOINT_REPO first
-TINY = False                  # smoke test: 2 optimizer steps per fold
+TRIM_VOCAB = False            # trim the vocabulary to TRAIN_CSV + DAPT_CORPUS first (model in OUTPUT_DIR-base)
+DAPT_CORPUS = None            # unlabelled CSV(s), e.g. test.csv: domain-adaptive pretraining before the CV
+DAPT_CONFIG = None            # its config; None = dapt.yaml next to CONFIG
+TINY = False                  # smoke test: 2 optimizer steps per fold (and of DAPT)
 EXTRA = []                    # more overrides, e.g. ["train.lr=1e-4", "train.num_epochs=1"]
 INFER = None                  # the inference CLI; None = "python -m infer" of this kernel''',
                       metadata={"tags": ["parameters"]}),
         new_code_cell(COMMON_SETUP),
         new_code_cell(INSTALL),
         new_code_cell(TOKEN),
-        new_markdown_cell("## Launch"),
+        new_markdown_cell("## Optional: trim the vocabulary, domain-adaptive pretraining"),
         new_code_cell('''\
 config = CONFIG if Path(CONFIG).is_file() else str(Path(TOOLKIT) / CONFIG)
-sets = [f"data.train_csv={TRAIN_CSV}", f"output_dir={OUTPUT_DIR}"]
+q, pre = shlex.quote, []     # pre: the overrides that make the CV start from what this cell made
+if TRIM_VOCAB:
+    base = f"{OUTPUT_DIR}-base"
+    if not Path(base).is_dir():   # written atomically: present = finished
+        corpus = ",".join([TRAIN_CSV] + ([DAPT_CORPUS] if DAPT_CORPUS else []))
+        sh(f"{PY} -m train trim-vocab --config {q(config)} --corpus {q(corpus)} --out {q(base)}")
+    pre.append(f"model.name_or_path={base}")
+if DAPT_CORPUS:
+    dapt = f"{OUTPUT_DIR}-dapt"
+    dapt_config = DAPT_CONFIG or str(Path(config).with_name("dapt.yaml"))
+    dapt_config = dapt_config if Path(dapt_config).is_file() else str(Path(TOOLKIT) / dapt_config)
+    dapt_sets = pre + (["train.max_steps=2"] if TINY else [])
+    sh(f"{PY} -m train dapt --config {q(dapt_config)} --corpus {q(DAPT_CORPUS)} --out {q(dapt)} --resume "
+       + " ".join(f"--set {q(s)}" for s in dapt_sets))   # --resume: continues, or skips a finished run
+    pre.append(f"lora.init_adapter={dapt}")
+print("the CV starts from:", pre or "the config's model")'''),
+        new_markdown_cell("## Launch"),
+        new_code_cell('''\
+sets = [f"data.train_csv={TRAIN_CSV}", f"output_dir={OUTPUT_DIR}"] + pre
 sets += [f"data.label_names_csv={LABEL_NAMES_CSV}"] if LABEL_NAMES_CSV else []
 sets += [f"cv.folds={json.dumps(FOLDS)}"] if FOLDS is not None else []
 sets += [f"hub.push_checkpoints_to={CHECKPOINT_REPO}"] if CHECKPOINT_REPO else []
@@ -174,6 +199,8 @@ Pulls trained adapters, predicts the test set (fold average / ensemble), tunes d
 out-of-fold probabilities, and writes `submission.csv`, all with the `qlora-multilabel` toolkit's commands.
 
 * `ADAPTERS`: comma-separated Hub repos (`user/name`), run folders (= all their folds) or fold adapter folders.
+* `BASE_MODEL`: the base model's local folder when it is not where the adapters recorded it (e.g. the train
+  notebook's trimmed `OUTPUT_DIR-base`, attached as a dataset); None = the adapters' own.
 * With *internet off* (code competitions), attach the adapters as a Kaggle dataset/model (e.g. a folder made with
   `python -m infer pull` + copy, or the training notebook's output) and give their paths; install from `WHEELS`.
 * Thresholds are tuned on `OOF` (default: the first run's `oof.csv`) against the labels in `TRAIN_CSV`.
@@ -187,6 +214,7 @@ TOOLKIT = "/kaggle/input/qlora-multilabel"   # the toolkit's source (dataset wit
 WHEELS = None                 # folder of wheels for an offline install; None = install from TOOLKIT
 ADAPTERS = "user/dls-gemma-2-9b"   # Hub repo ids / run folders / adapter folders, comma-separated
 WEIGHTS = None                # ensemble weights, e.g. "0.6,0.4"; None = equal
+BASE_MODEL = None             # local base model folder overriding the adapters' (a trimmed vocabulary); None = theirs
 TEST_CSV = "/kaggle/input/dls-trends/test.csv"
 TRAIN_CSV = "/kaggle/input/dls-trends/train.csv"   # labels for threshold tuning
 OOF = None                    # out-of-fold probability file; None = oof.csv of the first adapter's run
@@ -211,8 +239,9 @@ for a in adapters:
         new_code_cell('''\
 probs = str(Path(WORK_DIR) / "test_probs.csv")
 weights = f" --weights {WEIGHTS}" if WEIGHTS else ""
+base = f" --base-model {shlex.quote(BASE_MODEL)}" if BASE_MODEL else ""
 sh(f"{INFER} predict --adapter {shlex.quote(','.join(adapters))} --input {shlex.quote(TEST_CSV)} "
-   f"--out {probs} --batch-size {BATCH_SIZE}{weights}")'''),
+   f"--out {probs} --batch-size {BATCH_SIZE}{weights}{base}")'''),
         new_markdown_cell("## Optional: blend with a TF-IDF model fitted on the same folds"),
         new_code_cell('''\
 from core.hub import resolve_adapter  # local folder of a path or an already pulled Hub id

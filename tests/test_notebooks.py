@@ -116,6 +116,42 @@ def test_submit_notebook(trained, tmp_path, blend):
         assert "strategy" not in thresholds and not (tmp_path / "tfidf").exists()
 
 
+def test_train_notebook_dapt_first_then_submit_with_moved_base(tmp_path):
+    """TRIM_VOCAB + DAPT_CORPUS: the vocabulary trimmed to train + unlabelled text, DAPT on the trimmed model, the CV
+    started from both; then the submit notebook predicts with the trimmed base attached elsewhere (BASE_MODEL)."""
+    import shutil
+
+    train_csv, test_csv = tmp_path / "train60.csv", tmp_path / "test20.csv"
+    pd.read_csv(ROOT / "data" / "sample_train.csv").head(60).to_csv(train_csv, index=False)
+    pd.read_csv(ROOT / "data" / "sample_test.csv").head(20).to_csv(test_csv, index=False)
+    run = tmp_path / "run"
+    nb = run_notebook("kaggle_train.ipynb", {
+        "TOOLKIT": str(ROOT), "CONFIG": "configs/gemma-3-270m/qlora.yaml", "TRAIN_CSV": str(train_csv),
+        "LABEL_NAMES_CSV": str(ROOT / "data" / "sample_trends.csv"), "OUTPUT_DIR": str(run), "FOLDS": [0], "TINY": True,
+        "TRIM_VOCAB": True, "DAPT_CORPUS": str(test_csv),
+        "INFER": None}, tmp_path)
+    base, dapt = tmp_path / "run-base", tmp_path / "run-dapt"
+    trim = json.loads((base / "trim_report.json").read_text())
+    assert trim["kept_rows"] < trim["original_rows"]
+    info = json.loads((dapt / "dapt_info.json").read_text())
+    assert info["steps"] == 2 and info["model"] == str(base)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["model"]["name_or_path"] == str(base)
+    assert summary["config"]["lora"]["init_adapter"] == str(dapt)
+    assert "the CV starts from: ['model.name_or_path=" in text_of(nb)
+
+    moved = tmp_path / "attached" / "run-base"   # as a Kaggle dataset: the recorded path no longer exists
+    moved.parent.mkdir()
+    shutil.move(base, moved)
+    sub_dir = tmp_path / "submit"
+    sub_dir.mkdir()
+    run_notebook("kaggle_submit.ipynb", {
+        "TOOLKIT": str(ROOT), "ADAPTERS": str(run), "BASE_MODEL": str(moved), "TEST_CSV": str(test_csv),
+        "TRAIN_CSV": str(train_csv), "WORK_DIR": str(sub_dir), "SUBMISSION": str(sub_dir / "submission.csv"),
+        "BATCH_SIZE": 8, "INFER": None}, sub_dir)
+    assert len(pd.read_csv(sub_dir / "submission.csv")) == 20
+
+
 @pytest.fixture()
 def read_only_tree(tmp_path):
     """The repo's tracked files in a read-only tree, as /kaggle/input/... is: a read-only bind mount when we are root
