@@ -129,7 +129,12 @@ INFER = None                  # the inference CLI; None = "python -m infer" of t
         new_code_cell(TOKEN),
         new_markdown_cell("## Optional: trim the vocabulary, domain-adaptive pretraining"),
         new_code_cell('''\
-config = CONFIG if Path(CONFIG).is_file() else str(Path(TOOLKIT) / CONFIG)
+def in_toolkit(path: str) -> str:
+    """``path`` as it is when it exists, else relative to TOOLKIT."""
+    return path if Path(path).is_file() else str(Path(TOOLKIT) / path)
+
+
+config = in_toolkit(CONFIG)
 q, pre = shlex.quote, []     # pre: the overrides that make the CV start from what this cell made
 if TRIM_VOCAB:
     base = f"{OUTPUT_DIR}-base"
@@ -139,8 +144,7 @@ if TRIM_VOCAB:
     pre.append(f"model.name_or_path={base}")
 if DAPT_CORPUS:
     dapt = f"{OUTPUT_DIR}-dapt"
-    dapt_config = DAPT_CONFIG or str(Path(config).with_name("dapt.yaml"))
-    dapt_config = dapt_config if Path(dapt_config).is_file() else str(Path(TOOLKIT) / dapt_config)
+    dapt_config = in_toolkit(DAPT_CONFIG or str(Path(config).with_name("dapt.yaml")))
     dapt_sets = pre + (["train.max_steps=2"] if TINY else [])
     sh(f"{PY} -m train dapt --config {q(dapt_config)} --corpus {q(DAPT_CORPUS)} --out {q(dapt)} --resume "
        + " ".join(f"--set {q(s)}" for s in dapt_sets))   # --resume: continues, or skips a finished run
