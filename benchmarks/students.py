@@ -3,8 +3,10 @@
 Usage:
     python -m benchmarks.students runs/students [--labels ../shared/data/dls/train.csv] [--json out.json]
 
-Per model: decoder layers and parameters of its base, adapter weight size, out-of-fold exact match (0.5 and the
-run's default cascade) on the folds it trained, the paired difference to the teacher on the same rows (95% bootstrap
+Per model: decoder layers, MLP channels kept and parameters of its base, adapter weight size, out-of-fold exact match
+(0.5, the run's default cascade, and with two folds or more the tuned cascade and set decoding, nested: tuned on the
+other folds, the left-out fold scored) on the folds the students trained (a teacher with more folds is cut to their
+rows), the paired difference to the teacher on the same rows (95% bootstrap
 interval, ``infer evaluate --baseline``), the student's cascade exact match as a fraction of the teacher's, and CPU
 ``infer predict`` speed on the same rows (rows/s without model loading, load seconds, peak RSS of the process).
 """
@@ -29,22 +31,30 @@ def base_folder(run: Path) -> Path:
     return Path(resolve_model_path(cfg.model, log=lambda m: None))
 
 
-def row(run: Path, labels: str, teacher: Path | None, times: dict) -> dict:
-    from infer.evaluate import evaluate
+def row(run: Path, labels: str, teacher: Path | None, times: dict, work: Path, rows_of: Path | None = None) -> dict:
+    """One model's figures; ``rows_of``: an OOF file whose rows the run's OOF is cut to first (a teacher that
+    trained more folds than the students is scored on the students' rows only)."""
+    from benchmarks.levers import figures, subset
 
     base = base_folder(run)
     layers = json.loads((base / "config.json").read_text()).get("num_hidden_layers")
     folds = finished_folds(run, "last")
     adapter = folds[0][1] / "last"
-    res = evaluate(run / "oof.csv", labels, log=lambda m: None, out_dir=run,
-                   baseline=None if teacher is None else teacher / "oof.csv")
-    m = res["metrics"]
+    work.mkdir(parents=True, exist_ok=True)
+    oof = run / "oof.csv"
+    if rows_of is not None:
+        subset(str(oof), str(rows_of), str(work / "oof_rows.csv"))
+        oof = work / "oof_rows.csv"
+    f = figures(oof, labels, run / "folds.csv", None if teacher is None else teacher / "oof.csv", work)
     out = {"run": str(run), "layers": layers, "base_params": safetensors_params(base),
-           "adapter_mib": sum(f.stat().st_size for f in adapter.glob("*.safetensors")) / 2**20,
-           "folds": [f for f, _ in folds], "rows": res["rows"],
-           "em_0.5": m["threshold 0.5"]["exact_match"], "em_cascade": m["default cascade"]["exact_match"]}
+           "adapter_mib": sum(p.stat().st_size for p in adapter.glob("*.safetensors")) / 2**20,
+           "folds": f["folds"], "rows": f["rows"], "em_0.5": f["em_0.5"], "em_cascade": f["em_cascade"],
+           "em_tuned_nested": f["em_tuned_nested"], "em_sets_nested": f["em_sets_nested"]}
+    prune_report = base / "prune_report.json"
+    if prune_report.is_file():
+        out["mlp_keep"] = json.loads(prune_report.read_text()).get("mlp", {}).get("keep_fraction")
     if teacher is not None:
-        out["vs_teacher"] = {k: res["baseline"][k] for k in ("threshold 0.5", "default cascade")}
+        out["vs_teacher"] = f["vs_base"]
     pred = run.parent / f"predict_{run.name}.csv"
     if pred.is_file():
         meta = json.loads(meta_path(pred).read_text())
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", help="the folder benchmarks/students.sh wrote")
     ap.add_argument("--labels", default="../shared/data/dls/train.csv")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--work", help="folder for the evaluation files and tuned decoders (default: RUNS/eval)")
     args = ap.parse_args(argv)
     runs = Path(args.runs)
     times = {}
@@ -70,24 +81,38 @@ def main(argv: list[str] | None = None) -> int:
                 t = json.loads(line)
                 times[t["step"]] = t  # the last one of a step (a resumed step has several)
     teacher = runs / "teacher"
+    work = Path(args.work) if args.work else runs / "eval"
     students = sorted((p for p in runs.glob("student*") if (p / "summary.json").is_file()),
-                      key=lambda p: -int(p.name.removeprefix("student")))
-    rows = [row(teacher, args.labels, None, times)] + [row(s, args.labels, teacher, times) for s in students]
+                      key=lambda p: (-int(p.name.removeprefix("student").split("_")[0]), p.name))
+    if not students:
+        print(f"{runs}: no finished student run (student*/summary.json)", file=sys.stderr)
+        return 1
+    rows_of = students[0] / "oof.csv"
+    rows = [row(teacher, args.labels, None, times, work / "teacher", rows_of)]
+    rows += [row(s, args.labels, teacher, times, work / s.name) for s in students]
     t = rows[0]
-    print(f"{runs}: folds {t['folds']}, {t['rows']} out-of-fold rows; speed: infer predict on "
-          f"{t.get('predict_rows', '?')} test rows, CPU")
-    print("| model | layers | base params | adapter MiB | EM @0.5 | EM cascade | of teacher | cascade vs teacher "
-          "(95% CI) | rows/s | speed-up | load s | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"{runs}: folds {t['folds']}, {t['rows']} out-of-fold rows; nested = tuned on the other folds, the "
+          f"left-out fold scored; speed: infer predict on {t.get('predict_rows', '?')} test rows, CPU")
+    print("| model | layers | MLP kept | base params | adapter MiB | EM @0.5 | EM cascade | EM tuned (nested) | "
+          "EM sets (nested) | of teacher (cascade / tuned) | cascade vs teacher (95% CI) | rows/s | speed-up | "
+          "load s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def f4(v):
+        return "-" if v is None else f"{v:.4f}"
+
     for r in rows:
-        v = r.get("vs_teacher", {}).get("default cascade")
+        v = r.get("vs_teacher")  # default cascade, paired
         ci = f"{v['difference']:+.4f} ({v['low']:+.4f} .. {v['high']:+.4f})" if v else "-"
         speed = r.get("rows_per_s")
         up = f"{speed / t['rows_per_s']:.2f}x" if speed and t.get("rows_per_s") else "-"
         rss = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "-"
-        print(f"| {Path(r['run']).name} | {r['layers']} | {r['base_params'] / 1e6:.1f}M | {r['adapter_mib']:.1f} | "
-              f"{r['em_0.5']:.4f} | {r['em_cascade']:.4f} | {r['em_cascade'] / t['em_cascade']:.1%} | {ci} | "
-              f"{speed or '-'} | {up} | {r.get('load_s', '-')} | {rss} |")
+        frac = f"{r['em_cascade'] / t['em_cascade']:.1%}"
+        if r["em_tuned_nested"] is not None:
+            frac += f" / {r['em_tuned_nested'] / t['em_tuned_nested']:.1%}"
+        print(f"| {Path(r['run']).name} | {r['layers']} | {r.get('mlp_keep') or '-'} | {r['base_params'] / 1e6:.1f}M "
+              f"| {r['adapter_mib']:.1f} | {f4(r['em_0.5'])} | {r['em_cascade']:.4f} | {f4(r['em_tuned_nested'])} | "
+              f"{f4(r['em_sets_nested'])} | {frac} | {ci} | {speed or '-'} | {up} | {r.get('load_s', '-')} | {rss} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

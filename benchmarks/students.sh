@@ -4,6 +4,9 @@
 #
 #   bash benchmarks/students.sh [RUNS_DIR] [FOLDS] [LAYERS]      # defaults: runs/students "[0]" "9 6 12"
 #
+# LAYERS: N (keep N decoder layers) or N:F (and keep the fraction F of the MLP channels, train prune --mlp-keep F;
+# the student's folder is studentN_mlpF). TEACHER=RUN uses a finished CV run of the shipped config on the same split
+# (e.g. runs/levers/base, which has every fold) instead of training RUNS_DIR/teacher; it is linked there.
 # Every step is skipped when its output exists, so running it again after a cut goes on where it stopped (a
 # training step that was cut is resumed with --resume). Figures: python -m benchmarks.students RUNS_DIR.
 # The teacher's fold-k probabilities on the students' training rows are computed by the first student's distill
@@ -27,23 +30,33 @@ if [ ! -f "$R/unlabelled.csv" ]; then
         "$DLS/test.csv" "$UNLABELLED_ROWS" "$R/unlabelled.csv.part" && mv "$R/unlabelled.csv.part" "$R/unlabelled.csv"
 fi
 
-log "teacher: $CFG, folds $FOLDS"
-train_or_resume "$R/teacher" timed teacher $PY -m train --config $CFG "${DATA[@]}" --set "output_dir=$R/teacher"
+if [ -n "${TEACHER:-}" ]; then
+    [ -e "$R/teacher" ] || ln -s "$(realpath "$TEACHER")" "$R/teacher"
+    log "teacher: $TEACHER (linked as $R/teacher)"
+else
+    log "teacher: $CFG, folds $FOLDS"
+    train_or_resume "$R/teacher" timed teacher $PY -m train --config $CFG "${DATA[@]}" --set "output_dir=$R/teacher"
+fi
 
 [ -d "$R/trimmed" ] || timed trim $PY -m train trim-vocab --model embedded:gemma-3-270m \
     --corpus "$DLS/train.csv,$DLS/test.csv" --out "$R/trimmed" --config $CFG
 
 first=""
-for n in $LAYERS; do
-    [ -d "$R/pruned$n" ] || timed "prune$n" $PY -m train prune --model "$R/trimmed" --keep-layers "$n" \
-        --data "$DLS/train.csv" --out "$R/pruned$n" --config $CFG
-    s="$R/student$n"
+names=""
+for spec in $LAYERS; do
+    n=${spec%%:*}; mlp=()
+    name=$n
+    if [ "$spec" != "$n" ]; then mlp=(--mlp-keep "${spec#*:}"); name="${n}_mlp${spec#*:}"; fi
+    names="$names student$name"
+    [ -d "$R/pruned$name" ] || timed "prune$name" $PY -m train prune --model "$R/trimmed" --keep-layers "$n" \
+        "${mlp[@]}" --data "$DLS/train.csv" --out "$R/pruned$name" --config $CFG
+    s="$R/student$name"
     if [ -n "$first" ] && [ ! -d "$s" ] && [ -d "$first/teachers" ]; then
         mkdir -p "$s" && cp -r "$first/teachers" "$s/teachers"
     fi
-    log "student $n layers"
-    train_or_resume "$s" timed "student$n" $PY -m train distill --config $CFG "${DATA[@]}" \
-        --set "model.name_or_path=$R/pruned$n" --set "output_dir=$s" --teacher "$R/teacher" \
+    log "student $spec"
+    train_or_resume "$s" timed "student$name" $PY -m train distill --config $CFG "${DATA[@]}" \
+        --set "model.name_or_path=$R/pruned$name" --set "output_dir=$s" --teacher "$R/teacher" \
         --unlabelled "$R/unlabelled.csv"
     first=${first:-$s}
 done
@@ -52,7 +65,7 @@ done
 # infer predict itself; peak RSS by /usr/bin/time).
 $PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).iloc[-512:].to_csv(sys.argv[2], index=False)" \
     "$DLS/test.csv" "$R/predict_rows.csv"
-for m in teacher $(for n in $LAYERS; do echo "student$n"; done); do
+for m in teacher $names; do
     [ -f "$R/predict_$m.csv" ] && continue
     log "predict $m"
     timed "predict_$m" $PY -m infer predict --adapter "$R/$m" --input "$R/predict_rows.csv" \

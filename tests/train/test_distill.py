@@ -321,14 +321,16 @@ def test_resume_mid_distillation_matches_uninterrupted(tiny_models, data, tfidf_
         main(RunConfig.from_dict(raw), resume=True)
 
 
-def test_student_of_a_real_teacher_run(tiny_models, data, tfidf_teacher, tmp_path):
-    """A tiny gemma3 teacher run (fold 0) + the tfidf run teach a mistral student from the command line; the teacher's
-    targets are its fold-0 adapter's predictions (as python -m infer predict computes them)."""
+def test_student_of_a_real_teacher_run(tiny_models, data, tfidf_teacher, tmp_path, capsys):
+    """A tiny gemma3 teacher run (folds 0-1) + the tfidf run teach a mistral student (fold 0) from the command line;
+    the teacher's targets are its fold-0 adapter's predictions (as python -m infer predict computes them); the
+    students benchmark's table scores the teacher on the student's rows only."""
+    from benchmarks.students import main as students
     from infer.predict import predict
     from train.run import main
 
     teacher = tmp_path / "teacher"
-    main(tiny_config_for(tiny_models["gemma3"], data / "train.csv", teacher, train__num_epochs=1))
+    main(tiny_config_for(tiny_models["gemma3"], data / "train.csv", teacher, train__num_epochs=1, cv__folds=[0, 1]))
     out = tmp_path / "student"
     res = run_cli(["distill", "--teacher", f"{teacher},{tfidf_teacher}", "--teacher-weights", "2,1",
                    *as_set_args(tiny_overrides(tiny_models["mistral"], data / "train.csv", out,
@@ -345,3 +347,17 @@ def test_student_of_a_real_teacher_run(tiny_models, data, tfidf_teacher, tmp_pat
     _, expected, _ = read_probs(tmp_path / "teacher_probs.csv")
     np.testing.assert_allclose(probs, expected, atol=2e-5)
     assert (out / "fold_0" / "last" / "adapter_model.safetensors").is_file()
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "teacher").symlink_to(teacher)
+    (runs / "student2").symlink_to(out)
+    capsys.readouterr()
+    assert students([str(runs), "--labels", str(data / "train.csv")]) == 0
+    printed = capsys.readouterr().out
+    table = [line.split(" | ") for line in printed.splitlines() if line.startswith("| ")]
+    assert [r[0] for r in table[1:]] == ["| teacher", "| student2"]
+    student_rows = len(read_probs(out / "oof.csv")[0])
+    assert len(read_probs(teacher / "oof.csv")[0]) > student_rows and f", {student_rows} out-of-fold rows" in printed
+    assert table[1][10] == "-" and "(" in table[2][10]                   # the paired interval vs the teacher
+    assert table[1][9] == "100.0%" and table[2][7] == "-"               # one fold: no nested estimate
