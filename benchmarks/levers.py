@@ -25,6 +25,7 @@ from pathlib import Path
 from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
 
 RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora64", "loraplus")
+"""Run folders in table order; ``seed<N>`` folders (the shipped config with ``train.seed=N`` on base's split) follow."""
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}
 
 
@@ -38,6 +39,22 @@ def subset(full: str, rows_of: str, out: str) -> None:
     for k in ("label_names", "rows", "versions"):
         meta.pop(k, None)
     write_probs(out, ids[idx], p[idx], names, meta={**meta, "subset_of": full, "rows_of": rows_of})
+
+
+def run_names(runs: Path) -> list[str]:
+    """The finished runs of ``runs``: ``RUNS`` in order, then the ``seed<N>`` runs."""
+    seeds = sorted(p.name for p in runs.glob("seed*") if p.name[4:].isdigit())
+    return [n for n in (*RUNS, *seeds) if (runs / n / "summary.json").is_file()]
+
+
+def average(oofs: list[Path], out: Path) -> None:
+    """The mean of the probability files ``oofs`` (rows of the first) written to ``out``: the seeds' average."""
+    ids, first, names = read_probs(oofs[0])
+    total = first.astype(float)
+    for o in oofs[1:]:
+        o_ids, p, _ = read_probs(o, names)
+        total += p[align_ids(oofs[0], ids, o, o_ids)]
+    write_probs(out, ids, total / len(oofs), names, meta={"mean_of": [str(o) for o in oofs]})
 
 
 def oof_file(folder: Path, name: str = "oof.csv") -> Path:
@@ -58,7 +75,7 @@ def archive(runs: str, dest: str) -> None:
     """Copy what the figures need (OOF probabilities gzipped + sidecar, folds, config, summary) of every finished
     run and OOF file of ``runs`` to ``dest``, so that a later session scores or blends them without training again."""
     runs, dest = Path(runs), Path(dest)
-    names = [n for n in RUNS if (runs / n / "summary.json").is_file()] + ["tfidf"] * (runs / "tfidf").is_dir()
+    names = run_names(runs) + ["tfidf"] * (runs / "tfidf").is_dir()
     for n in names:
         (dest / n).mkdir(parents=True, exist_ok=True)
         for f in ("folds.csv", "run_config.yaml", "summary.json", "label_names.json"):
@@ -133,19 +150,27 @@ def main(argv: list[str] | None = None) -> int:
     base = runs / "base"
     folds = base / "folds.csv"
     work = Path(args.work) if args.work else runs / "eval"
-    items = [(name, oof_file(runs / name), work / name) for name in RUNS if (runs / name / "summary.json").is_file()]
+    names = run_names(runs)
+    items = [(name, oof_file(runs / name), work / name) for name in names]
+    seeds = [n for n in names if n.startswith("seed")]
+    if seeds:  # the seeds lever: base and its other-seed runs averaged
+        work.mkdir(parents=True, exist_ok=True)
+        mean = f"mean of base + {' + '.join(seeds)}"
+        average([oof_file(base), *(oof_file(runs / n) for n in seeds)], work / "seeds_mean.csv")
+        items.append((mean, work / "seeds_mean.csv", work / "seeds_mean"))
+        names.append(mean)
     items += [(name, oof_file(runs, f), work / Path(f).stem) for name, f in FILES.items()
               if oof_file(runs, f).is_file()]
     rows = []
-    for name, oof, work in items:
-        work.mkdir(parents=True, exist_ok=True)
-        r = figures(oof, args.labels, folds, None if name == "base" else oof_file(base), work)
+    for name, oof, item_work in items:
+        item_work.mkdir(parents=True, exist_ok=True)
+        r = figures(oof, args.labels, folds, None if name == "base" else oof_file(base), item_work)
         rows.append({"name": name, **r})
     tfidf = oof_file(runs, FILES["tfidf (base's rows)"])
     if tfidf.is_file() and len(rows[0]["folds"]) > 1:  # LLM + TF-IDF blends on the same rows, everything nested
         want = set(read_probs(tfidf)[0].tolist())
         for r in list(rows):
-            if r["name"] in RUNS and set(read_probs(r["oof"])[0].tolist()) == want:
+            if r["name"] in names and set(read_probs(r["oof"])[0].tolist()) == want:
                 rows.append({"name": f"blend {r['name']} + tfidf, nested weights + decoding",
                              **blend_figures([Path(r["oof"]), tfidf], args.labels, folds)})
     b = rows[0]

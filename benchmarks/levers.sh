@@ -16,6 +16,7 @@
 #   ep3    the shipped config with 3 epochs
 #   lora64 LoRA r 64, alpha 128
 #   loraplus  LoRA+: the B matrices at 16x the adapters' lr (train.lora_plus_ratio=16)
+#   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +75,7 @@ for step in $STEPS; do
     ep3) run_cfg ep3 --set train.num_epochs=3 ;;
     lora64) run_cfg lora64 --set lora.r=64 --set lora.alpha=128 ;;
     loraplus) run_cfg loraplus --set train.lora_plus_ratio=16 ;;
+    seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

@@ -162,6 +162,9 @@ class CVArgs:
     n_folds: int = 5
     folds: list[int] | None = None
     """Which folds to train (``None`` = all)."""
+    seed: int | None = None
+    """Seed of the fold split; ``None`` = ``train.seed``. Set it to vary ``train.seed`` (LoRA init, batch order)
+    while keeping the split, so runs of different seeds are paired on the same folds."""
 
 
 @dataclass
@@ -207,6 +210,11 @@ class RunConfig:
     hub: HubArgs = field(default_factory=HubArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
     output_dir: str = "adapters/run"
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the fold split: ``cv.seed``, else ``train.seed``."""
+        return self.train.seed if self.cv.seed is None else self.cv.seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

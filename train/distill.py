@@ -101,7 +101,7 @@ def check_same_folds(path: Path, ids: np.ndarray, fold_of_row: np.ndarray, stude
         raise InputError(f"{folds_csv}: the teacher's folds differ from the student's ({len(bad)} rows; row {r + 2}: "
                          f"teacher id {t_ids[r]} in fold {t_folds[r]}, student id {s_ids[r]} in fold "
                          f"{fold_of_row[r]}); train the teacher on the same data with the same cv.n_folds and "
-                         f"train.seed")
+                         f"split seed (cv.seed, else train.seed)")
 
 
 def read_teachers(cfg: RunConfig, ds: Dataset, fold_of_row: np.ndarray, folds: list[int]) -> list[Teacher]:

@@ -156,7 +156,7 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
     model_path = resolve_model_path(cfg.model, log=log if env.is_main else (lambda m: None))
     tokenizer = load_tokenizer(model_path)
     token_ids = tokenize(ds.texts, tokenizer, cfg.data.max_length)
-    fold_of_row = make_folds(ds.labels, cfg.cv.n_folds, cfg.train.seed)
+    fold_of_row = make_folds(ds.labels, cfg.cv.n_folds, cfg.split_seed)
     folds = cfg.cv.folds if cfg.cv.folds is not None else list(range(cfg.cv.n_folds))
     lengths = np.array([len(t) for t in token_ids])
     teachers, unl = None, None

@@ -8,7 +8,7 @@ Usage:
 The text is the config's prompt (``data.text_template``), so the baseline sees what the LLM sees. Features: word
 1-2-grams + character 2-5-grams within word boundaries (sublinear TF, terms in at least 2 rows); one L2 logistic
 regression per class. Folds: ``--folds`` (e.g. the LLM run's ``folds.csv``: blends need the same folds), else the
-config's (``cv.n_folds``, ``train.seed``: the split ``python -m train`` makes); ``cv.folds`` fits only those folds
+config's (``cv.n_folds``, ``cv.seed`` else ``train.seed``: the split ``python -m train`` makes); ``cv.folds`` fits only those folds
 (``oof.csv`` then holds their rows). Writes into ``--out`` (atomically):
 ``oof.csv`` (+ .meta.json), ``folds.csv``, ``summary.json`` and, with ``--test``, ``test_probs.csv``.
 
@@ -143,8 +143,8 @@ def run(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | N
 
         fold_of, source = read_folds(folds, ds.path, ds.ids), str(folds)
     else:
-        fold_of = make_folds(ds.labels, cfg.cv.n_folds, cfg.train.seed)
-        source = f"cv.n_folds={cfg.cv.n_folds}, train.seed={cfg.train.seed}"
+        fold_of = make_folds(ds.labels, cfg.cv.n_folds, cfg.split_seed)
+        source = f"cv.n_folds={cfg.cv.n_folds}, split seed {cfg.split_seed}"
     uniq = sorted(set(fold_of.tolist()))
     if len(uniq) < 2:
         raise InputError(f"{folds}: needs at least 2 folds, found {uniq}")

@@ -44,3 +44,17 @@ def test_table_subset_and_archive_round_trip(tmp_path, capsys):
     again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert again[1:] == table[1:]
     assert levers(["archive", str(runs)]) == 2
+
+
+def test_seed_runs_and_their_average(tmp_path, capsys):
+    """``seed<N>`` run folders follow the fixed runs, and base + seeds averaged is scored (and blended) beside them."""
+    runs = tmp_path / "runs"
+    tfidf_run(runs / "base", "--C", 1)
+    tfidf_run(runs / "seed7", "--C", 4, "--folds", runs / "base" / "folds.csv")   # another model on base's split
+    assert levers([str(runs), "--labels", str(SAMPLE_TRAIN)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| base", "| seed7", "| mean of base + seed7"]
+    _, b, _ = read_probs(runs / "base" / "oof.csv")
+    _, s, _ = read_probs(runs / "seed7" / "oof.csv")
+    _, mean, _ = read_probs(runs / "eval" / "seeds_mean.csv")
+    assert abs(mean - (b + s) / 2).max() < 1e-5 and abs(b - s).max() > 1e-3

@@ -189,3 +189,15 @@ def test_cv_folds_fits_only_those_folds(tfidf_teacher_run, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["folds"] == [1]
     assert main(args(tmp_path / "bad", "--folds", tfidf_teacher_run / "folds.csv", "--set", "cv.folds=[7]")) == 2
     assert "cv.folds must be a non-empty list of fold indices in [0, 3), got [7]" in capsys.readouterr().err
+
+
+def test_cv_seed_keeps_the_split_when_train_seed_changes(tmp_path):
+    """``cv.seed`` fixes the fold split, so a run with another ``train.seed`` is paired with the first on the same
+    rows (the seed lever of the levers benchmark); without it the split follows ``train.seed``."""
+    def folds_of(name, *sets):
+        assert main([*args(tmp_path / name), *sets]) == 0
+        return pd.read_csv(tmp_path / name / "folds.csv")["fold"].to_numpy()
+
+    base = folds_of("base")
+    assert (folds_of("cv_seed", "--set", "train.seed=7", "--set", "cv.seed=42") == base).all()
+    assert not (folds_of("train_seed", "--set", "train.seed=7") == base).all()
