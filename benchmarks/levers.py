@@ -25,7 +25,7 @@ from pathlib import Path
 from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
 
 RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora64", "loraplus")
-"""Run folders in table order; ``seed<N>`` folders (the shipped config with ``train.seed=N`` on base's split) follow."""
+"""Run folders in table order; ``seed<N>`` folders (the shipped config, ``train.seed=N``, base's split) follow."""
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}
 
 
@@ -49,12 +49,14 @@ def run_names(runs: Path) -> list[str]:
 
 def average(oofs: list[Path], out: Path) -> None:
     """The mean of the probability files ``oofs`` (rows of the first) written to ``out``: the seeds' average."""
+    from infer.blend import blend_probs
+
     ids, first, names = read_probs(oofs[0])
-    total = first.astype(float)
+    probs = [first]
     for o in oofs[1:]:
         o_ids, p, _ = read_probs(o, names)
-        total += p[align_ids(oofs[0], ids, o, o_ids)]
-    write_probs(out, ids, total / len(oofs), names, meta={"mean_of": [str(o) for o in oofs]})
+        probs.append(p[align_ids(oofs[0], ids, o, o_ids)])
+    write_probs(out, ids, blend_probs(probs, [1.0] * len(probs)), names, meta={"mean_of": [str(o) for o in oofs]})
 
 
 def oof_file(folder: Path, name: str = "oof.csv") -> Path:

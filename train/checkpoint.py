@@ -175,7 +175,7 @@ def _free(key: str, free: tuple[str, ...]) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
 
 
-LATER_DEFAULTS = {"train.lora_plus_ratio": None}
+LATER_DEFAULTS = {"train.lora_plus_ratio": None, "cv.seed": None}
 """Keys added after checkpoints existed: left out of a checkpoint's fingerprint at their default, so checkpoints
 written before the key existed still resume."""
 

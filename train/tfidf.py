@@ -8,8 +8,8 @@ Usage:
 The text is the config's prompt (``data.text_template``), so the baseline sees what the LLM sees. Features: word
 1-2-grams + character 2-5-grams within word boundaries (sublinear TF, terms in at least 2 rows); one L2 logistic
 regression per class. Folds: ``--folds`` (e.g. the LLM run's ``folds.csv``: blends need the same folds), else the
-config's (``cv.n_folds``, ``cv.seed`` else ``train.seed``: the split ``python -m train`` makes); ``cv.folds`` fits only those folds
-(``oof.csv`` then holds their rows). Writes into ``--out`` (atomically):
+config's (``cv.n_folds``, ``cv.seed`` else ``train.seed``: the split ``python -m train`` makes); ``cv.folds`` fits
+only those folds (``oof.csv`` then holds their rows). Writes into ``--out`` (atomically):
 ``oof.csv`` (+ .meta.json), ``folds.csv``, ``summary.json`` and, with ``--test``, ``test_probs.csv``.
 
 The cheapest student (distillation, the ``distill`` config section as in ``python -m train distill``)::

@@ -19,18 +19,19 @@ def test_config_strategy_and_fingerprint_compatibility():
     assert cfg.decode.strategy == "sets" and selection_key(cfg) == "sets/exact_match"
     with pytest.raises(ConfigError, match="decode.strategy"):
         RunConfig.from_dict({"decode": {"strategy": "magic"}})
-    # The default strategy (and LoRA+ off) is not part of the fingerprint (checkpoints of older runs still resume) ...
+    # The default strategy (LoRA+ off, cv.seed unset) is not in the fingerprint (older checkpoints still resume) ...
     from train import checkpoint
 
     default = RunConfig.from_dict({})
     flat = {k: v for k, v in checkpoint.flat(default.to_dict()).items()
-            if k not in ("decode.strategy", "train.lora_plus_ratio")}
+            if k not in ("decode.strategy", "train.lora_plus_ratio", "cv.seed")}
     assert run_fingerprint(default) == checkpoint.fingerprint(
         {k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f))
                                                     for f in checkpoint.RESUME_FREE)})
     # ... but changing it changes what a run computes (keep: best), so it is.
     assert run_fingerprint(cfg) != run_fingerprint(default)
     assert run_fingerprint(RunConfig.from_dict({"train": {"lora_plus_ratio": 16}})) != run_fingerprint(default)
+    assert run_fingerprint(RunConfig.from_dict({"cv": {"seed": 7}})) != run_fingerprint(default)
 
 
 def test_fold_decoding_uses_the_training_rows_only_and_evaluate_reports_sets():
