@@ -24,7 +24,7 @@ from pathlib import Path
 
 from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
 
-RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora64", "loraplus")
+RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora32", "lora64", "loraplus")
 """Run folders in table order; ``seed<N>`` folders (the shipped config, ``train.seed=N``, base's split) follow."""
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}
 
@@ -42,8 +42,8 @@ def subset(full: str, rows_of: str, out: str) -> None:
 
 
 def run_names(runs: Path) -> list[str]:
-    """The finished runs of ``runs``: ``RUNS`` in order, then the ``seed<N>`` runs."""
-    seeds = sorted(p.name for p in runs.glob("seed*") if p.name[4:].isdigit())
+    """The finished runs of ``runs``: ``RUNS`` in order, then the ``seed<N>`` runs by N."""
+    seeds = sorted((p.name for p in runs.glob("seed*") if p.name[4:].isdigit()), key=lambda n: int(n[4:]))
     return [n for n in (*RUNS, *seeds) if (runs / n / "summary.json").is_file()]
 
 

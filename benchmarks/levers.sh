@@ -14,7 +14,7 @@
 #          the targets ens computed
 #   dapt2  DAPT (configs/gemma-3-270m/dapt.yaml, on test.csv) on the trimmed vocabulary, then the shipped config
 #   ep3    the shipped config with 3 epochs
-#   lora64 LoRA r 64, alpha 128
+#   lora32 / lora64  LoRA r 32, alpha 64 / r 64, alpha 128
 #   loraplus  LoRA+: the B matrices at 16x the adapters' lr (train.lora_plus_ratio=16)
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
@@ -73,6 +73,7 @@ for step in $STEPS; do
         fi
         run_cfg dapt2 --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt" ;;
     ep3) run_cfg ep3 --set train.num_epochs=3 ;;
+    lora32) run_cfg lora32 --set lora.r=32 --set lora.alpha=64 ;;
     lora64) run_cfg lora64 --set lora.r=64 --set lora.alpha=128 ;;
     loraplus) run_cfg loraplus --set train.lora_plus_ratio=16 ;;
     seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;

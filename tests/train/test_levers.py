@@ -50,11 +50,14 @@ def test_seed_runs_and_their_average(tmp_path, capsys):
     """``seed<N>`` run folders follow the fixed runs, and base + seeds averaged is scored (and blended) beside them."""
     runs = tmp_path / "runs"
     tfidf_run(runs / "base", "--C", 1)
-    tfidf_run(runs / "seed7", "--C", 4, "--folds", runs / "base" / "folds.csv")   # another model on base's split
+    for name, c in (("seed13", 16), ("seed7", 4)):   # other models on base's split
+        tfidf_run(runs / name, "--C", c, "--folds", runs / "base" / "folds.csv")
     assert levers([str(runs), "--labels", str(SAMPLE_TRAIN)]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0] for line in table[1:]] == ["| base", "| seed7", "| mean of base + seed7"]
+    assert [line.split(" | ")[0] for line in table[1:]] == [
+        "| base", "| seed7", "| seed13", "| mean of base + seed7 + seed13"]   # seeds by number, not by string
     _, b, _ = read_probs(runs / "base" / "oof.csv")
-    _, s, _ = read_probs(runs / "seed7" / "oof.csv")
+    _, s7, _ = read_probs(runs / "seed7" / "oof.csv")
+    _, s13, _ = read_probs(runs / "seed13" / "oof.csv")
     _, mean, _ = read_probs(runs / "eval" / "seeds_mean.csv")
-    assert abs(mean - (b + s) / 2).max() < 1e-5 and abs(b - s).max() > 1e-3
+    assert abs(mean - (b + s7 + s13) / 3).max() < 1e-5 and abs(b - s7).max() > 1e-3
