@@ -16,6 +16,7 @@
 #   ep3    the shipped config with 3 epochs
 #   lora32 / lora64  LoRA r 32, alpha 64 / r 64, alpha 128
 #   loraplus  LoRA+: the B matrices at 16x the adapters' lr (train.lora_plus_ratio=16)
+#   headlr the head at the adapters' lr (train.head_lr unset; the shipped config gives the head 1e-3)
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
@@ -76,6 +77,7 @@ for step in $STEPS; do
     lora32) run_cfg lora32 --set lora.r=32 --set lora.alpha=64 ;;
     lora64) run_cfg lora64 --set lora.r=64 --set lora.alpha=128 ;;
     loraplus) run_cfg loraplus --set train.lora_plus_ratio=16 ;;
+    headlr) run_cfg headlr --set train.head_lr=null ;;
     seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
