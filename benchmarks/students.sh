@@ -7,6 +7,7 @@
 # LAYERS: N (keep N decoder layers) or N:F (and keep the fraction F of the MLP channels, train prune --mlp-keep F;
 # the student's folder is studentN_mlpF). TEACHER=RUN uses a finished CV run of the shipped config on the same split
 # (e.g. runs/levers/base, which has every fold) instead of training RUNS_DIR/teacher; it is linked there.
+# PREDICT=0 stops after the students' training (e.g. on a GPU, where CPU speed is not measured).
 # Every step is skipped when its output exists, so running it again after a cut goes on where it stopped (a
 # training step that was cut is resumed with --resume). Figures: python -m benchmarks.students RUNS_DIR.
 # The teacher's fold-k probabilities on the students' training rows are computed by the first student's distill
@@ -61,6 +62,7 @@ for spec in $LAYERS; do
     first=${first:-$s}
 done
 
+[ "${PREDICT:-1}" = 1 ] || { log "PREDICT=0: no prediction timings"; exit 0; }
 # CPU prediction: the same 512 test rows through infer predict, one process per model (load + predict timed by
 # infer predict itself; peak RSS by /usr/bin/time).
 $PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).iloc[-512:].to_csv(sys.argv[2], index=False)" \
