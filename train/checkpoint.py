@@ -97,6 +97,15 @@ def save(folder: Path, payload: dict, progress: Progress, fingerprint: str) -> N
 
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(payload, tensors, "p")
+    # safetensors refuses tensors that share memory; bitsandbytes' 8-bit optimizers give every parameter's state the
+    # same quantization maps (qmap1/qmap2), which stay shared on the CPU (on a GPU .cpu() copies them anyway).
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[key] = t.clone()
+        elif t.numel():
+            seen.add(ptr)
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         doc = {"format": FORMAT, "fingerprint": fingerprint, "tensors_sha256": _sha256(tmp / TENSORS),

