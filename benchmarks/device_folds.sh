@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The shipped 270M config on one fold of the DLS split, on a lent GPU, in a few training variants side by side:
-# what separates the GPU's figures from the CPU's (the 2026-12-04 H200 run scored 0.3790 cascade exact match on
-# folds 0-1 against the CPU's 0.4786 with the same config, seed and folds).
+# torch vs 8-bit AdamW and bf16 / fp32 / fp16 compute (on a GPU `auto` means bf16 and 8-bit AdamW; on the CPU fp32
+# and torch AdamW), to compare with the CPU's fold 0 (0.4518 cascade exact match). Needs transformers >= 5.25 on the
+# machine (staging as in device_students.sh): 5.17 converts the GGUF's tokenizer wrongly and is refused.
 #
 #   bash benchmarks/device_folds.sh SECONDS [VARIANT ...]      # default variants: adamw adam8 fp32
 #

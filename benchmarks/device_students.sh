@@ -2,7 +2,10 @@
 # Issue 16's students trained on a lent GPU machine (the device tool), where a run of the teacher and four students
 # on folds 0-1 takes minutes instead of hours; CPU speed is then measured here (students.sh, PREDICT=1).
 #
-# Staging (here, once): bash ../shared/device/prepare.sh --with-gguf, the GGUF re-cut into .dev/g1..g5 (52 MiB,
+# Staging (here, once): bash ../shared/device/prepare.sh --with-gguf; transformers==5.25.0 huggingface-hub==2.4.0
+# tokenizers==0.23.3 safetensors==0.8.0 kernels==0.19.1 as wheels in a folder of their own, installed in a call of
+# their own (the machine's transformers 5.17 converts the GGUF's tokenizer into letters, which core.model now refuses;
+# the 2026-12-04 run predates that and its figures are off: RESULTS.md); the GGUF re-cut into .dev/g1..g5 (52 MiB,
 # one per call: a call carries 64 MiB), the DLS csv files copied to .dev/dls (ignored by git, never committed).
 # Calls: 1) carry .dev/w: pip install --target /tmp/site; 2-5) carry .dev/gN: cp .dev/gN/* /tmp/stage/;
 # 6) carry .dev/g5 .dev/dls: cp, then `bash benchmarks/device_students.sh SECONDS`.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from core.config import EMBEDDED_MODEL, ModelArgs, QuantizationArgs
 from core.data import collate
 from core.errors import InputError
-from core.io import atomic_dir
+from core.io import atomic_dir, versions, write_json
 
 
 def cache_root(args: ModelArgs) -> Path:
@@ -54,6 +55,11 @@ def resolve_model_path(args: ModelArgs, log=print) -> str:
             with FileLock(str(target.parent / f".{target.name}.lock")):
                 if not (target / "config.json").is_file():
                     convert_gguf(gguf_path, target, log=log)
+        elif not (target / TOKENIZER_CHECKED).is_file():  # converted before the check existed (maybe by a bad version)
+            by = json.loads((target / "config.json").read_text()).get("transformers_version", "(unknown)")
+            check_converted_tokenizer(load_tokenizer(str(target)), f"cached conversion {target}",
+                                      f"delete {target} and run again to convert it anew", by=by)
+            write_json(target / TOKENIZER_CHECKED, {"probe": TOKENIZER_PROBE, "versions": versions()})
         return str(target)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -72,6 +78,32 @@ def resolve_model_path(args: ModelArgs, log=print) -> str:
     raise InputError(f"model.name_or_path does not exist: {name!r}")
 
 
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog."
+TOKENIZER_CHECKED = "tokenizer_check.json"
+
+
+def check_converted_tokenizer(tok, source: str, then: str, by: str | None = None) -> None:
+    """Refuse a tokenizer converted from a GGUF that splits plain words into letters.
+
+    transformers 5.17 converts the Gemma 3 GGUF's SentencePiece BPE tokenizer into a Unigram model without merges:
+    151 tokens a DLS row instead of 45, prompts cut at ``max_length``, and 0.379 instead of 0.479 cascade exact match
+    (an H200 run, RESULTS.md); transformers 5.25 converts it right. Any real LLM tokenizer encodes the probe pangram
+    in about one token a word; a letter-level one needs more than two.
+
+    Raises:
+        InputError: naming ``source``, the token count and the transformers version that converted it (``by``,
+        default: the one installed).
+    """
+    import transformers
+
+    n, words = len(tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]), len(TOKENIZER_PROBE.split())
+    if n > 2 * words:
+        raise InputError(f"{source}: the tokenizer converted from the GGUF splits {TOKENIZER_PROBE!r} into {n} "
+                         f"tokens ({words} words): transformers {by or transformers.__version__} converted this "
+                         f"GGUF's tokenizer wrongly (5.17 does for Gemma 3, 5.25 converts it right); upgrade "
+                         f"transformers, {then}")
+
+
 def convert_gguf(gguf_path: Path, target: Path, log=print) -> None:
     """Dequantise a GGUF checkpoint once into an HF folder (model + tokenizer), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,6 +111,7 @@ def convert_gguf(gguf_path: Path, target: Path, log=print) -> None:
     t0 = time.time()
     log(f"converting {gguf_path.name} to a Hugging Face folder (once; cached in {target})")
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    check_converted_tokenizer(tok, str(gguf_path), "nothing was written")
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
     model.hf_quantizer = None
@@ -87,6 +120,7 @@ def convert_gguf(gguf_path: Path, target: Path, log=print) -> None:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        write_json(tmp / TOKENIZER_CHECKED, {"probe": TOKENIZER_PROBE, "versions": versions()})
     log(f"converted in {time.time() - t0:.0f}s")
 
 

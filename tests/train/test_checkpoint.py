@@ -149,6 +149,7 @@ def test_two_processes_converting_one_gguf_convert_once(tmp_path):
             time.sleep(2)
             target.mkdir(parents=True)
             (target / "config.json").write_text("{{}}")
+            (target / m.TOKENIZER_CHECKED).write_text("{{}}")
         m.convert_gguf = fake_convert
         from core.config import ModelArgs
         print(m.resolve_model_path(ModelArgs(name_or_path={str(tmp_path)!r}, gguf_file="model.gguf",
@@ -198,3 +199,56 @@ def test_round_trip_of_the_8bit_optimizer_whose_states_share_memory(tmp_path):
         o.step()
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
+
+
+def _tokenizer(letters: bool):
+    """A word-level tokenizer, or one that splits every word into letters (what transformers 5.17 made of the Gemma 3
+    GGUF's tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from core.model import TOKENIZER_PROBE
+
+    if letters:
+        chars = sorted(set(TOKENIZER_PROBE.replace(" ", "")))
+        tk = Tokenizer(models.BPE(vocab={"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}, merges=[],
+                                  unk_token="[UNK]"))
+    else:
+        words = sorted(set(TOKENIZER_PROBE.replace(".", " .").split()))
+        tk = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                        unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[UNK]")
+
+
+def test_a_gguf_tokenizer_converted_into_letters_is_refused():
+    import transformers
+
+    from core.model import check_converted_tokenizer
+
+    check_converted_tokenizer(_tokenizer(letters=False), "src", "then")  # one token a word: fine
+    with pytest.raises(InputError, match=rf"src: .* into \d+ tokens \(9 words\): transformers "
+                                          rf"{transformers.__version__} converted .*upgrade transformers, delete it"):
+        check_converted_tokenizer(_tokenizer(letters=True), "src", "delete it")
+
+
+def test_a_cached_conversion_is_checked_once_and_a_bad_one_refused(tmp_path):
+    from core.config import ModelArgs
+    from core.model import TOKENIZER_CHECKED, resolve_model_path
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    target = tmp_path / "cache" / f"m-{gguf.stat().st_size}-hf"
+    args = ModelArgs(name_or_path=str(tmp_path), gguf_file="m.gguf", cache_dir=str(tmp_path / "cache"))
+    for letters in (True, False):
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text('{"transformers_version": "5.17.0"}')
+        _tokenizer(letters).save_pretrained(target)
+        if letters:  # converted earlier by a version that got it wrong: refused, the folder named, nothing marked
+            with pytest.raises(InputError, match=rf"cached conversion {target}: .*transformers 5.17.0 converted.*"
+                                                 rf"delete {target}"):
+                resolve_model_path(args)
+            assert not (target / TOKENIZER_CHECKED).exists()
+        else:
+            assert resolve_model_path(args) == str(target)
+            assert json.loads((target / TOKENIZER_CHECKED).read_text())["versions"]["transformers"]
