@@ -59,7 +59,10 @@ def resolve_model_path(args: ModelArgs, log=print) -> str:
             by = json.loads((target / "config.json").read_text()).get("transformers_version", "(unknown)")
             check_converted_tokenizer(load_tokenizer(str(target)), f"cached conversion {target}",
                                       f"delete {target} and run again to convert it anew", by=by)
-            write_json(target / TOKENIZER_CHECKED, {"probe": TOKENIZER_PROBE, "versions": versions()})
+            try:
+                write_json(target / TOKENIZER_CHECKED, {"probe": TOKENIZER_PROBE, "versions": versions()})
+            except OSError:  # a read-only cache (e.g. a Kaggle input dataset): checked again next time
+                pass
         return str(target)
     path = Path(name).expanduser()
     if path.is_dir():

@@ -232,6 +232,26 @@ def test_a_gguf_tokenizer_converted_into_letters_is_refused():
         check_converted_tokenizer(_tokenizer(letters=True), "src", "delete it")
 
 
+def test_a_read_only_cached_conversion_is_checked_and_used(tmp_path, monkeypatch):
+    import core.model as m
+    from core.config import ModelArgs
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    target = tmp_path / "cache" / f"m-{gguf.stat().st_size}-hf"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    _tokenizer(letters=False).save_pretrained(target)
+
+    def read_only(*a, **k):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(m, "write_json", read_only)
+    args = ModelArgs(name_or_path=str(tmp_path), gguf_file="m.gguf", cache_dir=str(tmp_path / "cache"))
+    assert m.resolve_model_path(args) == str(target)
+    assert not (target / m.TOKENIZER_CHECKED).exists()
+
+
 def test_a_cached_conversion_is_checked_once_and_a_bad_one_refused(tmp_path):
     from core.config import ModelArgs
     from core.model import TOKENIZER_CHECKED, resolve_model_path
