@@ -17,7 +17,7 @@
 #   lora32 / lora64  LoRA r 32, alpha 64 / r 64, alpha 128
 #   loraplus  LoRA+: the B matrices at 16x the adapters' lr (train.lora_plus_ratio=16)
 #   headlr the head at the adapters' lr (train.head_lr unset; the shipped config gives the head 1e-3)
-#   adam8  bitsandbytes' 8-bit AdamW (what train.optimizer=auto picked on a GPU until 2026-12-04) instead of AdamW
+#   adam8  bitsandbytes' 8-bit AdamW (what train.optimizer=auto picks on a GPU) instead of torch's AdamW
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail

@@ -60,7 +60,7 @@ def resolve_model_path(args: ModelArgs, log=print) -> str:
             check_converted_tokenizer(load_tokenizer(str(target)), f"cached conversion {target}",
                                       f"delete {target} and run again to convert it anew", by=by)
             try:
-                write_json(target / TOKENIZER_CHECKED, {"probe": TOKENIZER_PROBE, "versions": versions()})
+                mark_tokenizer_checked(target)
             except OSError:  # a read-only cache (e.g. a Kaggle input dataset): checked again next time
                 pass
         return str(target)
@@ -107,6 +107,11 @@ def check_converted_tokenizer(tok, source: str, then: str, by: str | None = None
                          f"transformers, {then}")
 
 
+def mark_tokenizer_checked(folder: Path) -> None:
+    """Record in a converted folder that its tokenizer passed :func:`check_converted_tokenizer` (and under what)."""
+    write_json(folder / TOKENIZER_CHECKED, {"probe": TOKENIZER_PROBE, "versions": versions()})
+
+
 def convert_gguf(gguf_path: Path, target: Path, log=print) -> None:
     """Dequantise a GGUF checkpoint once into an HF folder (model + tokenizer), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,7 +128,7 @@ def convert_gguf(gguf_path: Path, target: Path, log=print) -> None:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json(tmp / TOKENIZER_CHECKED, {"probe": TOKENIZER_PROBE, "versions": versions()})
+        mark_tokenizer_checked(tmp)
     log(f"converted in {time.time() - t0:.0f}s")
 
 

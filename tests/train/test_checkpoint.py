@@ -38,6 +38,15 @@ def trained(steps=3, seed=0):
     return model, opt
 
 
+def assert_same_next_step(run, restored, x):
+    """One more optimizer step on the same batch from the run and from its restored copy: the same weights after."""
+    for m, o in (run, restored):
+        o.backward(m(x).pow(2).mean())
+        o.step()
+    for a, b in zip(run[0].parameters(), restored[0].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_round_trip_restores_weights_optimizer_schedule_and_progress(tmp_path):
     model, opt = trained()
     progress = Progress(epoch=1, step=3, batch=2, history=[{"epoch": 1, "cascade/exact_match": 0.5}],
@@ -55,13 +64,7 @@ def test_round_trip_restores_weights_optimizer_schedule_and_progress(tmp_path):
     for k in s1["state"]:
         for name, v in s1["state"][k].items():
             assert torch.equal(v, s2["state"][k][name])
-    # The same next step from both.
-    x = torch.randn(5, 4)
-    for m, o in ((model, opt), (other, opt2)):
-        o.backward(m(x).pow(2).mean())
-        o.step()
-    for a, b in zip(model.parameters(), other.parameters()):
-        assert torch.equal(a, b)
+    assert_same_next_step((model, opt), (other, opt2), torch.randn(5, 4))
 
 
 def test_truncated_altered_foreign_or_pickled_checkpoints_are_refused(tmp_path):
@@ -193,12 +196,7 @@ def test_round_trip_of_the_8bit_optimizer_whose_states_share_memory(tmp_path):
     opt.save(tmp_path / "ckpt", Progress(epoch=1, step=2), "run-8bit")
     other, opt2 = build(0, 1)
     opt2.load(tmp_path / "ckpt", "run-8bit")
-    x = torch.randn(5, 128)
-    for m, o in ((model, opt), (other, opt2)):
-        o.backward(m(x).pow(2).mean())
-        o.step()
-    for a, b in zip(model.parameters(), other.parameters()):
-        assert torch.equal(a, b)
+    assert_same_next_step((model, opt), (other, opt2), torch.randn(5, 128))
 
 
 def _tokenizer(letters: bool):
@@ -232,38 +230,38 @@ def test_a_gguf_tokenizer_converted_into_letters_is_refused():
         check_converted_tokenizer(_tokenizer(letters=True), "src", "delete it")
 
 
-def test_a_read_only_cached_conversion_is_checked_and_used(tmp_path, monkeypatch):
-    import core.model as m
+def _cached_conversion(tmp_path, letters: bool, converted_by: str = "5.17.0"):
+    """A GGUF and its cached conversion folder as an earlier version left it (no tokenizer check mark); returns
+    (the folder, the ModelArgs that resolve to it)."""
     from core.config import ModelArgs
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 64)
     target = tmp_path / "cache" / f"m-{gguf.stat().st_size}-hf"
-    target.mkdir(parents=True)
-    (target / "config.json").write_text("{}")
-    _tokenizer(letters=False).save_pretrained(target)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text(json.dumps({"transformers_version": converted_by}))
+    _tokenizer(letters).save_pretrained(target)
+    return target, ModelArgs(name_or_path=str(tmp_path), gguf_file="m.gguf", cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_read_only_cached_conversion_is_checked_and_used(tmp_path, monkeypatch):
+    import core.model as m
+
+    target, args = _cached_conversion(tmp_path, letters=False)
 
     def read_only(*a, **k):
         raise PermissionError("read-only file system")
 
     monkeypatch.setattr(m, "write_json", read_only)
-    args = ModelArgs(name_or_path=str(tmp_path), gguf_file="m.gguf", cache_dir=str(tmp_path / "cache"))
     assert m.resolve_model_path(args) == str(target)
     assert not (target / m.TOKENIZER_CHECKED).exists()
 
 
 def test_a_cached_conversion_is_checked_once_and_a_bad_one_refused(tmp_path):
-    from core.config import ModelArgs
     from core.model import TOKENIZER_CHECKED, resolve_model_path
 
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF" + b"\0" * 64)
-    target = tmp_path / "cache" / f"m-{gguf.stat().st_size}-hf"
-    args = ModelArgs(name_or_path=str(tmp_path), gguf_file="m.gguf", cache_dir=str(tmp_path / "cache"))
     for letters in (True, False):
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "config.json").write_text('{"transformers_version": "5.17.0"}')
-        _tokenizer(letters).save_pretrained(target)
+        target, args = _cached_conversion(tmp_path, letters)
         if letters:  # converted earlier by a version that got it wrong: refused, the folder named, nothing marked
             with pytest.raises(InputError, match=rf"cached conversion {target}: .*transformers 5.17.0 converted.*"
                                                  rf"delete {target}"):
