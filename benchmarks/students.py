@@ -2,11 +2,14 @@
 
 Usage:
     python -m benchmarks.students runs/students [--labels ../shared/data/dls/train.csv] [--json out.json]
+    python -m benchmarks.students runs/students_f1 --pool benchmarks/oof/students_f0 \
+        --pool-teacher benchmarks/oof/levers_f01/seed7      # + the same models' OOF rows of other folds
 
 Per model: decoder layers, MLP channels kept and parameters of its base, adapter weight size, out-of-fold exact match
 (0.5, the run's default cascade, and with two folds or more the tuned cascade and set decoding, nested: tuned on the
 other folds, the left-out fold scored) on the folds the students trained (a teacher with more folds is cut to their
-rows), the paired difference to the teacher on the same rows (95% bootstrap
+rows; ``--pool DIR``: each model's rows joined with the rows of DIR/<model>/oof.csv[.gz] from other folds, e.g. an
+archived run of the same students on fold 0, the split checked equal), the paired difference to the teacher on the same rows (95% bootstrap
 interval, ``infer evaluate --baseline``), the student's cascade exact match as a fraction of the teacher's, and CPU
 ``infer predict`` speed on the same rows (rows/s without model loading, load seconds, peak RSS of the process).
 """
@@ -18,10 +21,37 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from benchmarks.levers import figures
 from benchmarks.vocab import safetensors_params
 from core.adapter import finished_folds
 from core.config import RunConfig
-from core.io import meta_path
+from core.io import meta_path, read_probs, write_probs
+
+
+def oof_file(run: Path) -> Path:
+    """A run's OOF file: ``oof.csv`` in a run folder, ``oof.csv.gz`` in an archived one."""
+    for name in ("oof.csv", "oof.csv.gz"):
+        if (run / name).is_file():
+            return run / name
+    raise FileNotFoundError(f"{run}: no oof.csv or oof.csv.gz")
+
+
+def pooled(run: Path, other: Path, out: Path) -> Path:
+    """``run``'s OOF rows joined with the rows of ``other`` (the same model on other folds) that ``run`` lacks,
+    written to ``out``; both must come from the same split (``folds.csv`` equal)."""
+    import pandas as pd
+
+    a, b = pd.read_csv(run / "folds.csv"), pd.read_csv(other / "folds.csv")
+    if not a.sort_values("index").reset_index(drop=True).equals(b.sort_values("index").reset_index(drop=True)):
+        raise ValueError(f"{run}/folds.csv and {other}/folds.csv are different splits: no pooling")
+    ids, p, names = read_probs(oof_file(run))
+    o_ids, o_p, _ = read_probs(oof_file(other), names)
+    new = ~np.isin(o_ids, ids)
+    write_probs(out, np.concatenate([ids, o_ids[new]]), np.concatenate([p, o_p[new]]), names,
+                meta={"pooled_from": [str(oof_file(run)), f"{oof_file(other)} ({int(new.sum())} rows)"]})
+    return out
 
 
 def base_folder(run: Path) -> Path:
@@ -31,25 +61,27 @@ def base_folder(run: Path) -> Path:
     return Path(resolve_model_path(cfg.model, log=lambda m: None))
 
 
-def row(run: Path, labels: str, teacher: Path | None, times: dict, work: Path, rows_of: Path | None = None) -> dict:
+def row(run: Path, labels: str, teacher: Path | None, times: dict, work: Path, rows_of: Path | None = None,
+        pool: Path | None = None) -> dict:
     """One model's figures; ``rows_of``: an OOF file whose rows the run's OOF is cut to first (a teacher that
-    trained more folds than the students is scored on the students' rows only)."""
-    from benchmarks.levers import figures, subset
+    trained more folds than the students is scored on the students' rows only); ``pool``: the same model's run on
+    other folds, whose rows are added first; ``teacher``: the teacher's (pooled, cut) OOF file."""
+    from benchmarks.levers import subset
 
     base = base_folder(run)
     layers = json.loads((base / "config.json").read_text()).get("num_hidden_layers")
     folds = finished_folds(run, "last")
     adapter = folds[0][1] / "last"
     work.mkdir(parents=True, exist_ok=True)
-    oof = run / "oof.csv"
+    oof = oof_file(run) if pool is None else pooled(run, pool, work / "oof_pooled.csv")
     if rows_of is not None:
         subset(str(oof), str(rows_of), str(work / "oof_rows.csv"))
         oof = work / "oof_rows.csv"
-    f = figures(oof, labels, run / "folds.csv", None if teacher is None else teacher / "oof.csv", work)
+    f = figures(oof, labels, run / "folds.csv", teacher, work)
     out = {"run": str(run), "layers": layers, "base_params": safetensors_params(base),
            "adapter_mib": sum(p.stat().st_size for p in adapter.glob("*.safetensors")) / 2**20,
            "folds": f["folds"], "rows": f["rows"], "em_0.5": f["em_0.5"], "em_cascade": f["em_cascade"],
-           "em_tuned_nested": f["em_tuned_nested"], "em_sets_nested": f["em_sets_nested"]}
+           "em_tuned_nested": f["em_tuned_nested"], "em_sets_nested": f["em_sets_nested"], "oof": str(oof)}
     prune_report = base / "prune_report.json"
     if prune_report.is_file():
         out["mlp_keep"] = json.loads(prune_report.read_text()).get("mlp", {}).get("keep_fraction")
@@ -72,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", default="../shared/data/dls/train.csv")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--work", help="folder for the evaluation files and tuned decoders (default: RUNS/eval)")
+    ap.add_argument("--pool", type=Path, help="a folder with the same students' runs (or archived OOF) on other folds")
+    ap.add_argument("--pool-teacher", type=Path, help="the teacher's run (or archived OOF) on those folds")
     args = ap.parse_args(argv)
     runs = Path(args.runs)
     times = {}
@@ -87,9 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     if not students:
         print(f"{runs}: no finished student run (student*/summary.json)", file=sys.stderr)
         return 1
-    rows_of = students[0] / "oof.csv"
-    rows = [row(teacher, args.labels, None, times, work / "teacher", rows_of)]
-    rows += [row(s, args.labels, teacher, times, work / s.name) for s in students]
+    pools = {}
+    for s in students:
+        if args.pool is not None:
+            pools[s] = args.pool / s.name
+            if not pools[s].is_dir():
+                print(f"{pools[s]}: not found (--pool has no run of {s.name})", file=sys.stderr)
+                return 1
+    first = students[0]
+    work.mkdir(parents=True, exist_ok=True)
+    rows_of = oof_file(first) if args.pool is None else pooled(first, pools[first], work / "rows_of.csv")
+    t = row(teacher, args.labels, None, times, work / "teacher", rows_of, pool=args.pool_teacher)
+    rows = [t] + [row(s, args.labels, Path(t["oof"]), times, work / s.name, pool=pools.get(s)) for s in students]
     t = rows[0]
     print(f"{runs}: folds {t['folds']}, {t['rows']} out-of-fold rows; nested = tuned on the other folds, the "
           f"left-out fold scored; speed: infer predict on {t.get('predict_rows', '?')} test rows, CPU")

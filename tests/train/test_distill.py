@@ -361,3 +361,33 @@ def test_student_of_a_real_teacher_run(tiny_models, data, tfidf_teacher, tmp_pat
     assert len(read_probs(teacher / "oof.csv")[0]) > student_rows and f", {student_rows} out-of-fold rows" in printed
     assert table[1][10] == "-" and "(" in table[2][10]                   # the paired interval vs the teacher
     assert table[1][9] == "100.0%" and table[2][7] == "-"               # one fold: no nested estimate
+
+    # The same student on fold 1, pooled with its fold-0 run: two folds, so the nested estimates appear.
+    out1 = tmp_path / "student_f1"
+    res = run_cli(["distill", "--teacher", f"{teacher},{tfidf_teacher}", "--teacher-weights", "2,1",
+                   *as_set_args(tiny_overrides(tiny_models["mistral"], data / "train.csv", out1, train__num_epochs=1,
+                                               train__max_steps=2, cv__folds=[1]))])
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs1, pool = tmp_path / "runs1", tmp_path / "pool"
+    runs1.mkdir(), pool.mkdir()
+    (runs1 / "teacher").symlink_to(teacher)
+    (runs1 / "student2").symlink_to(out1)
+    (pool / "student2").symlink_to(out)
+    assert students([str(runs1), "--labels", str(data / "train.csv"), "--pool", str(pool), "--pool-teacher",
+                     str(teacher)]) == 0
+    printed = capsys.readouterr().out
+    table = [line.split(" | ") for line in printed.splitlines() if line.startswith("| ")]
+    both = student_rows + len(read_probs(out1 / "oof.csv")[0])
+    assert len(read_probs(teacher / "oof.csv")[0]) == both and f"folds [0, 1], {both} out-of-fold rows" in printed
+    assert table[2][7] != "-" and "/" in table[2][9]                       # tuned nested, as a fraction too
+
+    # A run on another split is not pooled.
+    other = tmp_path / "other_split"
+    other.mkdir()
+    (other / "oof.csv").write_text((out / "oof.csv").read_text())
+    folds = pd.read_csv(out / "folds.csv")
+    folds["fold"] = folds["fold"].iloc[::-1].to_numpy()
+    folds.to_csv(other / "folds.csv", index=False)
+    from benchmarks.students import pooled
+    with pytest.raises(ValueError, match="different splits"):
+        pooled(out1, other, tmp_path / "pooled.csv")
