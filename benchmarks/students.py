@@ -40,7 +40,7 @@ def oof_file(run: Path) -> Path:
 
 def pooled(run: Path, other: Path, out: Path) -> Path:
     """``run``'s OOF rows joined with the rows of ``other`` (the same model on other folds) that ``run`` lacks,
-    written to ``out``; both must come from the same split (``folds.csv`` equal)."""
+    written to ``out`` with ``run``'s meta; both must come from the same split (``folds.csv`` equal)."""
     import pandas as pd
 
     a, b = pd.read_csv(run / "folds.csv"), pd.read_csv(other / "folds.csv")
@@ -49,8 +49,10 @@ def pooled(run: Path, other: Path, out: Path) -> Path:
     ids, p, names = read_probs(oof_file(run))
     o_ids, o_p, _ = read_probs(oof_file(other), names)
     new = ~np.isin(o_ids, ids)
+    mp = meta_path(oof_file(run))  # the run's config (its decode.fallback is the default cascade's) goes along
+    meta = {k: v for k, v in json.loads(mp.read_text()).items() if k not in ("label_names", "rows", "versions")}
     write_probs(out, np.concatenate([ids, o_ids[new]]), np.concatenate([p, o_p[new]]), names,
-                meta={"pooled_from": [str(oof_file(run)), f"{oof_file(other)} ({int(new.sum())} rows)"]})
+                meta={**meta, "pooled_from": [str(oof_file(run)), f"{oof_file(other)} ({int(new.sum())} rows)"]})
     return out
 
 

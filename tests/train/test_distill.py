@@ -15,7 +15,7 @@ from trainkit import SAMPLE_TRAIN, as_set_args, kill_at_launcher, run_cli, tiny_
 
 from core.config import ConfigError, LossArgs, RunConfig
 from core.data import read_csv
-from core.io import InputError, read_probs
+from core.io import InputError, meta_path, read_probs
 from train import distill
 from train.data import make_folds
 from train.loss import distill_loss, multilabel_loss
@@ -380,6 +380,8 @@ def test_student_of_a_real_teacher_run(tiny_models, data, tfidf_teacher, tmp_pat
     both = student_rows + len(read_probs(out1 / "oof.csv")[0])
     assert len(read_probs(teacher / "oof.csv")[0]) == both and f"folds [0, 1], {both} out-of-fold rows" in printed
     assert table[2][7] != "-" and "/" in table[2][9]                       # tuned nested, as a fraction too
+    pooled_meta = json.loads(meta_path(runs1 / "eval" / "student2" / "oof_pooled.csv").read_text())
+    assert pooled_meta["config"] == json.loads(meta_path(out1 / "oof.csv").read_text())["config"]  # decode.fallback
 
     # A run on another split is not pooled.
     other = tmp_path / "other_split"
