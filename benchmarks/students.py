@@ -9,9 +9,10 @@ Per model: decoder layers, MLP channels kept and parameters of its base, adapter
 (0.5, the run's default cascade, and with two folds or more the tuned cascade and set decoding, nested: tuned on the
 other folds, the left-out fold scored) on the folds the students trained (a teacher with more folds is cut to their
 rows; ``--pool DIR``: each model's rows joined with the rows of DIR/<model>/oof.csv[.gz] from other folds, e.g. an
-archived run of the same students on fold 0, the split checked equal), the paired difference to the teacher on the same rows (95% bootstrap
-interval, ``infer evaluate --baseline``), the student's cascade exact match as a fraction of the teacher's, and CPU
-``infer predict`` speed on the same rows (rows/s without model loading, load seconds, peak RSS of the process).
+archived run of the same students on fold 0, the split checked equal), the paired difference to the teacher on the
+same rows (95% bootstrap interval, ``infer evaluate --baseline``), the student's cascade exact match as a fraction of
+the teacher's, and CPU ``infer predict`` speed on the same rows (rows/s without model loading, load seconds, peak RSS
+of the process).
 """
 
 from __future__ import annotations
