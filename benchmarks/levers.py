@@ -34,11 +34,15 @@ def subset(full: str, rows_of: str, out: str) -> None:
     ids, p, names = read_probs(full)
     want, _, _ = read_probs(rows_of)
     idx = align_ids(rows_of, want, full, ids)
-    mp = meta_path(full)
+    write_probs(out, ids[idx], p[idx], names, meta={**carried_meta(full), "subset_of": full, "rows_of": rows_of})
+
+
+def carried_meta(path) -> dict:
+    """The meta of the probability file ``path`` that a file derived from it keeps (its run's config, so its
+    decode.fallback); what ``write_probs`` writes anew (label names, rows, versions) left out."""
+    mp = meta_path(path)
     meta = json.loads(mp.read_text()) if mp.is_file() else {}
-    for k in ("label_names", "rows", "versions"):
-        meta.pop(k, None)
-    write_probs(out, ids[idx], p[idx], names, meta={**meta, "subset_of": full, "rows_of": rows_of})
+    return {k: v for k, v in meta.items() if k not in ("label_names", "rows", "versions")}
 
 
 def run_names(runs: Path) -> list[str]:

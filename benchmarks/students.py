@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.levers import figures
+from benchmarks.levers import carried_meta, figures
 from benchmarks.vocab import safetensors_params
 from core.adapter import finished_folds
 from core.config import RunConfig
@@ -50,10 +50,8 @@ def pooled(run: Path, other: Path, out: Path) -> Path:
     ids, p, names = read_probs(oof_file(run))
     o_ids, o_p, _ = read_probs(oof_file(other), names)
     new = ~np.isin(o_ids, ids)
-    mp = meta_path(oof_file(run))  # the run's config (its decode.fallback is the default cascade's) goes along
-    meta = {k: v for k, v in json.loads(mp.read_text()).items() if k not in ("label_names", "rows", "versions")}
     write_probs(out, np.concatenate([ids, o_ids[new]]), np.concatenate([p, o_p[new]]), names,
-                meta={**meta, "pooled_from": [str(oof_file(run)), f"{oof_file(other)} ({int(new.sum())} rows)"]})
+                meta={**carried_meta(oof_file(run)), "pooled_from": [str(oof_file(run)), f"{oof_file(other)} ({int(new.sum())} rows)"]})
     return out
 
 
