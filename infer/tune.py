@@ -475,6 +475,9 @@ def default_spec(probs_path: str | Path, label_names: Sequence[str], fallback=No
     if fallback is not None:
         fb = resolve_fallback(label_names, fallback, probs_path, True)
     else:
+        if source.startswith("the default"):  # a file from elsewhere: its run's fallback class is unknown
+            log(f"note: {probs_path}: no run config in its .meta.json or beside it: the default cascade falls back "
+                f"to {decode.fallback} (pass --fallback to choose)")
         try:
             fb = core_resolve_fallback(label_names, decode.fallback)
         except ValueError as e:

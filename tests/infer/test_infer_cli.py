@@ -210,9 +210,13 @@ def test_decoding_and_id_column_come_from_the_run(tmp_path, capsys):
     assert run(["submit", "--probs", probs, "--out", tmp_path / "s.csv"], capsys)[0] == 0
     sub = pd.read_csv(tmp_path / "s.csv", dtype={"target": str}, keep_default_na=False)
     assert list(sub["target"][:4]) == ["19"] * 4
-    assert run(["evaluate", "--probs", oof, "--labels", labels, "--out-dir", tmp_path / "ev"], capsys)[0] == 0
+    code, stdout, err = run(["evaluate", "--probs", oof, "--labels", labels, "--out-dir", tmp_path / "ev"], capsys)
+    assert code == 0 and "no run config" not in stdout + err
     other = tmp_path / "other.csv"   # a blend written elsewhere decodes like the first model's run
     write_probs(other, ids, np.clip(p + 0.05, 0, 1), NAMES)
+    code, stdout, err = run(["evaluate", "--probs", other, "--labels", labels, "--out-dir", tmp_path / "ev",
+                             "--id-column", "review_id"], capsys)
+    assert code == 0 and "no run config" in stdout + err and "falls back to argmax" in stdout + err  # said, not silent
     assert run(["blend", "--oof", f"{oof},{other}", "--labels", labels, "--out-oof", tmp_path / "b.csv",
                 "--no-nested", "--n-trials", 3, "--no-progress"], capsys)[0] == 0
     from infer.tune import default_spec
@@ -380,7 +384,8 @@ def test_an_optimistic_oof_file_is_refused_for_nested_estimates(data, capsys, ma
     assert json.loads((d / "best_oof.eval.json").read_text())["optimistic"]
     # the same rows without the mark: a nested estimate as usual
     code, stdout, _ = run(tune_args(data, d / "t2.json"), capsys)
-    assert code == 0 and "nested estimate" in stdout and f"note: {data['oof']}" not in stdout
+    notes = [ln for ln in stdout.splitlines() if ln.startswith(f"note: {data['oof']}") and "no run config" not in ln]
+    assert code == 0 and "nested estimate" in stdout and not notes
 
 
 # --------------------------------------------------------------------------------------------------------------
