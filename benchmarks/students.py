@@ -47,11 +47,12 @@ def pooled(run: Path, other: Path, out: Path) -> Path:
     a, b = pd.read_csv(run / "folds.csv"), pd.read_csv(other / "folds.csv")
     if not a.sort_values("index").reset_index(drop=True).equals(b.sort_values("index").reset_index(drop=True)):
         raise ValueError(f"{run}/folds.csv and {other}/folds.csv are different splits: no pooling")
-    ids, p, names = read_probs(oof_file(run))
-    o_ids, o_p, _ = read_probs(oof_file(other), names)
+    src, o_src = oof_file(run), oof_file(other)
+    ids, p, names = read_probs(src)
+    o_ids, o_p, _ = read_probs(o_src, names)
     new = ~np.isin(o_ids, ids)
     write_probs(out, np.concatenate([ids, o_ids[new]]), np.concatenate([p, o_p[new]]), names,
-                meta={**carried_meta(oof_file(run)), "pooled_from": [str(oof_file(run)), f"{oof_file(other)} ({int(new.sum())} rows)"]})
+                meta={**carried_meta(src), "pooled_from": [str(src), f"{o_src} ({int(new.sum())} rows)"]})
     return out
 
 

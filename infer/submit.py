@@ -38,7 +38,7 @@ def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
 def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallback=None,
                   log=print) -> ThresholdSpec | SetDecoder:
     """The decoding for a probability file: its thresholds file (checked against its labels; a cascade or a set
-    decoding) or the cascade of the run that wrote it (``decode`` section, see :func:`infer.tune.run_decode`).
+    decoding) or the cascade of the run that wrote it (``decode`` section, see :func:`infer.tune.default_spec`).
 
     ``fallback`` (a label name, class id, 'argmax', 'none'; None = keep the thresholds' / the run's) overrides it
     (for a set decoding: the fallback of its cascade candidate).

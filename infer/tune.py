@@ -449,13 +449,6 @@ def run_config_of(probs_path: str | Path) -> tuple[RunConfig | None, str]:
     return None, "no run config found beside the file"
 
 
-def run_decode(probs_path: str | Path) -> tuple[DecodeArgs, str]:
-    """The ``decode`` section of the run that produced a probability file (:func:`run_config_of`), and where it
-    was found; else the generic default (argmax fallback)."""
-    cfg, source = run_config_of(probs_path)
-    return (cfg.decode, source) if cfg is not None else (DecodeArgs(), f"the default ({source})")
-
-
 def labels_id_column(probs_path: str | Path, given: str | None = None) -> str:
     """The id column of the labelled / test CSV that goes with a probability file: ``--id-column`` if given, else
     the producing run's ``data.id_column``, else the probability file's own ``index``."""
@@ -466,16 +459,18 @@ def labels_id_column(probs_path: str | Path, given: str | None = None) -> str:
 
 
 def default_spec(probs_path: str | Path, label_names: Sequence[str], fallback=None, log=print) -> ThresholdSpec:
-    """The run's configured cascade for ``probs_path`` (:func:`run_decode`), ``--fallback`` overriding its fallback.
+    """The cascade of the run that produced ``probs_path`` (its ``decode`` section, :func:`run_config_of`), else
+    the generic default (argmax fallback, said in a note); ``--fallback`` overrides the fallback.
 
     Raises:
         InputError: the configured or given fallback is not one of the file's labels.
     """
-    decode, source = run_decode(probs_path)
+    cfg, source = run_config_of(probs_path)
+    decode = cfg.decode if cfg is not None else DecodeArgs()
     if fallback is not None:
         fb = resolve_fallback(label_names, fallback, probs_path, True)
     else:
-        if source.startswith("the default"):  # a file from elsewhere: its run's fallback class is unknown
+        if cfg is None:  # a file from elsewhere: its run's fallback class is unknown
             log(f"note: {probs_path}: no run config in its .meta.json or beside it: the default cascade falls back "
                 f"to {decode.fallback} (pass --fallback to choose)")
         try:
