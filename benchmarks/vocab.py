@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.config import ModelArgs
     from core.model import resolve_model_path
-    from train.vocab import TRIM_REPORT, read_corpus, split_paths, trim_vocab
+    from train.data import read_corpus, split_paths
+    from train.vocab import TRIM_REPORT, trim_vocab
 
     corpus_paths = split_paths([args.corpus])
     src = Path(resolve_model_path(ModelArgs(name_or_path=args.model)))

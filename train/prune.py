@@ -23,25 +23,22 @@ Exit status: 0 on success, 2 on bad input.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from core.config import ConfigError, RunConfig, add_config_arguments
+from core.config import RunConfig
 from core.data import collate, read_csv, tokenize
-from core.io import InputError, atomic_dir, versions, write_json
+from core.errors import InputError
+from core.io import atomic_dir, versions, write_json
+
+logger = logging.getLogger(__name__)
 
 REPORT = "prune_report.json"
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -171,7 +168,7 @@ def keep_channels(model, channels: list[list[int]]) -> None:
 
 
 def prune(cfg: RunConfig, data: str | Path, out: str | Path, n_keep: int, mlp_keep: float | None = None,
-          max_rows: int = 256, batch_size: int = 8, log=log) -> dict:
+          max_rows: int = 256, batch_size: int = 8) -> dict:
     """Prune ``cfg.model`` (see the module doc) into the new folder ``out``; returns the report.
 
     Raises:
@@ -190,7 +187,7 @@ def prune(cfg: RunConfig, data: str | Path, out: str | Path, n_keep: int, mlp_ke
         raise InputError(f"--mlp-keep must be in (0, 1], got {mlp_keep}")
     if max_rows < 1 or batch_size < 1:
         raise InputError(f"--max-rows and --batch-size must be >= 1, got {max_rows}, {batch_size}")
-    path = resolve_model_path(cfg.model, log=log)
+    path = resolve_model_path(cfg.model)
     base_config = AutoConfig.from_pretrained(path)
     n_layers = getattr(base_config, "num_hidden_layers", None)
     if n_layers is None:
@@ -204,10 +201,10 @@ def prune(cfg: RunConfig, data: str | Path, out: str | Path, n_keep: int, mlp_ke
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device})
     decoder_layers(model)
-    log(f"prune: {type(model).__name__} with {n_layers} layers; block influence on {len(texts)} prompts of {ds.path}")
+    logger.info(f"prune: {type(model).__name__} with {n_layers} layers; block influence on {len(texts)} prompts of {ds.path}")
     influence = block_influence(model, token_ids, tok.pad_token_id, batch_size)
     keep = sorted(np.argsort(-influence, kind="stable")[:n_keep].tolist())
-    log(f"prune: block influence {np.round(influence, 4).tolist()}; keeping layers {keep}")
+    logger.info(f"prune: block influence {np.round(influence, 4).tolist()}; keeping layers {keep}")
     keep_layers(model, keep)
     report = {"model": path, "architecture": type(model).__name__, "data": ds.path, "rows": len(texts),
               "layers": {"before": n_layers, "kept": keep, "dropped": [i for i in range(n_layers) if i not in keep],
@@ -215,7 +212,7 @@ def prune(cfg: RunConfig, data: str | Path, out: str | Path, n_keep: int, mlp_ke
               "text_template": cfg.data.text_template, "max_length": cfg.data.max_length}
     if mlp_keep is not None:
         size = model.config.intermediate_size
-        n_ch = max(1, int(round(mlp_keep * size)))
+        n_ch = max(1, round(mlp_keep * size))
         scores = mlp_taylor_importance(model, token_ids, tok.pad_token_id, batch_size)
         channels = [sorted(np.argsort(-s, kind="stable")[:n_ch].tolist()) for s in scores]
         keep_channels(model, channels)
@@ -223,7 +220,7 @@ def prune(cfg: RunConfig, data: str | Path, out: str | Path, n_keep: int, mlp_ke
                          "importance": "sum |w * grad| of the causal-LM loss over gate/up rows and down column",
                          "kept_channels": {str(layer): ch for layer, ch in zip(keep, channels)},
                          "channel_importance": {str(layer): [float(x) for x in s] for layer, s in zip(keep, scores)}}
-        log(f"prune: MLP intermediate channels {size} -> {n_ch} in every kept layer")
+        logger.info(f"prune: MLP intermediate channels {size} -> {n_ch} in every kept layer")
     params = sum(p.numel() for p in model.parameters())
     report.update({"parameters_after": params, "seconds": round(time.time() - t0, 1), "versions": versions()})
     saved_dtype = getattr(base_config, "dtype", None)
@@ -235,36 +232,22 @@ def prune(cfg: RunConfig, data: str | Path, out: str | Path, n_keep: int, mlp_ke
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(tmp / REPORT, report)
-    log(f"wrote {out} ({params:,} parameters; {report['seconds']} s)")
+    logger.info(f"wrote {out} ({params:,} parameters; {report['seconds']} s)")
     return report
 
 
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train prune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
-    p.add_argument("--model", help="model folder or Hub id (model.name_or_path); default: the config's model")
-    p.add_argument("--keep-layers", type=int, required=True, help="decoder layers to keep (the most influential)")
-    p.add_argument("--mlp-keep", type=float, help="fraction of MLP intermediate channels to keep (Taylor importance)")
-    p.add_argument("--data", required=True, help="CSV whose prompts (data.text_template) measure importance")
-    p.add_argument("--out", required=True, help="new output folder")
-    p.add_argument("--max-rows", type=int, default=256, help="prompts used for the measurements")
-    p.add_argument("--batch-size", type=int, default=8)
-    args = p.parse_args(argv)
-    try:
-        overrides = list(args.overrides)
-        if args.model:
-            overrides += [f"model.name_or_path={json.dumps(args.model)}", "model.gguf_file=null"]
-        cfg = RunConfig.from_yaml(args.config, overrides)
-        if args.print_config:
-            print(cfg.to_yaml())
-            return 0
-        prune(cfg, args.data, args.out, args.keep_layers, args.mlp_keep, args.max_rows, args.batch_size)
-    except (ConfigError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Transitional: ``python -m train``'s old dispatch calls ``train.prune.main``; the command is
+    :mod:`train.commands.prune`. Goes once ``train/__main__.py`` registers the commands."""
+    import argparse
+    import sys
 
+    from core.cli import run_command, setup_logging
+    from train.commands import prune as command
 
-if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(prog="python -m train")
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["prune", *(sys.argv[1:] if argv is None else argv)])
+    setup_logging(args.verbose)
+    return run_command(lambda: args.func(args))

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config
 from trainkit import as_set_args, run_cli, tiny_config_for, tiny_overrides
 
-from core.io import InputError
+from core.errors import InputError
 from train.prune import prune
 
 LAYERS = 4
@@ -91,7 +91,7 @@ def test_pruned_model_equals_the_kept_layers(deep_models, small_csv, tmp_path, a
     src = deep_models[arch]
     cfg = tiny_config_for(src, small_csv, tmp_path / "unused")
     out = tmp_path / "pruned"
-    report = prune(cfg, small_csv, out, 2, mlp_keep, max_rows=24, log=lambda m: None)
+    report = prune(cfg, small_csv, out, 2, mlp_keep, max_rows=24)
     # The report: scores of every layer, the two most influential kept in order, and the file matches.
     scores = report["layers"]["block_influence"]
     assert len(scores) == LAYERS and all(0 <= s <= 2 for s in scores)
@@ -103,7 +103,7 @@ def test_pruned_model_equals_the_kept_layers(deep_models, small_csv, tmp_path, a
     if arch != "mistral":
         assert pruned_cfg.layer_types == [TYPES[i] for i in report["layers"]["kept"]]
     if mlp_keep:
-        n = int(round(128 * mlp_keep))
+        n = round(128 * mlp_keep)
         assert pruned_cfg.intermediate_size == n == report["mlp"]["intermediate_after"]
         assert all(len(c) == n and c == sorted(c) for c in report["mlp"]["kept_channels"].values())
         assert set(report["mlp"]["kept_channels"]) == {str(i) for i in report["layers"]["kept"]}
@@ -125,18 +125,18 @@ def test_bad_inputs_are_refused(deep_models, tiny_models, small_csv, tmp_path):
     cfg = tiny_config_for(src, small_csv, tmp_path / "unused")
     for n, match in [(5, r"--keep-layers 5: the model .* has 4 layers"), (0, "--keep-layers 0")]:
         with pytest.raises(InputError, match=match):
-            prune(cfg, small_csv, tmp_path / "o", n, log=lambda m: None)
+            prune(cfg, small_csv, tmp_path / "o", n)
     with pytest.raises(InputError, match="--mlp-keep"):
-        prune(cfg, small_csv, tmp_path / "o", 2, 1.5, log=lambda m: None)
+        prune(cfg, small_csv, tmp_path / "o", 2, 1.5)
     (tmp_path / "exists").mkdir()
     with pytest.raises(InputError, match="already exists"):
-        prune(cfg, small_csv, tmp_path / "exists", 2, log=lambda m: None)
+        prune(cfg, small_csv, tmp_path / "exists", 2)
     gpt2 = tmp_path / "gpt2"
     tok = load_tokenizer(str(tiny_models["mistral"]))
     tok.save_pretrained(gpt2)
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(gpt2)
     with pytest.raises(InputError, match="GPT2LMHeadModel .*model_type 'gpt2'.* no model.layers"):
-        prune(tiny_config_for(gpt2, small_csv, tmp_path / "unused"), small_csv, tmp_path / "o", 1, log=lambda m: None)
+        prune(tiny_config_for(gpt2, small_csv, tmp_path / "unused"), small_csv, tmp_path / "o", 1)
     assert not (tmp_path / "o").exists()
 
 

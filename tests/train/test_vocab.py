@@ -17,14 +17,22 @@ import torch
 from conftest import SAMPLE_TEMPLATE, SAMPLE_TEST, SAMPLE_TRAIN, sample_prompts, tiny_config
 
 from core.config import DEFAULT_TEMPLATE, LoraArgs, ModelArgs, QuantizationArgs
-from core.io import InputError
-from train.vocab import ID_MAP, TRIM_REPORT, main, read_corpus, trim_tokenizer_json, trim_vocab
+from core.errors import InputError
+from train.__main__ import main as train_main
+from train.data import read_corpus
+from train.vocab import ID_MAP, TRIM_REPORT, trim_vocab
+from train.vocab_tokenizer import trim_tokenizer_json
 
 CPU = torch.device("cpu")
 BYTES = [f"<0x{i:02X}>" for i in range(256)]
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
+
+
+def main(argv: list[str]) -> int:
+    """``python -m train trim-vocab ARGV`` in this process."""
+    return train_main(["trim-vocab", *argv])
 
 
 def build_bpe_model(folder: Path) -> Path:
@@ -78,7 +86,7 @@ def trimmed_bpe(bpe_model, corpus, tmp_path_factory) -> tuple[Path, dict]:
     pd.DataFrame({"assessment": [1.0, 2.0], "tags": ["{DELIVERY}", ""],
                   "text": ["".join(unseen), "Доставка ёжиков: Zebra Quiz 🦔"]}).to_csv(foreign, index=False)
     report = trim_vocab(str(bpe_model), corpus, out, eval_corpora=[read_corpus([SAMPLE_TEST]),
-                                                                    read_corpus([foreign])], log=lambda m: None)
+                                                                    read_corpus([foreign])])
     return out, report
 
 
@@ -116,7 +124,7 @@ def test_wordlevel_round_trip(tiny_models, corpus, tmp_path, arch):
 
     src = tiny_models[arch]
     out = tmp_path / "out"
-    report = trim_vocab(str(src), corpus, out, log=lambda m: None)
+    report = trim_vocab(str(src), corpus, out)
     orig_tok, tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(out)
     assert report["tokenizer_model"] == "WordLevel"
     assert report["kept_rows"] == len(tok) < report["original_rows"] == len(orig_tok)
@@ -219,8 +227,7 @@ def test_bpe_byte_fallback_outside_the_corpus(bpe_model, trimmed_bpe):
 
 def test_bpe_without_bytes_keeps_only_used_bytes(bpe_model, corpus, tmp_path):
     out = tmp_path / "nobytes"
-    report = trim_vocab(str(bpe_model), corpus, out, keep_bytes=False, keep_ascii=False, check_texts=2,
-                        log=lambda m: None)
+    report = trim_vocab(str(bpe_model), corpus, out, keep_bytes=False, keep_ascii=False, check_texts=2)
     assert report["corpus"]["coverage"] == 1.0 and "byte_fallback" not in report["kept_why"]
     assert "ascii_chars" not in report["kept_why"] and not report["keep_ascii"]
     from transformers import AutoTokenizer
@@ -311,7 +318,7 @@ def test_no_overlap_is_an_error(tiny_models, bpe_model, tmp_path):
         pd.DataFrame({"assessment": [None] * 3, "tags": [""] * 3, "text": texts}).to_csv(foreign, index=False)
         out = tmp_path / "out"
         with pytest.raises(InputError, match=r"no overlap with the vocabulary") as e:
-            trim_vocab(str(model), read_corpus([foreign]), out, log=lambda m: None)
+            trim_vocab(str(model), read_corpus([foreign]), out)
         assert str(foreign) in str(e.value)
         assert not out.exists() and not list(tmp_path.glob(".out.*"))   # nothing half-written
 
@@ -341,7 +348,7 @@ def test_unigram_round_trip(corpus, tmp_path):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config("mistral", fast)).save_pretrained(src)
     out = tmp_path / "out"
-    report = trim_vocab(str(src), corpus, out, check_texts=3, log=lambda m: None)
+    report = trim_vocab(str(src), corpus, out, check_texts=3)
     assert report["tokenizer_model"] == "Unigram" and report["corpus"]["coverage"] == 1.0
     assert report["kept_rows"] < report["original_rows"]
     assert report["check"]["max_abs_diff_lm_logits_kept_columns"] == 0.0
