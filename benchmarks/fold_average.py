@@ -28,7 +28,7 @@ from core.data import read_csv
 from core.io import read_folds
 from core.metrics import exact_match
 from core.thresholds import ThresholdSpec
-from infer.tune import tune_thresholds
+from infer.search import tune_thresholds
 from train.tfidf import fit_predict
 
 DLS = "../shared/data/dls"

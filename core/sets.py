@@ -289,7 +289,7 @@ class SetDecoder:
 
 
 def is_sets(spec) -> bool:
-    """Whether a decoding (what ``infer.tune.read_thresholds`` returns) is a :class:`SetDecoder`."""
+    """Whether a decoding (what ``core.decoding.read_thresholds`` returns) is a :class:`SetDecoder`."""
     return isinstance(spec, SetDecoder)
 
 

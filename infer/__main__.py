@@ -4,7 +4,7 @@ Subcommands:
     predict   probabilities for a CSV from trained adapter(s)           (infer/predict.py)
     push      upload a trained run to the Hugging Face Hub              (infer/hub.py)
     pull      download a pushed run into the Hugging Face cache         (infer/hub.py)
-    tune      tune the cascade decoding on out-of-fold probabilities    (infer/tune.py)
+    tune      tune the cascade decoding on out-of-fold probabilities    (infer/commands/tune.py)
     submit    write the index,target submission from a probability file (infer/submit.py)
     evaluate  metrics table + plots of a probability file against labels (infer/evaluate.py)
     blend     blend models with weights tuned on out-of-fold predictions (infer/blend.py)
@@ -24,7 +24,8 @@ from core.io import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from infer import blend, evaluate, export, hub, predict, serve, submit, tune, ui
+    from infer import blend, evaluate, export, hub, predict, serve, submit, ui
+    from infer.commands import tune
 
     parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

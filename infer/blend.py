@@ -92,7 +92,7 @@ def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence
     the default cascade, rotate; the left-out predictions are pooled.
 
     ``strategy`` (``"cascade"`` or ``"sets"``): also tune the decoding on each fold's blended training rows (as
-    :func:`infer.tune.nested_estimate`, same ``seed``, ``tune_kwargs`` passed on) and score the left-out fold with
+    :func:`infer.search.nested_estimate`, same ``seed``, ``tune_kwargs`` passed on) and score the left-out fold with
     it: the honest figure of blend + ``tune`` together. Its result is under ``"decoding"``.
 
     Returns ``{"folds", "per_fold": [{"fold", "rows", "weights", objective}], "pooled": scores}`` (+ ``"decoding"``).
@@ -114,7 +114,7 @@ def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence
                          objective: float(objective_score(y[test], pred[test], objective))})
     out = {"folds": len(uniq), "per_fold": per_fold, "pooled": scores(y, pred)}
     if strategy is not None:
-        from infer.tune import nested_estimate
+        from infer.search import nested_estimate
 
         weights = {r["fold"]: r["weights"] for r in per_fold}
 
@@ -155,7 +155,8 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     folds: ``folds`` file, else RUN/folds.csv beside the first OOF file, else a seeded K-fold), then write the
     blended file(s). ``tune_decoding`` (``cascade`` / ``sets``): the nested estimate also tunes the decoding on each
     fold's blended training rows, as ``tune --strategy`` would (the fallback tuned too unless ``fallback`` is given)."""
-    from infer.tune import STRATEGIES, check_honest, default_spec, labels_id_column, resolve_folds, run_config_of
+    from core.decoding import STRATEGIES, default_spec, labels_id_column, run_config_of
+    from infer.search import check_honest, resolve_folds
 
     oof = _split(oof, "--oof")
     probs = None if probs is None else _split(probs, "--probs")  # None: measure the blend on OOF rows only
@@ -174,12 +175,12 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     if tune_decoding is not None and not nested:
         raise InputError("--tune-decoding is part of the nested estimate: drop --no-nested")
     for path in oof:
-        check_honest(path, nested, "--no-nested", log)
+        check_honest(path, nested, "--no-nested")
     oof_ids, oofs, names = _read_group(oof, None)
     label_ids, y_all = read_labels(labels, names, probs_path=oof[0], id_column=labels_id_column(oof[0], id_column))
     y = y_all[align_ids(oof[0], oof_ids, labels, label_ids)]
     test_ids, tests, _ = _read_group(probs, names) if probs is not None else (None, None, None)
-    default = default_spec(oof[0], names, fallback, log=log)
+    default = default_spec(oof[0], names, fallback)
     fb = default.fallback
     if probs is not None:
         out = Path(probs[0]).with_name("blend.csv") if out is None else Path(out)

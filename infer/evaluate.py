@@ -154,8 +154,8 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
              out_dir: str | Path | None = None, fallback=None, log=print, baseline: str | Path | None = None,
              id_column: str | None = None) -> dict:
     """Read and validate, score, print the table, then write the JSON and the two PNGs."""
+    from core.decoding import labels_id_column
     from infer.submit import load_decoding
-    from infer.tune import labels_id_column
 
     ids, p, names = read_probs(probs)
     label_ids, y_all = read_labels(labels, names, probs_path=probs, id_column=labels_id_column(probs, id_column))

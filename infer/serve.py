@@ -45,9 +45,9 @@ import numpy as np
 from core.adapter import AdapterRef, base_model_id
 from core.config import ConfigError
 from core.data import format_prompt, format_value, template_fields
+from core.decoding import adapter_default_spec, adapter_spec
 from core.errors import InputError
 from core.thresholds import ThresholdSpec, class_ids
-from infer.tune import adapter_default_spec, adapter_spec
 
 log = logging.getLogger("infer.serve")
 ENDPOINTS = ("/predict", "/health", "/ready", "/info", "/metrics")

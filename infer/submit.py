@@ -38,12 +38,12 @@ def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
 def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallback=None,
                   log=print) -> ThresholdSpec | SetDecoder:
     """The decoding for a probability file: its thresholds file (checked against its labels; a cascade or a set
-    decoding) or the cascade of the run that wrote it (``decode`` section, see :func:`infer.tune.default_spec`).
+    decoding) or the cascade of the run that wrote it (``decode`` section, see :func:`core.decoding.default_spec`).
 
     ``fallback`` (a label name, class id, 'argmax', 'none'; None = keep the thresholds' / the run's) overrides it
     (for a set decoding: the fallback of its cascade candidate).
     """
-    from infer.tune import check_spec_labels, default_spec, read_thresholds, resolve_fallback
+    from core.decoding import check_spec_labels, default_spec, read_thresholds, resolve_fallback
 
     if thresholds is not None:
         spec = read_thresholds(thresholds)
@@ -56,7 +56,7 @@ def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallb
                 c = ThresholdSpec(c.label_names, c.start, c.stop, c.step, fb, c.class_offsets, c.meta)
                 spec = spec.with_cascade(c) if is_sets(spec) else c
         return spec
-    return default_spec(probs_path, label_names, fallback, log=log)
+    return default_spec(probs_path, label_names, fallback)
 
 
 def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = None, fallback=None,
@@ -69,7 +69,7 @@ def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = N
         p = p[:, [pos[n] for n in spec.label_names]]
         names = list(spec.label_names)
     if ids is not None:
-        from infer.tune import labels_id_column
+        from core.decoding import labels_id_column
 
         align_ids(probs, row_ids, ids, read_ids(ids, labels_id_column(probs, id_column)), same_order=True)
     preds, source = spec.decode_with_source(p) if is_sets(spec) else (spec.decode(p), None)

@@ -36,10 +36,10 @@ import numpy as np
 
 from core.adapter import AdapterRef
 from core.data import format_prompt, template_fields
+from core.decoding import adapter_default_spec, adapter_spec
 from core.errors import ConfigError, InputError
 from core.sets import SetDecoder, cascade_of
 from core.thresholds import ThresholdSpec
-from infer.tune import adapter_default_spec, adapter_spec
 
 APP = Path(__file__).with_name("ui_app.py")
 ARGS_ENV = "QLML_UI_ARGS"

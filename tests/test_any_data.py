@@ -77,8 +77,7 @@ def test_train_predict_tune_submit_on_user_data(tmp_path, tiny_model, label_name
     assert names == label_names and p.shape == (12, len(label_names))
     assert list(ids) == list(pd.read_csv(test_csv)["review_id"])
 
-    spec = run_tune(run / "oof.csv", train_csv, tmp_path / "thresholds.json", n_trials=5, progress=False,
-                    log=lambda m: None)
+    spec = run_tune(run / "oof.csv", train_csv, tmp_path / "thresholds.json", n_trials=5, progress=False)
     assert spec.fallback == "argmax" and list(spec.label_names) == label_names
     sub = submit(probs, tmp_path / "submission.csv", thresholds=tmp_path / "thresholds.json", ids=test_csv,
                  log=lambda m: None)

@@ -152,7 +152,7 @@ def test_submit_with_tuned_thresholds_and_ids_check(data, capsys):
     code, stdout, _ = run(["submit", "--probs", data["probs"], "--thresholds", thr, "--ids", test_csv, "--out", out],
                           capsys)
     assert code == 0 and "decoded with" in stdout
-    from infer.tune import read_thresholds
+    from core.decoding import read_thresholds
 
     spec = read_thresholds(thr)
     preds = spec.decode(data["test_p"])
@@ -219,7 +219,7 @@ def test_decoding_and_id_column_come_from_the_run(tmp_path, capsys):
     assert code == 0 and "no run config" in stdout + err and "falls back to argmax" in stdout + err  # said, not silent
     assert run(["blend", "--oof", f"{oof},{other}", "--labels", labels, "--out-oof", tmp_path / "b.csv",
                 "--no-nested", "--n-trials", 3, "--no-progress"], capsys)[0] == 0
-    from infer.tune import default_spec
+    from core.decoding import default_spec
 
     assert default_spec(tmp_path / "b.csv", NAMES).fallback == 19
     (run_dir / "run_config.yaml").write_text("decode:\n  fallback: no_such_label\n")

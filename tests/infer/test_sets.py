@@ -161,7 +161,7 @@ def test_tune_sets_is_leave_one_out_and_deterministic():
 
 def test_sets_beat_the_tuned_cascade_on_correlated_labels():
     """Nested estimate (tuned on 4 folds, scored on the 5th, rotated; priors from the 4 folds only)."""
-    from infer.tune import kfold, nested_estimate
+    from infer.search import kfold, nested_estimate
 
     probs, y = correlated_data()
     est = nested_estimate(probs, y, kfold(len(y), 5, 0), n_trials=25, strategy="sets")
@@ -209,7 +209,7 @@ def sets_files(tmp_path, capsys):
 def test_tune_strategy_sets_reports_three_columns_and_writes_a_sets_file(sets_files):
     import json
 
-    from infer.tune import read_thresholds
+    from core.decoding import read_thresholds
 
     out = sets_files["stdout"]
     assert "sets (nested)" in out and "tuned (nested)" in out and "default cascade" in out
@@ -241,9 +241,9 @@ def test_submit_and_evaluate_reproduce_the_set_decoding(sets_files, capsys):
 
     import pandas as pd
 
+    from core.decoding import read_thresholds
     from core.io import write_probs
     from core.metrics import scores
-    from infer.tune import read_thresholds
 
     main, d = sets_files["main"], sets_files
     dec = read_thresholds(d["thr"])
@@ -284,9 +284,9 @@ def test_serve_decodes_with_a_sets_file_in_its_label_order(tmp_path):
 
     import httpx
 
+    from core.decoding import adapter_spec
     from core.sets import cascade_of
     from infer.serve import Settings, serve_in_thread
-    from infer.tune import adapter_spec
     from infer.ui import result_frame, threshold_lines
 
     srv = _sibling("test_serve")

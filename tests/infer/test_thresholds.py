@@ -10,9 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from core.thresholds import (ThresholdSpec, cascade, cascade_steps, class_ids, decode_global, resolve_fallback,
-                             threshold)
-from infer.tune import _ClassSearch
+from core.thresholds import (
+    ThresholdSpec,
+    cascade,
+    cascade_steps,
+    class_ids,
+    decode_global,
+    resolve_fallback,
+    threshold,
+)
+from infer.search import _ClassSearch
 
 # The reference solution's thresholds, as literal floats.
 REFERENCE = [0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]

@@ -1,4 +1,4 @@
-"""infer.tune and infer.blend as pure functions: tuning improves the in-sample score where the best thresholds are far
+"""infer.search and infer.blend as pure functions: tuning improves the in-sample score where the best thresholds are far
 from the reference cascade, is reproducible, shrinks per-class offsets of rare classes, and the nested estimate
 runs; blending prefers the better model."""
 
@@ -10,7 +10,7 @@ import pytest
 from core.metrics import exact_match, micro_f1, objective_score
 from core.thresholds import ThresholdSpec, cascade
 from infer.blend import blend_probs, search_weights
-from infer.tune import kfold, nested_estimate, search_offsets, shrink_factors, tune_thresholds
+from infer.search import kfold, nested_estimate, search_offsets, shrink_factors, tune_thresholds
 
 NAMES = tuple(f"trend_id_res{j}" for j in range(20))
 
@@ -103,9 +103,8 @@ def test_blend_prefers_the_better_model():
 
 def test_nested_blend_tunes_each_folds_weights_on_the_other_folds():
     from core.metrics import scores
-    from core.thresholds import cascade_steps
+    from core.thresholds import cascade_steps, decode_global
     from infer.blend import nested_blend
-    from infer.tune import decode_global
 
     rng = np.random.default_rng(1)
     y = np.zeros((300, 20), dtype=np.int8)
@@ -161,7 +160,7 @@ def test_nested_blend_tunes_the_decoding_on_each_folds_blended_training_rows_onl
 
 
 def test_spec_decode_matches_the_fast_global_decoder():
-    from infer.tune import decode_global
+    from core.thresholds import decode_global
 
     p, _ = low_confidence(seed=5)
     spec = ThresholdSpec(NAMES, 0.3, 0.05, 0.025, 19)

@@ -13,10 +13,10 @@ from trainkit import ROOT, SAMPLE_TRAIN, write_rows
 
 from core.config import RunConfig
 from core.data import read_csv
+from core.decoding import default_spec
 from core.io import read_probs
 from core.metrics import exact_match
 from core.thresholds import cascade
-from infer.tune import default_spec
 from train.data import make_folds
 from train.tfidf import fit_predict, fit_predict_soft, main, soft_fit_targets
 
