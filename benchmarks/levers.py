@@ -4,6 +4,11 @@ Usage:
     python -m benchmarks.levers RUNS [--labels ../shared/data/dls/train.csv] [--json out.json]
     python -m benchmarks.levers subset FULL_OOF ROWS_OF OUT      # FULL_OOF cut to the rows of ROWS_OF (same meta)
     python -m benchmarks.levers archive RUNS DEST                # the OOF files, gzipped, to keep in the repository
+    python -m benchmarks.levers unpack SET.tar.gz DEST           # an archived set extracted to DEST/SET
+    python -m benchmarks.levers pack FOLDER SET.tar.gz           # a folder of archived runs as one set file
+
+RUNS is a folder of runs, or an archived set (``benchmarks/oof/levers_f01.tar.gz``: read as it is, extracted to a
+temporary folder); ``archive RUNS benchmarks/oof/NAME.tar.gz`` writes one such file (a folder DEST: the files loose).
 
 Per run (a ``python -m train`` run folder with ``oof.csv``, or an OOF file such as the blend's): out-of-fold exact
 match at 0.5, with the default cascade, with the tuned cascade and with set decoding (both nested: tuned on the other
@@ -20,6 +25,8 @@ import gzip
 import json
 import shutil
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
@@ -79,19 +86,83 @@ def _gzip_with_meta(src: Path, dst: Path) -> None:
 
 def archive(runs: str, dest: str) -> None:
     """Copy what the figures need (OOF probabilities gzipped + sidecar, folds, config, summary) of every finished
-    run and OOF file of ``runs`` to ``dest``, so that a later session scores or blends them without training again."""
+    run and OOF file of ``runs`` to ``dest``, so that a later session scores or blends them without training again.
+    A ``dest`` ending in ``.tar.gz`` is written as one archived set (``pack``), else as a folder."""
     runs, dest = Path(runs), Path(dest)
-    names = run_names(runs) + ["tfidf"] * (runs / "tfidf").is_dir()
-    for n in names:
-        (dest / n).mkdir(parents=True, exist_ok=True)
-        for f in ("folds.csv", "run_config.yaml", "summary.json", "label_names.json"):
-            if (runs / n / f).is_file():
-                shutil.copyfile(runs / n / f, dest / n / f)
-        _gzip_with_meta(runs / n / "oof.csv", dest / n / "oof.csv.gz")
-    for f in FILES.values():
-        if (runs / f).is_file():
-            _gzip_with_meta(runs / f, dest / f"{f}.gz")
+    with tempfile.TemporaryDirectory(prefix="levers-") as tmp:
+        folder = Path(tmp) / dest.name.removesuffix(SET_SUFFIX) if is_set_file(dest) else dest
+        names = run_names(runs) + ["tfidf"] * (runs / "tfidf").is_dir()
+        for n in names:
+            (folder / n).mkdir(parents=True, exist_ok=True)
+            for f in ("folds.csv", "run_config.yaml", "summary.json", "label_names.json"):
+                if (runs / n / f).is_file():
+                    shutil.copyfile(runs / n / f, folder / n / f)
+            _gzip_with_meta(runs / n / "oof.csv", folder / n / "oof.csv.gz")
+        for f in FILES.values():
+            if (runs / f).is_file():
+                _gzip_with_meta(runs / f, folder / f"{f}.gz")
+        if folder != dest:
+            pack(folder, dest)
     print(f"archived {names} and {[f for f in FILES.values() if (runs / f).is_file()]} to {dest}")
+
+
+SET_SUFFIX = ".tar.gz"
+"""An archived set (``benchmarks/oof/<set>.tar.gz``): one gzipped tar whose members sit under ``<set>/``."""
+
+
+def is_set_file(path) -> bool:
+    return str(path).endswith(SET_SUFFIX)
+
+
+def pack(folder, dest) -> None:
+    """``folder`` written as the archived set ``dest`` (``<name>.tar.gz``, members under ``<name>/``), sorted, with
+    no owner, time or file name in the headers: the same files always give the same bytes."""
+    folder, dest = Path(folder), Path(dest)
+    if not is_set_file(dest):
+        raise ValueError(f"{dest}: an archived set is named <set>{SET_SUFFIX}")
+    top = dest.name.removesuffix(SET_SUFFIX)
+
+    def bare(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = info.mtime = 0
+        info.uname = info.gname = ""
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for p in [folder, *sorted(folder.rglob("*"))]:
+            tar.add(p, arcname=str(Path(top, p.relative_to(folder))), recursive=False, filter=bare)
+
+
+def unpack(archived, dest) -> Path:
+    """Extract the archived set ``archived`` (``<set>.tar.gz``) into ``dest``; returns ``dest/<set>``. Members
+    outside ``<set>/``, links and devices are refused."""
+    archived, dest = Path(archived), Path(dest)
+    top = archived.name.removesuffix(SET_SUFFIX)
+    with tarfile.open(archived, "r:gz") as tar:
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if Path(m.name).is_absolute() or ".." in parts or parts[:1] != (top,) or not (m.isfile() or m.isdir()):
+                raise ValueError(f"{archived}: member {m.name!r} is not a file or folder under {top}/")
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, **kw)
+    return dest / top
+
+
+def set_folder(path, into) -> Path:
+    """The folder ``path`` names: ``path`` itself, or for an archived set ``X/<set>.tar.gz`` (or a run in one,
+    ``X/<set>.tar.gz/<run>``, as ``X/<set>/<run>`` was before the set was packed) the set extracted into ``into``
+    and that folder in it."""
+    s = str(path)
+    at = s.find(SET_SUFFIX + "/")
+    archived, inner = (s, "") if at < 0 else (s[:at + len(SET_SUFFIX)], s[at + len(SET_SUFFIX) + 1:])
+    if not is_set_file(archived):
+        return Path(path)
+    if not Path(archived).is_file():
+        raise FileNotFoundError(f"{archived}: no such archived set")
+    root = unpack(archived, into)
+    return root / inner if inner else root
 
 
 def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Path) -> dict:
@@ -108,8 +179,7 @@ def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Pa
            "em_0.5": m["threshold 0.5"]["exact_match"], "em_cascade": m["default cascade"]["exact_match"],
            "micro_f1": m["default cascade"]["micro_f1"], "em_tuned_nested": None, "em_sets_nested": None}
     if len(out["folds"]) > 1:  # a nested estimate needs two folds
-        dec = run_tune(oof, labels, work / "thresholds_sets.json", folds=folds, strategy="sets", progress=False,
-                       **quiet)
+        dec = run_tune(oof, labels, work / "thresholds_sets.json", folds=folds, strategy="sets", progress=False)
         nested = dec.meta["nested"]
         out.update(em_tuned_nested=nested["pooled"]["tuned"]["exact_match"],
                    em_sets_nested=nested["pooled"]["sets"]["exact_match"], per_fold=nested["per_fold"])
@@ -137,7 +207,8 @@ def blend_figures(oofs: list[Path], labels: str, folds: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    tools = {"subset": (subset, "FULL_OOF ROWS_OF OUT"), "archive": (archive, "RUNS DEST")}
+    tools = {"subset": (subset, "FULL_OOF ROWS_OF OUT"), "archive": (archive, "RUNS DEST"),
+             "unpack": (unpack, "SET.tar.gz DEST"), "pack": (pack, "FOLDER SET.tar.gz")}
     if argv[:1] and argv[0] in tools:
         fn, usage = tools[argv[0]]
         if len(argv) - 1 != len(usage.split()):
@@ -147,15 +218,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", help="the folder benchmarks/levers.sh wrote")
+    ap.add_argument("runs", help="the folder benchmarks/levers.sh wrote, or an archived set (SET.tar.gz)")
     ap.add_argument("--labels", default="../shared/data/dls/train.csv")
     ap.add_argument("--json", help="also write the rows here")
-    ap.add_argument("--work", help="folder for the evaluation files and tuned decoders (default: RUNS/eval)")
+    ap.add_argument("--work", help="folder for the evaluation files and tuned decoders (default: RUNS/eval; for an "
+                                   "archived set a temporary folder)")
     args = ap.parse_args(argv)
-    runs = Path(args.runs)
+    with tempfile.TemporaryDirectory(prefix="levers-") as tmp:
+        runs = set_folder(args.runs, Path(tmp))
+        work = Path(args.work) if args.work else (Path(tmp) if is_set_file(args.runs) else runs) / "eval"
+        return table(args, runs, work)
+
+
+def table(args: argparse.Namespace, runs: Path, work: Path) -> int:
+    """Score every run of ``runs`` (a folder) and print the paired table."""
     base = runs / "base"
     folds = base / "folds.csv"
-    work = Path(args.work) if args.work else runs / "eval"
     names = run_names(runs)
     items = [(name, oof_file(runs / name), work / name) for name in names]
     seeds = [n for n in names if n.startswith("seed")]
@@ -180,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"name": f"blend {r['name']} + tfidf, nested weights + decoding",
                              **blend_figures([Path(r["oof"]), tfidf], args.labels, folds)})
     b = rows[0]
-    print(f"{runs}: base {b['rows']} out-of-fold rows (folds {b['folds']} of {args.labels}); nested = tuned on "
+    print(f"{Path(args.runs)}: base {b['rows']} out-of-fold rows (folds {b['folds']} of {args.labels}); nested = tuned on "
           f"the other folds, the left-out fold scored; 'vs base': the same rows, paired")
     print("| run | folds | EM @0.5 | EM cascade | EM tuned (nested) | EM sets (nested) | micro-F1 | cascade vs base "
           "(95% CI) |")

@@ -2,14 +2,15 @@
 
 Usage:
     python -m benchmarks.students runs/students [--labels ../shared/data/dls/train.csv] [--json out.json]
-    python -m benchmarks.students runs/students_f1 --pool benchmarks/oof/students_f0 \
-        --pool-teacher benchmarks/oof/levers_f01/seed7      # + the same models' OOF rows of other folds
+    python -m benchmarks.students runs/students_f1 --pool benchmarks/oof/students_f0.tar.gz \
+        --pool-teacher benchmarks/oof/levers_f01.tar.gz/seed7   # + the same models' OOF rows of other folds
 
 Per model: decoder layers, MLP channels kept and parameters of its base, adapter weight size, out-of-fold exact match
 (0.5, the run's default cascade, and with two folds or more the tuned cascade and set decoding, nested: tuned on the
 other folds, the left-out fold scored) on the folds the students trained (a teacher with more folds is cut to their
 rows; ``--pool DIR``: each model's rows joined with the rows of DIR/<model>/oof.csv[.gz] from other folds, e.g. an
-archived run of the same students on fold 0, the split checked equal), the paired difference to the teacher on the
+archived set of the same students on fold 0, ``SET.tar.gz`` or ``SET.tar.gz/RUN`` read as it is, the split checked
+equal), the paired difference to the teacher on the
 same rows (95% bootstrap interval, ``infer evaluate --baseline``), the student's cascade exact match as a fraction of
 the teacher's, and CPU ``infer predict`` speed on the same rows (rows/s without model loading, load seconds, peak RSS
 of the process).
@@ -20,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.levers import carried_meta, figures
+from benchmarks.levers import carried_meta, figures, set_folder
 from benchmarks.vocab import safetensors_params
 from core.adapter import finished_folds
 from core.config import RunConfig
@@ -106,9 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", default="../shared/data/dls/train.csv")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--work", help="folder for the evaluation files and tuned decoders (default: RUNS/eval)")
-    ap.add_argument("--pool", type=Path, help="a folder with the same students' runs (or archived OOF) on other folds")
-    ap.add_argument("--pool-teacher", type=Path, help="the teacher's run (or archived OOF) on those folds")
+    ap.add_argument("--pool", type=Path, help="a folder with the same students' runs (or archived OOF) on other "
+                                              "folds, or an archived set (SET.tar.gz)")
+    ap.add_argument("--pool-teacher", type=Path, help="the teacher's run (or archived OOF) on those folds, or one "
+                                                      "in an archived set (SET.tar.gz/RUN)")
     args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="students-") as tmp:  # archived sets are extracted here
+        if args.pool is not None:
+            args.pool = set_folder(args.pool, Path(tmp) / "pool")
+        if args.pool_teacher is not None:
+            args.pool_teacher = set_folder(args.pool_teacher, Path(tmp) / "pool_teacher")
+        return table(args)
+
+
+def table(args: argparse.Namespace) -> int:
+    """Score the teacher and every finished student of ``args.runs`` and print the table."""
     runs = Path(args.runs)
     times = {}
     if (runs / "times.jsonl").is_file():

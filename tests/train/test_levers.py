@@ -4,6 +4,9 @@ folder has what a lever run needs: oof.csv, folds.csv, summary.json)."""
 
 from __future__ import annotations
 
+import gzip
+
+import pytest
 from conftest import SAMPLE_SET_ARGS
 from trainkit import SAMPLE_TRAIN
 
@@ -44,6 +47,50 @@ def test_table_subset_and_archive_round_trip(tmp_path, capsys):
     again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert again[1:] == table[1:]
     assert levers(["archive", str(runs)]) == 2
+
+    # One archived set file (benchmarks/oof/NAME.tar.gz): the same files (the gzipped ones differ only in their
+    # header's time stamp), read as it is; packing its files again gives the same bytes.
+    assert levers(["archive", str(runs), str(tmp_path / "set" / "kept.tar.gz")]) == 0
+    assert levers(["unpack", str(tmp_path / "set" / "kept.tar.gz"), str(tmp_path / "x")]) == 0
+
+    def files(folder):
+        return {p.relative_to(folder): gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+                for p in folder.rglob("*") if p.is_file()}
+
+    assert files(tmp_path / "x" / "kept") == files(tmp_path / "kept")
+    assert levers(["pack", str(tmp_path / "x" / "kept"), str(tmp_path / "set" / "repacked" / "kept.tar.gz")]) == 0
+    assert (tmp_path / "set" / "repacked" / "kept.tar.gz").read_bytes() == (tmp_path / "set" / "kept.tar.gz").read_bytes()
+    capsys.readouterr()
+    assert levers([str(tmp_path / "set" / "kept.tar.gz"), "--labels", str(SAMPLE_TRAIN)]) == 0
+    from_set = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert from_set[1:] == table[1:]
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["kept.tar.gz", "repacked"]  # nothing left beside
+
+
+def test_an_archived_set_is_read_as_it_is_and_refuses_members_outside_it(tmp_path):
+    """``SET.tar.gz/RUN`` names a run inside an archived set, as ``SET/RUN`` did before it was packed; the students
+    benchmark pools a new fold's run with such a run (``--pool`` / ``--pool-teacher``)."""
+    import tarfile
+
+    from benchmarks.levers import pack, set_folder
+    from benchmarks.students import pooled
+
+    tfidf_run(tmp_path / "f0", "--set", "cv.folds=[0]")
+    tfidf_run(tmp_path / "kept" / "model", "--folds", tmp_path / "f0" / "folds.csv", "--set", "cv.folds=[1]")
+    pack(tmp_path / "kept", tmp_path / "oof" / "kept.tar.gz")
+    run = set_folder(f"{tmp_path}/oof/kept.tar.gz/model", tmp_path / "x")
+    assert run == tmp_path / "x" / "kept" / "model" and (run / "oof.csv").is_file()
+    assert set_folder(tmp_path / "f0", tmp_path / "y") == tmp_path / "f0"          # a folder is itself
+    both = pooled(tmp_path / "f0", run, tmp_path / "pooled.csv")
+    n0, n1 = (len(read_probs(d / "oof.csv")[0]) for d in (tmp_path / "f0", run))
+    assert len(read_probs(both)[0]) == n0 + n1
+
+    with tarfile.open(tmp_path / "bad.tar.gz", "w:gz") as tar:                   # a member outside bad/
+        tar.add(tmp_path / "f0" / "folds.csv", arcname="../folds.csv")
+    with pytest.raises(ValueError, match="not a file or folder under bad/"):
+        set_folder(tmp_path / "bad.tar.gz", tmp_path / "z")
+    with pytest.raises(FileNotFoundError):
+        set_folder(tmp_path / "missing.tar.gz/model", tmp_path / "z")
 
 
 def test_seed_runs_and_their_average(tmp_path, capsys):
