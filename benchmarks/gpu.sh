@@ -10,7 +10,7 @@
 # train.parallel=split over 2 x T4 (toolkit-split).
 #
 # Prepare (here, once, from the project root; needs the package registry and the embedded model's tokenizer):
-#   bash benchmarks/gpu_prepare.sh
+#   bash tools/gpu_prepare.sh
 #     .dev/w        wheels the GPU machine lacks (bitsandbytes, iterative-stratification; ~41 MiB)
 #     .dev/dls      tokens.npz: the DLS prompts as Gemma token ids + labels (~0.2 MiB; neither GGUF nor tokenizer
 #                   travels, the shapes get a stand-in tokenizer with Gemma's special-token ids)
@@ -112,14 +112,14 @@ elif ls "$ROOT"/.dev/w/*.whl >/dev/null 2>&1; then
     --target /tmp/site "$ROOT"/.dev/w/*.whl
   export PYTHONPATH=/tmp/site:$PYTHONPATH
 else
-  mark install error "no wheels in .dev/w and no bitsandbytes: run bash benchmarks/gpu_prepare.sh here and carry .dev/w"
+  mark install error "no wheels in .dev/w and no bitsandbytes: run bash tools/gpu_prepare.sh here and carry .dev/w"
 fi
 timeout 60 "$PY" -m benchmarks.gpu_report env "$JL" >>"$LOG" 2>&1 || mark env error "$(tail -n 1 "$LOG" | cut -c1-300)"
 
 if ((SMOKE)); then
   run_step tokens 300 1 "$PY" -m benchmarks.shapes tokens --data data/sample_train.csv --out "$TOKENS"
 elif [ ! -f "$TOKENS" ]; then
-  mark tokens error "$TOKENS missing: run bash benchmarks/gpu_prepare.sh here and carry .dev/dls"
+  mark tokens error "$TOKENS missing: run bash tools/gpu_prepare.sh here and carry .dev/dls"
 fi
 
 bench() {  # bench STEP BUDGET MIN MODEL PROFILES [runner args...]

@@ -6,7 +6,7 @@
 #   .dev/dls  tokens.npz: the DLS prompts (../shared/data/dls/train.csv) as Gemma token ids + labels, tokenised
 #             with the embedded model's tokenizer: the data stays out of the repo, and no tokenizer travels
 # Then checks that the project tree and both folders stay well under a call's 64 MiB (limit used: 56 MiB).
-# Usage (from the project root, with the project's Python): PYTHON=.venv/bin/python bash benchmarks/gpu_prepare.sh
+# Usage (from the project root, with the project's Python): PYTHON=.venv/bin/python bash tools/gpu_prepare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

