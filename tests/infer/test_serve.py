@@ -19,9 +19,11 @@ from conftest import SAMPLE_DATA, SAMPLE_DECODE, SAMPLE_TEMPLATE
 from core.adapter import AdapterRef
 from core.config import RunConfig
 from core.data import format_prompt
+from core.decoding import adapter_default_spec
 from core.errors import InputError
 from core.thresholds import ThresholdSpec
-from infer.serve import Settings, create_app, default_spec, serve_in_thread
+from infer.serve.app import create_app, serve_in_thread
+from infer.serve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = [f"trend_id_res{i}" for i in range(20)]
@@ -127,7 +129,7 @@ def test_endpoints_and_response(fake_server):
     assert [p["id"] for p in row["probabilities"]] == LABELS
     assert row["probabilities"][0]["name"] == "Долгая доставка" and row["probabilities"][1]["name"] is None
     probs = np.array([[p["probability"] for p in r["probabilities"]] for r in body["rows"]])
-    expect = default_spec(fake_refs()[0]).decode(probs)
+    expect = adapter_default_spec(fake_refs()[0]).decode(probs)
     assert [r["labels"] for r in body["rows"]] == [[LABELS[j] for j in np.flatnonzero(y)] for y in expect]
     assert row["class_ids"] == [int(n.removeprefix("trend_id_res")) for n in row["labels"]]
     # The prompt is the training formatter's: a JSON list formats like the CSV's set literal.
@@ -387,7 +389,7 @@ def test_concurrent_requests_match_infer_predict(tiny_run, tmp_path):
     df = pd.read_csv(REPO / "data" / "sample_test.csv").head(32)
     csv = tmp_path / "rows.csv"
     df.to_csv(csv, index=False)
-    predict([str(tiny_run)], csv, tmp_path / "probs.csv", progress=False, log=lambda m: None)
+    predict([str(tiny_run)], csv, tmp_path / "probs.csv", progress=False)
     expect = pd.read_csv(tmp_path / "probs.csv").drop(columns="index").to_numpy()
 
     app = create_app(settings=Settings(adapters=[str(tiny_run)], max_wait_ms=100, max_batch_size=16))
@@ -410,7 +412,7 @@ def test_concurrent_requests_match_infer_predict(tiny_run, tmp_path):
 
 
 def test_bench_serve_smoke(tiny_run, capsys):
-    from infer.bench_serve import main
+    from benchmarks.bench_serve import main
 
     assert main(["--adapter", str(tiny_run / "fold_0" / "last"), "--requests", "8", "--concurrency", "1,4"]) == 0
     out = capsys.readouterr().out

@@ -286,7 +286,8 @@ def test_serve_decodes_with_a_sets_file_in_its_label_order(tmp_path):
 
     from core.decoding import adapter_spec
     from core.sets import cascade_of
-    from infer.serve import Settings, serve_in_thread
+    from infer.serve.app import serve_in_thread
+    from infer.serve.settings import Settings
     from infer.ui import result_frame, threshold_lines
 
     srv = _sibling("test_serve")

@@ -69,7 +69,8 @@ def serve_the_trained_run(run, csv, val, probs):
 
     import httpx
 
-    from infer.serve import Settings, create_app, serve_in_thread
+    from infer.serve.app import create_app, serve_in_thread
+    from infer.serve.settings import Settings
 
     df = pd.read_csv(csv).iloc[val[:3]]
     rows = [{"assessment": float(r.assessment), "tags": None if pd.isna(r.tags) else str(r.tags),

@@ -7,21 +7,23 @@ sent by that many concurrent clients; printed: requests/s, p50/p95/p99 latency a
 figures include its cost.
 
 Usage:
-    python -m infer.bench_serve --adapter adapters/gemma-3-270m --requests 200 --concurrency 1,8,32
+    python -m benchmarks.bench_serve --adapter adapters/gemma-3-270m --requests 200 --concurrency 1,8,32
 """
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from core.config import ConfigError
+from core.cli import run_command, setup_logging
 from core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
+logger = logging.getLogger(__name__)
 
 
 class _Shared:
@@ -86,20 +88,21 @@ async def _load(url: str, rows: list[dict], requests: int, concurrency: int) -> 
 
 
 def bench(adapter: str, input_csv: Path, requests: int, concurrency: list[int], max_batch_size: int,
-          max_wait_ms: float, device=None, base_model=None, log=print) -> list[dict]:
+          max_wait_ms: float, device=None, base_model=None) -> list[dict]:
     """Run the benchmark; returns one dict per (mode, concurrency) with the printed figures."""
     import httpx
 
-    from infer.predict import collect, load_refs
-    from infer.serve import Settings, create_app, serve_in_thread
-
-    refs = collect([adapter], log=log)
     from core.data import template_fields
+    from infer.predict import collect, load_refs
+    from infer.serve.app import create_app, serve_in_thread
+    from infer.serve.settings import Settings
+
+    refs = collect([adapter])
 
     rows = _rows(input_csv, template_fields(refs[0].cfg.data.text_template))
     t0 = time.perf_counter()
-    predictor = load_refs(refs, device=device, base_model=base_model, log=log)
-    log(f"loaded {len(refs)} adapter(s) on {predictor.device} in {time.perf_counter() - t0:.1f}s")
+    predictor = load_refs(refs, device=device, base_model=base_model)
+    logger.info(f"loaded {len(refs)} adapter(s) on {predictor.device} in {time.perf_counter() - t0:.1f}s")
     shared = _Shared(predictor)
     results = []
     try:
@@ -150,7 +153,7 @@ def print_table(results: list[dict], max_batch_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer.bench_serve", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="adapter folder, run folder or Hub id already pulled")
     p.add_argument("--input", type=Path, default=REPO / "data" / "sample_test.csv",
@@ -169,14 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("error: --concurrency must be positive integers and --requests >= 1", file=sys.stderr)
         return 2
-    try:
+    setup_logging()
+
+    def body() -> int:
         results = bench(args.adapter, args.input, args.requests, levels, args.max_batch_size, args.max_wait_ms,
                         args.device, args.base_model)
-    except (InputError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_table(results, args.max_batch_size)
-    return 0
+        print_table(results, args.max_batch_size)
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

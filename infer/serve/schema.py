@@ -1,0 +1,186 @@
+"""What a ``/predict`` request holds and what its answer says (pydantic), and the JSON errors.
+
+A request is ``{"rows": [...]}``, each row an object with exactly the fields of the adapters' ``data.text_template``
+(:func:`build_request_model`, built per app from those fields); :func:`parse_rows` applies the limits of
+:class:`~infer.serve.settings.Settings` too. Every error is a :class:`ServeError`: ``{"error": message, "field":
+..., "row": ...}`` with its HTTP status, naming the first bad field (``rows.3.text``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, create_model
+
+from core.adapter import AdapterRef, base_model_id
+from core.data import format_value, template_fields
+from core.errors import InputError
+from core.thresholds import class_ids
+from infer.serve.settings import Settings
+
+
+class ServeError(Exception):
+    """An error answered as JSON: ``{"error": message, "field": ..., "row": ...}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, row: int | None = None,
+                 details: list | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.row, self.details = status, message, field, row, details
+        self.headers = headers
+        """Sent with the answer (``WWW-Authenticate`` of a 401)."""
+
+    def body(self) -> dict:
+        out = {"error": self.message}
+        if self.field is not None:
+            out["field"] = self.field
+        if self.row is not None:
+            out["row"] = self.row
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+class Schema:
+    """What the adapters expect of a row (template fields) and say about their labels; no model needed."""
+
+    def __init__(self, refs: Sequence[AdapterRef], settings: Settings):
+        first = refs[0]
+        keys = {(r.cfg.data.text_template, r.cfg.data.max_length) for r in refs}
+        if len(keys) > 1:
+            raise InputError(f"serve needs adapters that share data.text_template and data.max_length; "
+                             f"{first.folder} and another adapter differ")
+        self.refs = list(refs)
+        self.template = first.cfg.data.text_template
+        self.max_length = first.cfg.data.max_length
+        self.fields = template_fields(self.template)
+        if not self.fields:
+            raise InputError(f"{first.folder}: data.text_template uses no field")
+        if settings.text_field is not None and settings.text_field not in self.fields:
+            raise InputError(f"--text-field {settings.text_field!r} is not a field of the adapter's "
+                             f"data.text_template (fields: {self.fields})")
+        self.text_field = settings.text_field or ("text" if "text" in self.fields else self.fields[-1])
+        self.label_names = list(first.label_names)
+        self.descriptions = dict(first.descriptions)
+        self.class_ids = class_ids(self.label_names)
+        self.base_model = first.info.get("base_model") or base_model_id(first.cfg)
+        self.request_model = build_request_model(self.fields)
+
+
+def build_request_model(fields: Sequence[str]):
+    """The pydantic model of a ``/predict`` body: ``rows``, a non-empty list of objects with exactly ``fields``."""
+    value = StrictStr | StrictInt | StrictFloat | list[StrictStr] | None
+    # Python-safe attribute names; the JSON keys are the template's field names (aliases).
+    row = create_model("Row", __config__=ConfigDict(extra="forbid"),
+                       **{f"f{i}": (value, Field(..., alias=name)) for i, name in enumerate(fields)})
+    return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"),
+                        rows=(list[row], Field(..., min_length=1)))
+
+
+def _field_path(loc: Sequence) -> str:
+    return ".".join(str(x) for x in loc)
+
+
+def validation_error(e, fields: Sequence[str]) -> ServeError:
+    """A pydantic ValidationError -> 422 naming the first bad field (``rows.3.text``) and row."""
+    errors = e.errors(include_url=False, include_input=False)
+    details: dict[str, str] = {}
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        msg = err.get("msg", "invalid")
+        # The union of value types reports each alternative (rows.0.text.str, ...): one message for the field.
+        if len(loc) >= 4 and loc[0] == "rows" and isinstance(loc[1], int):
+            loc, msg = loc[:3], "must be a string, a number, a list of strings or null"
+        details.setdefault(_field_path(loc), msg)
+        if len(details) >= 20:
+            break
+    details = [{"field": k, "message": v} for k, v in details.items()]
+    first = details[0] if details else {"field": "body", "message": "invalid request"}
+    if not first["field"]:
+        first["field"] = "body"
+    loc = errors[0].get("loc", ()) if errors else ()
+    row = loc[1] if len(loc) >= 2 and loc[0] == "rows" and isinstance(loc[1], int) else None
+    msg = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
+    if row is not None and len(loc) >= 3 and errors[0].get("type") == "extra_forbidden":
+        msg += f" (row fields are the template's: {list(fields)})"
+    return ServeError(422, msg, first["field"], row, details if len(details) > 1 else None)
+
+
+def parse_rows(body: bytes, schema: Schema, settings: Settings) -> list[dict]:
+    """A ``/predict`` body -> its rows (dicts keyed by the template's fields), within ``settings``' limits.
+
+    Raises:
+        ServeError: 422 for a body that is not a valid request (naming the field), 413 for too many rows.
+    """
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ServeError(422, f"body is not JSON: {e}", "body") from None
+    rows = obj.get("rows") if isinstance(obj, dict) else None
+    if isinstance(rows, list) and len(rows) > settings.max_rows:
+        raise ServeError(413, f"{len(rows)} rows is over the limit of {settings.max_rows} (--max-rows)", "rows")
+    try:
+        req = schema.request_model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e, schema.fields) from None
+    out = [r.model_dump(by_alias=True) for r in req.rows]
+    tf = schema.text_field
+    for i, row in enumerate(out):
+        text = format_value(row.get(tf))
+        if settings.no_empty_text and not text.strip():
+            raise ServeError(422, f"rows.{i}.{tf}: empty text (--no-empty-text)", f"rows.{i}.{tf}", i)
+        if len(text) > settings.max_text_chars:
+            raise ServeError(422, f"rows.{i}.{tf}: {len(text)} characters is over the limit of "
+                                  f"{settings.max_text_chars} (--max-text-chars)", f"rows.{i}.{tf}", i)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The answer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LabelProbability(BaseModel):
+    id: str
+    """The label (a probability column's name)."""
+    class_id: int
+    """As written in a submission (:func:`core.thresholds.class_ids`)."""
+    name: str | None
+    """The label's description, where the adapter has one."""
+    probability: float
+
+
+class RowPrediction(BaseModel):
+    labels: list[str]
+    """The decoded label set (the thresholds file's decoding, else the adapter's ``decode`` section)."""
+    class_ids: list[int]
+    probabilities: list[LabelProbability]
+    """Every label, in the adapters' label order."""
+
+
+class PredictResponse(BaseModel):
+    model: str
+    """The base model."""
+    adapters: list[str]
+    rows: list[RowPrediction]
+    """One per request row, in order."""
+
+
+def predict_response(probs: np.ndarray, schema: Schema, spec, order: Sequence[int],
+                     adapters: Sequence[AdapterRef]) -> PredictResponse:
+    """The answer to a ``/predict``: ``probs`` (rows x the adapters' labels) decoded with ``spec`` (a cascade or a
+    set decoding) in its own label order, ``order`` (the position of each of its labels among the adapters')."""
+    preds = np.zeros(probs.shape, dtype=np.int8)
+    preds[:, order] = spec.decode(probs[:, order])
+    names, cids = schema.label_names, schema.class_ids
+    described = [schema.descriptions.get(n) for n in names]
+    out = []
+    for p, y in zip(probs.tolist(), preds):
+        out.append(RowPrediction(
+            labels=[names[j] for j in np.flatnonzero(y)],
+            class_ids=[cids[j] for j in np.flatnonzero(y)],
+            probabilities=[LabelProbability(id=n, class_id=c, name=d, probability=v)
+                           for n, c, d, v in zip(names, cids, described, p)],
+        ))
+    return PredictResponse(model=schema.base_model, adapters=[r.name for r in adapters], rows=out)
