@@ -170,8 +170,7 @@ def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Pa
     from infer.evaluate import evaluate
     from infer.tune import run_tune
 
-    quiet = {"log": lambda m: None}
-    res = evaluate(oof, labels, out_dir=work, baseline=baseline, **quiet)
+    res = evaluate(oof, labels, out_dir=work, baseline=baseline)
     m = res["metrics"]
     ids, _, _ = read_probs(oof)
     fold_of = read_folds(folds, oof, ids)
@@ -193,8 +192,7 @@ def blend_figures(oofs: list[Path], labels: str, folds: Path) -> dict:
     (``infer blend --tune-decoding sets``)."""
     from infer.blend import run_blend
 
-    res = run_blend(None, [str(o) for o in oofs], labels, folds=folds, tune_decoding="sets", progress=False,
-                    log=lambda m: None)
+    res = run_blend(None, [str(o) for o in oofs], labels, folds=folds, tune_decoding="sets", progress=False)
     dec = res["nested"]["decoding"]
     ids, _, _ = read_probs(oofs[0])
     return {"oof": ",".join(map(str, oofs)), "rows": len(ids), "folds": sorted({int(f) for f in read_folds(folds,

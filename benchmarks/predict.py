@@ -68,12 +68,12 @@ def bench(adapter: str, input_csv: str | None, rows: int | None = None, batch_si
 
     if repeats < 1 or batch_size < 1:
         raise InputError(f"--repeats and --batch-size must be >= 1, got {repeats} and {batch_size}")
-    refs = collect([adapter], log=log)[:1]
+    refs = collect([adapter])[:1]
     if token_ids is None:
         ds = read_csv(input_csv, refs[0].cfg.data, labelled=False)
         texts = ds.texts[:rows] if rows else ds.texts
     t0 = time.perf_counter()
-    p = load_refs(refs, device=device, log=log)
+    p = load_refs(refs, device=device)
     load_s = time.perf_counter() - t0
     token_ids = p.token_ids(texts) if token_ids is None else token_ids[:rows] if rows else token_ids
     n = len(token_ids)

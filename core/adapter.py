@@ -9,6 +9,7 @@ An adapter folder (``RUN/fold_K/last``) holds the PEFT adapter (LoRA + the train
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from core.config import EMBEDDED_MODEL, RunConfig
 from core.errors import ConfigError, InputError
 from core.io import atomic_dir, versions, write_json, write_text
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "run_config.yaml"
 LABELS_FILE = "label_names.json"
@@ -81,18 +84,18 @@ def model_card(cfg: RunConfig, label_names: list[str], descriptions: dict[str, s
     metrics = info.get("metrics") or info.get("cv_metrics") or {}
     base = base_model_id(cfg)
     lines = [f"# {Path(cfg.output_dir).name}: QLoRA multilabel classifier on {base}", "",
-             f"LoRA adapter (r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules {', '.join(cfg.lora.target_modules)}) "
+             (f"LoRA adapter (r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules {', '.join(cfg.lora.target_modules)}) "
              f"plus a trained `score` head for {len(label_names)} labels, trained with "
              f"qlora-multilabel on 4-bit "
-             f"{'NF4' if cfg.quantization.quant_type == 'nf4' else 'FP4'} weights.", "",
+             f"{'NF4' if cfg.quantization.quant_type == 'nf4' else 'FP4'} weights."), "",
              "## Reproduce predictions", "", "```bash",
              "pip install qlora-multilabel",
              "python -m infer predict --adapter <this folder or Hub id> --input test.csv --out probs.csv",
              "python -m infer submit --probs probs.csv --out submission.csv"
              + (" --thresholds thresholds.json" if info.get("has_thresholds") else ""),
              "```", "",
-             "Everything needed is in this folder: `run_config.yaml` (the training config, including the prompt "
-             "template), `label_names.json`, the tokenizer, and `adapter_info.json` (versions, fold, metrics).", ""]
+             ("Everything needed is in this folder: `run_config.yaml` (the training config, including the prompt "
+             "template), `label_names.json`, the tokenizer, and `adapter_info.json` (versions, fold, metrics)."), ""]
     if metrics:
         lines += ["## Metrics (held-out fold)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {float(v):.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
@@ -151,7 +154,8 @@ def head_label_count(folder: Path) -> int | None:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            keys = [k for k in f.keys() if re.search(r"(^|\.)score\.(modules_to_save\.[^.]+\.)?weight$", k)]
+            head = re.compile(r"(^|\.)score\.(modules_to_save\.[^.]+\.)?weight$")
+            keys = [k for k in f.keys() if head.search(k)]  # noqa: SIM118 - safe_open is not iterable
             if not keys:
                 raise InputError(f"{path}: no score head weights in the adapter (was it trained with "
                                  f"modules_to_save=['score']?)")
@@ -212,7 +216,7 @@ def finished_folds(run_dir: Path, keep: str) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def run_adapters(run_dir: Path, spec: str, log=print) -> list[AdapterRef]:
+def run_adapters(run_dir: Path, spec: str) -> list[AdapterRef]:
     """The finished folds' ``fold_K/<train.keep>`` adapters of a run folder, in fold order."""
     try:
         keep = RunConfig.from_yaml(run_dir / CONFIG_FILE).train.keep
@@ -221,7 +225,7 @@ def run_adapters(run_dir: Path, spec: str, log=print) -> list[AdapterRef]:
     done = finished_folds(run_dir, keep)
     for p in sorted(run_dir.iterdir()):
         if p.is_dir() and FOLD_DIR.match(p.name) and p not in {d for _, d in done}:
-            log(f"{run_dir}: {p.name} has no finished {keep!r} adapter, skipped")
+            logger.info(f"{run_dir}: {p.name} has no finished {keep!r} adapter, skipped")
     refs = [read_adapter(fold_dir / keep, spec) for _, fold_dir in done]
     if not refs:
         raise InputError(f"{run_dir}: run folder without any finished fold adapter "

@@ -14,6 +14,7 @@ On Kaggle, store it as a secret (Add-ons -> Secrets, name ``HF_TOKEN``) and expo
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ import huggingface_hub as hf
 
 from core.errors import InputError
 from core.io import atomic_path
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERNS = ["fold_*/checkpoint/*"]
 """Repo files ``pull`` skips (only ``pull_run`` needs the resumable training state)."""
@@ -99,7 +102,7 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def pull(repo: str, revision: str | None = None, token: str | None = None, include_checkpoints: bool = False,
-         cache_dir: str | None = None, log=print) -> str:
+         cache_dir: str | None = None) -> str:
     """Download a pushed run (or adapter) into the standard Hugging Face cache; returns its local folder.
 
     Offline (``HF_HUB_OFFLINE=1``) or when the Hub cannot be reached, an already cached snapshot is returned;
@@ -123,7 +126,7 @@ def pull(repo: str, revision: str | None = None, token: str | None = None, inclu
                else f"the Hub could not be used ({one_line(online_error)})")
         raise HubError(f"cannot pull {repo}: {why}, and it is not in the local Hugging Face cache") from None
     if online_error is not None:
-        log(f"warning: {repo}: the Hub could not be used ({one_line(online_error)}); using the cached copy")
+        logger.warning(f"warning: {repo}: the Hub could not be used ({one_line(online_error)}); using the cached copy")
     return path
 
 
@@ -155,15 +158,14 @@ def resolve_adapter(spec: str | Path, cache_dir: str | None = None) -> Path:
     return folder
 
 
-def pull_run(repo: str, output_dir: str | Path, revision: str | None = None, token: str | None = None,
-             log=print) -> Path:
+def pull_run(repo: str, output_dir: str | Path, revision: str | None = None, token: str | None = None) -> Path:
     """Restore a run folder (checkpoints included) pushed by :func:`push_checkpoint` / :func:`push`.
 
     Files already in ``output_dir`` are kept (a local file is never older than what this machine pushed); the
     others are copied from the downloaded snapshot. Used by ``python -m train --resume hub:user/name``.
     """
     repo = check_repo_id(repo)
-    snapshot = Path(pull(repo, revision=revision, token=token, include_checkpoints=True, log=log))
+    snapshot = Path(pull(repo, revision=revision, token=token, include_checkpoints=True))
     if not (snapshot / "run_config.yaml").is_file():
         raise HubError(f"{repo}: not a run pushed by this toolkit (no run_config.yaml at the repo root)")
     out = Path(output_dir)
@@ -179,12 +181,12 @@ def pull_run(repo: str, output_dir: str | Path, revision: str | None = None, tok
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
         copied += 1
-    log(f"restored {copied} file(s) of {repo} into {out}" + (f" ({kept} already there, kept)" if kept else ""))
+    logger.info(f"restored {copied} file(s) of {repo} into {out}" + (f" ({kept} already there, kept)" if kept else ""))
     return out
 
 
 def push_checkpoint(run_dir: str | Path, repo: str, private: bool = True, token: str | None = None,
-                    strict: bool = False, log=print) -> bool:
+                    strict: bool = False) -> bool:
     """Upload the whole run folder (resumable ``fold_K/checkpoint/state.pt`` included) to ``repo``.
 
     Meant to be called by the training loop after each checkpoint (``hub.push_checkpoints_to``) so that a new
@@ -209,7 +211,7 @@ def push_checkpoint(run_dir: str | Path, repo: str, private: bool = True, token:
     except InputError as e:
         if strict:
             raise
-        log(f"warning: {e}; training goes on")
+        logger.warning(f"warning: {e}; training goes on")
         return False
-    log(f"pushed checkpoint of {run_dir} to {repo}")
+    logger.info(f"pushed checkpoint of {run_dir} to {repo}")
     return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def cascade(probs: np.ndarray, steps: Sequence[float] | None = None, fallback: F
     if probs.ndim != 2:
         raise ValueError(f"probs must be 2-D (rows x classes), got shape {probs.shape}")
     steps = cascade_steps() if steps is None else tuple(float(s) for s in steps)
-    if not steps or any(b >= a for a, b in zip(steps, steps[1:])):
+    if not steps or any(b >= a for a, b in pairwise(steps)):
         raise ValueError(f"steps must be a non-empty strictly decreasing sequence, got {steps}")
     n, n_labels = probs.shape
     check_fallback(fallback, n_labels)

@@ -20,18 +20,20 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from core.io import InputError, align_ids, progress_bar, read_labels, read_probs, write_probs
+from core.errors import InputError
+from core.io import align_ids, progress_bar, read_labels, read_probs, write_probs
 from core.metrics import OBJECTIVES, objective_score, scores
 from core.thresholds import ARGMAX, DEFAULT_FALLBACK, Fallback, cascade_steps, decode_global
 
 DEFAULT_TRIALS = 100
+
+logger = logging.getLogger(__name__)
 
 
 def blend_probs(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -150,7 +152,7 @@ def _read_group(paths: Sequence[str], names: Sequence[str] | None):
 def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str | Path, out: str | Path | None = None,
               out_oof: str | Path | None = None, objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS,
               seed: int = 0, fallback=None, folds: str | Path | None = None, kfolds: int = 5, nested: bool = True,
-              progress: bool = True, log=print, id_column: str | None = None, tune_decoding: str | None = None) -> dict:
+              progress: bool = True, id_column: str | None = None, tune_decoding: str | None = None) -> dict:
     """Read and validate everything, tune the weights (and estimate the blend's score honestly, nested over the
     folds: ``folds`` file, else RUN/folds.csv beside the first OOF file, else a seeded K-fold), then write the
     blended file(s). ``tune_decoding`` (``cascade`` / ``sets``): the nested estimate also tunes the decoding on each
@@ -185,8 +187,8 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     if probs is not None:
         out = Path(probs[0]).with_name("blend.csv") if out is None else Path(out)
 
-    log(f"blend: {len(oof)} models; {len(oof_ids)} out-of-fold rows x {len(names)} classes; objective "
-        f"{objective}, {n_trials} trials, seed {seed}")
+    logger.info(f"blend: {len(oof)} models; {len(oof_ids)} out-of-fold rows x {len(names)} classes; objective "
+                f"{objective}, {n_trials} trials, seed {seed}")
     weights, best = search_weights(oofs, y, objective, n_trials, seed, fb, progress=progress)
     rows = {path: scores(y, default.decode(p)) for path, p in zip(oof, oofs)}
     blended_oof = blend_probs(oofs, weights)
@@ -194,7 +196,7 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     estimate = None
     if nested:
         fold_of, source = resolve_folds(folds, oof[0], oof_ids, None, kfolds, seed)
-        log(f"nested estimate over {len(set(fold_of.tolist()))} folds from {source}")
+        logger.info(f"nested estimate over {len(set(fold_of.tolist()))} folds from {source}")
         extra = {} if tune_decoding is None else {
             "strategy": tune_decoding, "label_names": names, "progress": progress,
             "fallbacks": () if fallback is not None else (ARGMAX,)}
@@ -215,7 +217,7 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
         lines.append("  nested: weights tuned on the other folds, the left-out fold scored; per fold: " + "; ".join(
             f"{r['fold']}: {r[objective]:.4f} ({', '.join(f'{w:.2f}' for w in r['weights'])})"
             for r in estimate["per_fold"]))
-    log("\n".join(lines))
+    logger.info("\n".join(lines))
 
     meta = {"kind": "blend", "produced_by": "python -m infer blend", "inputs": list(probs or []), "oof": list(oof),
             "labels": str(labels), "weights": weights, "objective": objective, "n_trials": int(n_trials),
@@ -231,51 +233,8 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
         write_probs(out_oof, oof_ids, blended_oof, names, meta={**meta, "kind": "blend (out-of-fold)"})
         written.append(str(out_oof))
     if written:
-        log("wrote " + ", ".join(written))
+        logger.info("wrote " + ", ".join(written))
     return {"weights": weights, "objective_value": best, "oof_scores": rows, "nested": estimate,
             "out": None if probs is None else str(out),
             "out_oof": None if out_oof is None else str(out_oof)}
 
-
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "blend", help="blend models' probabilities with weights tuned on out-of-fold predictions",
-        description="Weighted mean of probability files; weights tuned (Optuna, seeded) on the models' out-of-fold "
-                    "files against the labels. Writes the blended probabilities (+ .meta.json with the weights).")
-    p.add_argument("--probs", help="comma-separated probability files to blend (e.g. test predictions); "
-                                   "without it, blend only measures the blend on the OOF rows")
-    p.add_argument("--oof", required=True, help="comma-separated out-of-fold files of the same models, same order")
-    p.add_argument("--labels", required=True, help="labelled CSV for the OOF ids (e.g. train.csv)")
-    p.add_argument("--out", help="blended probability file (default: blend.csv beside the first --probs file)")
-    p.add_argument("--out-oof", help="also write the blended out-of-fold file (to tune thresholds on)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="exact_match")
-    p.add_argument("--n-trials", type=int, default=DEFAULT_TRIALS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--id-column",
-                   help="id column of the labelled / --ids CSV (default: the run's data.id_column, else index)")
-    p.add_argument("--fallback", help="for rows no threshold selects: a label name, a class id, 'argmax' or 'none' "
-                                      "(default: decode.fallback of the run that wrote the file, else argmax)")
-    p.add_argument("--folds", help="folds CSV (index, fold) for the nested estimate (default: RUN/folds.csv beside "
-                                   "the first --oof file, else a seeded K-fold)")
-    p.add_argument("--kfold", type=int, default=5, help="folds of the fallback split")
-    p.add_argument("--no-nested", action="store_true", help="skip the nested estimate")
-    p.add_argument("--tune-decoding", choices=("cascade", "sets"),
-                   help="the nested estimate also tunes the decoding on each fold's blended training rows (as tune "
-                        "--strategy) and scores the left-out fold with it: the honest figure of blend + tune")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cli)
-    return p
-
-
-def _cli(args) -> int:
-    try:
-        if args.n_trials < 1:
-            raise InputError(f"--n-trials must be >= 1, got {args.n_trials}")
-        run_blend(args.probs, args.oof, args.labels, args.out, args.out_oof, args.objective, args.n_trials,
-                  args.seed, args.fallback, folds=args.folds, kfolds=args.kfold, nested=not args.no_nested,
-                  progress=not args.no_progress, id_column=args.id_column,
-                  tune_decoding=args.tune_decoding)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

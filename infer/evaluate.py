@@ -19,21 +19,22 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from core.io import InputError, align_ids, atomic_path, optimistic_reason, read_labels, read_probs, write_json
+from core.io import align_ids, atomic_path, optimistic_reason, read_labels, read_probs, write_json
 from core.metrics import exact_match, micro_f1, paired_difference, per_class_f1, scores
 from core.sets import SetDecoder, is_sets
 from core.thresholds import ThresholdSpec, fallback_name, threshold
 
 METRICS = ("exact_match", "micro_f1", "macro_f1", "weighted_f1")
 CURVE = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate_arrays(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
@@ -151,7 +152,7 @@ def plot_curve(result: dict, path: Path, title: str) -> None:
 
 
 def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | None = None,
-             out_dir: str | Path | None = None, fallback=None, log=print, baseline: str | Path | None = None,
+             out_dir: str | Path | None = None, fallback=None, baseline: str | Path | None = None,
              id_column: str | None = None) -> dict:
     """Read and validate, score, print the table, then write the JSON and the two PNGs."""
     from core.decoding import labels_id_column
@@ -160,14 +161,14 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     ids, p, names = read_probs(probs)
     label_ids, y_all = read_labels(labels, names, probs_path=probs, id_column=labels_id_column(probs, id_column))
     y = y_all[align_ids(probs, ids, labels, label_ids)]
-    tuned = load_decoding(probs, names, thresholds, None, log=log) if thresholds is not None else None
+    tuned = load_decoding(probs, names, thresholds, None) if thresholds is not None else None
     if tuned is not None and list(tuned.label_names) != list(names):  # same set, other order: follow the thresholds
         pos = {n: j for j, n in enumerate(names)}
         order = [pos[n] for n in tuned.label_names]
         p, y, names = p[:, order], y[:, order], list(tuned.label_names)
     if fallback is None and tuned is not None:  # the default cascade falls back like the tuned decoding
         fallback = fallback_name(names, tuned.fallback)
-    default = load_decoding(probs, names, None, fallback, log=log)
+    default = load_decoding(probs, names, None, fallback)
     if baseline is not None:  # every row of --probs must be in the baseline; its columns follow --probs
         base_ids, base_p, _ = read_probs(baseline, names)
         comparison = compare(p, base_p[align_ids(probs, ids, baseline, base_ids)], y, default)
@@ -180,56 +181,28 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     files = {"json": out_dir / f"{stem}.eval.json", "per_class_png": out_dir / f"{stem}.per_class_f1.png",
              "curve_png": out_dir / f"{stem}.threshold_curve.png"}
     note = "" if len(ids) == len(label_ids) else f" ({len(ids)} of the {len(label_ids)} labelled rows)"
-    log(f"evaluate: {len(ids)} rows x {len(names)} classes of {probs} against {labels}{note}")
-    log(table(result["metrics"]))
+    logger.info(f"evaluate: {len(ids)} rows x {len(names)} classes of {probs} against {labels}{note}")
+    logger.info(table(result["metrics"]))
     if baseline is not None:
-        log("\n".join(compare_lines(comparison, baseline)))
+        logger.info("\n".join(compare_lines(comparison, baseline)))
     reason = optimistic_reason(probs)
     if reason:
-        log(f"note: {probs}: {reason}")
+        logger.info(f"note: {probs}: {reason}")
         result["optimistic"] = reason
     tuned_on = tuned.meta.get("oof") if tuned is not None else None
     if tuned_on and Path(tuned_on).resolve() == Path(probs).resolve():
         kind = "sets" if is_sets(tuned) else "tuned"  # the nested estimate of the decoding the file holds
         nested = (tuned.meta.get("nested") or {}).get("pooled", {}).get(kind, {})
-        log(f"note: {thresholds} was tuned on this file, so its row is in-sample (optimistic)"
-            + (f"; its nested estimate: exact_match {nested['exact_match']:.4f}, micro_f1 {nested['micro_f1']:.4f}"
-               if "exact_match" in nested else ""))
+        logger.info(f"note: {thresholds} was tuned on this file, so its row is in-sample (optimistic)"
+                    + (f"; its nested estimate: exact_match {nested['exact_match']:.4f}, "
+                       f"micro_f1 {nested['micro_f1']:.4f}" if "exact_match" in nested else ""))
     title = f"{probs.name}: {len(ids)} rows"
     plot_per_class(result, files["per_class_png"], f"per-class F1, {title}", run_descriptions(probs, names))
     plot_curve(result, files["curve_png"], f"score vs global threshold, {title}")
     write_json(files["json"], {"probs": str(probs), "labels": str(labels),
                                "thresholds": None if thresholds is None else str(thresholds), **result,
                                "files": {k: str(v) for k, v in files.items() if k != "json"}})
-    log("wrote " + ", ".join(str(v) for v in files.values()))
+    logger.info("wrote " + ", ".join(str(v) for v in files.values()))
     result["files"] = files
     return result
 
-
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "evaluate", help="metrics table and plots of a probability file against labels",
-        description="Exact match and micro/macro/weighted F1 of 0.5 thresholding, the default cascade and tuned "
-                    "thresholds; per-class F1 bar chart and score-vs-threshold curve as PNG, metrics as JSON.")
-    p.add_argument("--probs", required=True, help="probability CSV (e.g. RUN/oof.csv)")
-    p.add_argument("--labels", required=True, help="labelled CSV with the same ids")
-    p.add_argument("--thresholds", help="thresholds.json from python -m infer tune")
-    p.add_argument("--out-dir", help="folder for the PNGs and the metrics JSON (default: beside --probs)")
-    p.add_argument("--id-column",
-                   help="id column of the labelled / --ids CSV (default: the run's data.id_column, else index)")
-    p.add_argument("--fallback", help="for rows no threshold selects: a label name, a class id, 'argmax' or 'none' "
-                                      "(default: decode.fallback of the run that wrote the file, else argmax)")
-    p.add_argument("--baseline", help="another probability CSV with the same rows: prints the paired exact-match "
-                                      "difference with a 95%% bootstrap interval")
-    p.set_defaults(func=_cli)
-    return p
-
-
-def _cli(args) -> int:
-    try:
-        evaluate(args.probs, args.labels, args.thresholds, args.out_dir, args.fallback, baseline=args.baseline,
-                 id_column=args.id_column)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

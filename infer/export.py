@@ -24,16 +24,14 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import gc
-import sys
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
 from core.adapter import AdapterRef, base_model_id, card_data, render_card
-from core.config import ConfigError
 from core.errors import InputError
 from core.io import atomic_dir, versions, write_json, write_text
 
@@ -43,8 +41,10 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 1e-2}
 INFO_FILE = "export_info.json"
 DEFAULT_PROBE_ROWS = 16
 
+logger = logging.getLogger(__name__)
 
-def pick_ref(spec: str, fold: int | None, log=print) -> AdapterRef:
+
+def pick_ref(spec: str, fold: int | None) -> AdapterRef:
     """The one adapter to export: an adapter folder, or fold ``fold`` of a run folder.
 
     Raises:
@@ -53,7 +53,7 @@ def pick_ref(spec: str, fold: int | None, log=print) -> AdapterRef:
     from core.adapter import FOLD_DIR
     from infer.predict import expand
 
-    refs = expand(spec, log=log)
+    refs = expand(spec)
 
     def fold_of(r: AdapterRef):
         if r.info.get("fold") is not None:
@@ -103,7 +103,7 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None = None,
            probe: str | Path | None = None, probe_rows: int = DEFAULT_PROBE_ROWS, compare_4bit: bool = True,
-           device=None, base_model: str | None = None, log=print) -> dict:
+           device=None, base_model: str | None = None) -> dict:
     """Merge one adapter into its (non-quantized) base and write a plain transformers folder to ``out``.
 
     Args:
@@ -136,10 +136,10 @@ def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None 
     if probe_rows < 1:
         raise InputError(f"--probe-rows must be >= 1, got {probe_rows}")
     t0 = time.perf_counter()
-    ref = pick_ref(adapter, fold, log=log)
+    ref = pick_ref(adapter, fold)
     torch_dtype = getattr(torch, DTYPES[dtype])
     device = pick_device(device)
-    path = resolve_base(ref, base_model, log=log)
+    path = resolve_base(ref, base_model)
     names = list(ref.label_names)
     texts, probe_source = probe_texts(ref, probe, probe_rows)
     tok = load_tokenizer(str(ref.folder)) if (ref.folder / "tokenizer_config.json").is_file() else load_tokenizer(path)
@@ -151,7 +151,7 @@ def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None 
         # The model's own dtype: no autocast (predict_probs enables it only for half dtypes, which match here).
         return predict_probs(model, token_ids, pad_id, 16, torch_dtype, progress=False)
 
-    log(f"exporting {ref.folder} on {path} in {dtype} (no 4-bit), merging the LoRA weights")
+    logger.info(f"exporting {ref.folder} on {path} in {dtype} (no 4-bit), merging the LoRA weights")
     attn = pick_attention(ref.cfg.model, AutoConfig.from_pretrained(path).model_type)
     with _quiet_loading():
         base = AutoModelForSequenceClassification.from_pretrained(
@@ -193,7 +193,7 @@ def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None 
         q4 = None
         was_4bit = bool(ref.cfg.quantization.load_in_4bit)
         if was_4bit and compare_4bit:
-            p = load_refs([ref], device=device, base_model=base_model, log=lambda m: None)
+            p = load_refs([ref], device=device, base_model=base_model)
             q4 = p.predict_texts(texts, batch_size=16)
             p.close()
         diffs = {"merged_vs_adapter": _max_diff(merged_probs, adapter_probs),
@@ -216,14 +216,14 @@ def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None 
         }
         info["within_tolerance"] = diffs["reloaded_vs_adapter"] <= TOLERANCE[dtype]
         if not info["within_tolerance"]:
-            log(f"warning: the merged folder differs from base + adapter by {diffs['reloaded_vs_adapter']:.2e} "
-                f"(more than the {TOLERANCE[dtype]:.0e} stated for {dtype}); try --dtype fp32")
+            logger.warning(f"warning: the merged folder differs from base + adapter by "
+                           f"{diffs['reloaded_vs_adapter']:.2e} (more than the {TOLERANCE[dtype]:.0e} stated for {dtype}); try --dtype fp32")
         write_json(tmp / INFO_FILE, info)
         write_text(tmp / "README.md", export_card(ref, info))
     q4_text = "n/a" if diffs["merged_vs_4bit"] is None else f"{diffs['merged_vs_4bit']:.2e}"
-    log(f"wrote {out} in {info['seconds']:.0f}s: max |p diff| vs base + adapter {diffs['reloaded_vs_adapter']:.2e} "
-        f"({dtype}, tolerance {TOLERANCE[dtype]:.0e}), vs the 4-bit adapter path {q4_text} "
-        f"({len(texts)} probe rows)")
+    logger.info(f"wrote {out} in {info['seconds']:.0f}s: max |p diff| vs base + adapter "
+                f"{diffs['reloaded_vs_adapter']:.2e} ({dtype}, tolerance {TOLERANCE[dtype]:.0e}), vs the 4-bit adapter "
+                f"path {q4_text} ({len(texts)} probe rows)")
     return info
 
 
@@ -265,35 +265,4 @@ def export_card(ref: AdapterRef, info: dict) -> str:
               for i, n in enumerate(ref.label_names)]
     lines += ["", "Provenance (adapter, training config, library versions): `export_info.json`.", ""]
     return render_card(data, lines)
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``export`` to an ``argparse`` subparsers object; its handler is ``args.func(args) -> exit code``."""
-    p = subparsers.add_parser(
-        "export", help="merge one adapter into its base: a plain transformers folder (no peft/bitsandbytes)",
-        description="Load the adapter's base without 4-bit, merge the LoRA weights and the score head, and write an "
-                    "AutoModelForSequenceClassification folder with id2label, tokenizer, model card and provenance.")
-    p.add_argument("--adapter", required=True, help="adapter folder, run folder (with --fold) or Hub id")
-    p.add_argument("--out", required=True, help="folder to create (must not exist)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="load/merge/save dtype (default bf16)")
-    p.add_argument("--fold", type=int, help="fold K of a run folder (merging cannot average folds)")
-    p.add_argument("--probe", help="CSV whose first rows measure the probability differences "
-                                   "(default: the adapter's data.train_csv)")
-    p.add_argument("--probe-rows", type=int, default=DEFAULT_PROBE_ROWS)
-    p.add_argument("--no-4bit-compare", action="store_true", help="skip loading the 4-bit adapter path to compare")
-    p.add_argument("--base-model", help="local folder of the base model (overrides the adapter's run_config)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.set_defaults(func=_cli)
-    return p
-
-
-def _cli(args) -> int:
-    try:
-        export(args.adapter, args.out, dtype=args.dtype, fold=args.fold, probe=args.probe,
-               probe_rows=args.probe_rows, compare_4bit=not args.no_4bit_compare, device=args.device,
-               base_model=args.base_model)
-    except (InputError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 

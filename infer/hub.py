@@ -24,11 +24,10 @@ Pushed repo layout (``push``) - the run folder without its training checkpoints:
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +35,11 @@ from pathlib import Path
 import huggingface_hub as hf
 
 from core.adapter import base_model_id, card_data, finished_folds, render_card
-from core.config import ConfigError, RunConfig
-from core.errors import InputError
-from core.hub import HubError, check_repo_id, one_line, pull, require_online, require_token
+from core.config import RunConfig
+from core.errors import ConfigError, InputError
+from core.hub import HubError, check_repo_id, one_line, require_online, require_token
+
+logger = logging.getLogger(__name__)
 
 RUN_FILES = ("run_config.yaml", "label_names.json", "folds.csv", "oof.csv", "oof.csv.meta.json", "summary.json",
              "thresholds.json", "thresholds.json.meta.json")
@@ -128,8 +129,8 @@ def format_plan(plan: list[UploadFile]) -> str:
 
 
 def push(run_dir: str | Path, repo: str, private: bool = False, dry_run: bool = False, token: str | None = None,
-         base_model: str | None = None, thresholds: str | Path | None = None, stage_dir: str | Path | None = None,
-         log=print) -> list[UploadFile]:
+         base_model: str | None = None, thresholds: str | Path | None = None,
+         stage_dir: str | Path | None = None) -> list[UploadFile]:
     """Upload a trained run (finished folds' adapters, run files, model card) to ``repo`` in one commit.
 
     ``dry_run`` prints the file list and sizes without any network access (and writes the upload folder to
@@ -144,8 +145,8 @@ def push(run_dir: str | Path, repo: str, private: bool = False, dry_run: bool = 
     if dry_run:
         if stage_dir is not None:
             build_upload_folder(plan, stage_dir)
-        log(f"dry run: would upload to https://huggingface.co/{repo} ({'private' if private else 'public'}):")
-        log(format_plan(plan))
+        logger.info(f"dry run: would upload to https://huggingface.co/{repo} ({'private' if private else 'public'}):")
+        logger.info(format_plan(plan))
         return plan
     require_online(f"push to {repo}")
     token = require_token(token, f"push to {repo}")
@@ -164,8 +165,8 @@ def push(run_dir: str | Path, repo: str, private: bool = False, dry_run: bool = 
         except Exception as e:  # noqa: BLE001
             raise HubError(f"push to {repo} failed ({one_line(e)}); nothing was uploaded (the upload is a "
                            f"single commit)") from None
-    log(f"pushed {len(plan)} files ({sum(f.size for f in plan) / 1e6:.1f} MB) to "
-        f"{getattr(info, 'repo_url', None) or f'https://huggingface.co/{repo}'}")
+    logger.info(f"pushed {len(plan)} files ({sum(f.size for f in plan) / 1e6:.1f} MB) to "
+                f"{getattr(info, 'repo_url', None) or f'https://huggingface.co/{repo}'}")
     return plan
 
 
@@ -189,15 +190,15 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
     adapter0 = f"fold_{folds[0]}/{keep}"
     lines = [
         f"# {repo.split('/')[-1]}: QLoRA multilabel classifier on {base}", "",
-        f"Cross-validated LoRA adapters (one per fold: {fold_list} of {cfg.cv.n_folds}) plus trained `score` heads "
+        (f"Cross-validated LoRA adapters (one per fold: {fold_list} of {cfg.cv.n_folds}) plus trained `score` heads "
         f"for {len(names)} labels, trained with qlora-multilabel on a 4-bit "
         f"{'NF4' if cfg.quantization.quant_type == 'nf4' else 'FP4'} base model "
-        f"(LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules {', '.join(cfg.lora.target_modules)}).", "",
+        f"(LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules {', '.join(cfg.lora.target_modules)})."), "",
         f"Base model: `{base}`" + ("" if base == cfg.model.name_or_path else
                                   f" (training config: `{cfg.model.name_or_path}`)") + ".", "",
         "## Use it: reproduce the predictions", "",
-        "Predictions average the folds' probabilities; the prompt template, labels and base model are read from "
-        "the repo's `run_config.yaml` and `label_names.json`.", "",
+        ("Predictions average the folds' probabilities; the prompt template, labels and base model are read from "
+        "the repo's `run_config.yaml` and `label_names.json`."), "",
         "```bash",
         "pip install qlora-multilabel        # or: pip install git+<toolkit repo>",
         f"python -m infer pull {repo}",
@@ -218,21 +219,21 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
         f"tok = AutoTokenizer.from_pretrained(\"{repo}\", subfolder=\"{adapter0}\")",
         f"base = AutoModelForSequenceClassification.from_pretrained(\"{base}\", num_labels={len(names)},",
         "    problem_type=\"multi_label_classification\", pad_token_id=tok.pad_token_id,",
-        f"    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{cfg.quantization.quant_type}\","
-        f" bnb_4bit_use_double_quant={cfg.quantization.double_quant}))",
+        (f"    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{cfg.quantization.quant_type}\","
+        f" bnb_4bit_use_double_quant={cfg.quantization.double_quant}))"),
         f"model = PeftModel.from_pretrained(base, \"{repo}\", subfolder=\"{adapter0}\").eval()",
         "probs = model(**tok(prompts, return_tensors=\"pt\", padding=True)).logits.sigmoid()",
         "```", "",
-        "Prompt template (`data.text_template`; Python `str.format` over the CSV columns, missing values empty, "
-        "set literals like `{A,B}` lose their braces):", "",
+        ("Prompt template (`data.text_template`; Python `str.format` over the CSV columns, missing values empty, "
+        "set literals like `{A,B}` lose their braces):"), "",
         "```text", cfg.data.text_template, "```", "",
-        "Reproduce the training: `python -m train --config run_config.yaml` (add "
-        f"`--set data.train_csv=...` for the data; rows: {summary.get('rows', '?')} out-of-fold).", "",
+        ("Reproduce the training: `python -m train --config run_config.yaml` (add "
+        f"`--set data.train_csv=...` for the data; rows: {summary.get('rows', '?')} out-of-fold)."), "",
     ]
     if oof or mean:
         lines += ["## Cross-validation metrics", "",
-                  "Out-of-fold = every trained fold's held-out rows predicted by that fold's adapter; "
-                  "`t0.5` thresholds at 0.5, `cascade` is the default decoding (0.55 down to 0.20, fallback class).",
+                  ("Out-of-fold = every trained fold's held-out rows predicted by that fold's adapter; "
+                  "`t0.5` thresholds at 0.5, `cascade` is the default decoding (0.55 down to 0.20, fallback class)."),
                   "", "| metric | out-of-fold | mean over folds |", "|---|---|---|"]
         for k in dict.fromkeys([*oof, *mean]):
             o, m = oof.get(k), mean.get(k)
@@ -254,81 +255,21 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
             sets = {k: v for k, v in th["sets"].items() if k not in ("candidates", "log_priors")}
             sets["candidates"] = f"{len(th['sets'].get('candidates') or [])} label sets (see thresholds.json)"
             shown = {**{k: v for k, v in th.items() if k not in ("sets", "meta")}, "sets": sets}
-        lines += ["## Decision thresholds", "", "Tuned on the out-of-fold probabilities (`thresholds.json`, "
-                  "used by `python -m infer submit --thresholds thresholds.json`):", "",
+        lines += ["## Decision thresholds", "", ("Tuned on the out-of-fold probabilities (`thresholds.json`, "
+                  "used by `python -m infer submit --thresholds thresholds.json`):"), "",
                   "```json", json.dumps(shown, indent=1, ensure_ascii=False)[:4000], "```", ""]
     lines += ["## Labels", "", "| column | label |", "|---|---|"]
     lines += [f"| `{n}` | {desc.get(n, '')} |" for n in names]
     lines += ["", "## Files", "",
-              f"- `fold_K/{keep}/`: adapter folder per fold (`adapter_model.safetensors` = LoRA + score head, "
-              "tokenizer, `run_config.yaml`, `label_names.json`, `adapter_info.json`)",
+              (f"- `fold_K/{keep}/`: adapter folder per fold (`adapter_model.safetensors` = LoRA + score head, "
+              "tokenizer, `run_config.yaml`, `label_names.json`, `adapter_info.json`)"),
               "- `run_config.yaml`, `label_names.json`, `folds.csv` (fold of every training row), `oof.csv` "
               "(out-of-fold probabilities), `summary.json` (metrics, throughput, versions)"
               + (", `thresholds.json`" if th is not None else ""), ""]
     throughput = summary.get("throughput") or {}
     if throughput:
-        lines += [f"Training: {summary.get('device', '?')}, {throughput.get('samples_per_s', '?')} samples/s, "
-                  f"wall {summary.get('wall_seconds', '?')} s.", ""]
+        lines += [(f"Training: {summary.get('device', '?')}, {throughput.get('samples_per_s', '?')} samples/s, "
+                  f"wall {summary.get('wall_seconds', '?')} s."), ""]
     lines += ["## Versions", "", "```json", json.dumps(summary.get("versions", {}), indent=1), "```", ""]
     return render_card(card_data(cfg, oof, repo.split("/")[-1], base, metric_prefix="OOF "), lines)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    """Add ``push`` and ``pull`` to an ``argparse`` subparsers object (handlers: ``args.func(args) -> code``)."""
-    p = subparsers.add_parser("push", help="upload a trained run (adapters + model card) to the Hugging Face Hub",
-                              description="Upload a run folder's finished fold adapters, run files and a generated "
-                                          "model card to a Hub model repo, in one commit.")
-    p.add_argument("run_dir", help="run folder (output_dir of python -m train)")
-    p.add_argument("--repo", required=True, help="Hub repo id, user/name (created if needed)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--dry-run", action="store_true", help="print the files and sizes; no network")
-    p.add_argument("--stage", help="with --dry-run: also write the upload folder here for inspection")
-    p.add_argument("--thresholds", help="thresholds.json to include (default RUN_DIR/thresholds.json if present)")
-    p.add_argument("--base-model", help="Hub id of the base model for the card (default from run_config.yaml)")
-    p.set_defaults(func=_push_cli)
-
-    q = subparsers.add_parser("pull", help="download a pushed run into the Hugging Face cache",
-                              description="Download a pushed run/adapter into the standard Hugging Face cache and "
-                                          "print its local folder (predict then finds it by repo id).")
-    q.add_argument("repo", help="Hub repo id, user/name")
-    q.add_argument("--revision", help="branch, tag or commit")
-    q.add_argument("--with-checkpoints", action="store_true", help="also the resumable training checkpoints")
-    q.set_defaults(func=_pull_cli)
-
-
-def _push_cli(args) -> int:
-    try:
-        push(args.run_dir, args.repo, private=args.private, dry_run=args.dry_run, thresholds=args.thresholds,
-             base_model=args.base_model, stage_dir=args.stage)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _pull_cli(args) -> int:
-    try:
-        path = pull(args.repo, revision=args.revision, include_checkpoints=args.with_checkpoints,
-                    log=lambda m: print(m, file=sys.stderr))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer.hub", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,10 +25,9 @@ Python:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import sys
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -37,12 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from core.adapter import CONFIG_FILE, LABELS_FILE, AdapterRef, is_adapter_folder, read_adapter, run_adapters
-from core.config import ConfigError, DataArgs
+from core.config import DataArgs
 from core.errors import InputError
 from core.io import write_probs
 
+logger = logging.getLogger(__name__)
 
-def expand(spec: str, log=print) -> list[AdapterRef]:
+
+def expand(spec: str) -> list[AdapterRef]:
     """Resolve one ``--adapter`` value to its adapter folder(s). See the module docstring for the forms."""
     from core.hub import resolve_adapter
 
@@ -50,7 +51,7 @@ def expand(spec: str, log=print) -> list[AdapterRef]:
     if is_adapter_folder(path):
         return [read_adapter(path, spec)]
     if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return run_adapters(path, spec, log=log)
+        return run_adapters(path, spec)
     if path.is_dir():
         return [read_adapter(path, spec)]  # names the missing files
     raise InputError(f"adapter not found: {spec}")
@@ -109,7 +110,7 @@ def parse_weights(weights: Sequence[float] | str | None, n: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def collect(adapters: Sequence[str] | str, weights=None, labels_like=None, log=print) -> list[AdapterRef]:
+def collect(adapters: Sequence[str] | str, weights=None, labels_like=None) -> list[AdapterRef]:
     """Expand and validate every adapter spec; each spec's weight is shared equally by its folds."""
     specs = [a.strip() for a in adapters.split(",")] if isinstance(adapters, str) else [str(a) for a in adapters]
     specs = [s for s in specs if s]
@@ -118,7 +119,7 @@ def collect(adapters: Sequence[str] | str, weights=None, labels_like=None, log=p
     w = parse_weights(weights, len(specs))
     refs = []
     for spec, wi in zip(specs, w):
-        group = expand(spec, log=log)
+        group = expand(spec)
         for r in group:
             r.weight = wi / len(group)
         refs += group
@@ -212,7 +213,7 @@ def pick_device(device=None):
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_base(ref: AdapterRef, base_model: str | None = None, log=print) -> str:
+def resolve_base(ref: AdapterRef, base_model: str | None = None) -> str:
     """Local folder of the adapter's base model (its config's ``model``; or ``base_model`` if given)."""
     import dataclasses
 
@@ -222,12 +223,12 @@ def resolve_base(ref: AdapterRef, base_model: str | None = None, log=print) -> s
     if base_model is not None:
         margs = dataclasses.replace(margs, name_or_path=base_model, gguf_file=None)
     try:
-        return resolve_model_path(margs, log=log)
+        return resolve_model_path(margs)
     except InputError as first:
         hub_id = ref.info.get("base_model")
         if base_model is None and hub_id and hub_id != margs.name_or_path and "/" in hub_id:
             try:
-                return resolve_model_path(dataclasses.replace(margs, name_or_path=hub_id, gguf_file=None), log=log)
+                return resolve_model_path(dataclasses.replace(margs, name_or_path=hub_id, gguf_file=None))
             except InputError:
                 pass
         raise InputError(f"{ref.folder / CONFIG_FILE}: base model not available here: {first} "
@@ -251,7 +252,7 @@ def _quiet_loading():
         hf_logging.enable_progress_bar()
 
 
-def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None, log=print) -> Predictor:
+def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None) -> Predictor:
     """Load the (shared) base model once and every adapter of ``refs`` onto it."""
     import torch
     from peft import PeftModel
@@ -264,7 +265,7 @@ def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None
                          f"{sorted({r.cfg.model.name_or_path for r in refs})}")
     device = pick_device(device)
     first = refs[0]
-    path = resolve_base(first, base_model, log=log)
+    path = resolve_base(first, base_model)
     device_map = "auto" if first.cfg.train.parallel == "split" and torch.cuda.device_count() > 1 else {"": device}
     names = [f"a{i}" for i in range(len(refs))]
     with _quiet_loading():
@@ -283,17 +284,17 @@ def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None
     return Predictor(model, tok, dtype, list(refs), names)
 
 
-def load_predictor(adapter: str, device=None, base_model: str | None = None, log=print) -> Predictor:
+def load_predictor(adapter: str, device=None, base_model: str | None = None) -> Predictor:
     """Load one adapter (folder or Hub id; a run folder loads all its folds, averaged) on its base model.
 
     Raises:
         InputError: missing/incomplete adapter, label mismatch, base model not available.
     """
-    return load_refs(collect([adapter], log=log), device=device, base_model=base_model, log=log)
+    return load_refs(collect([adapter]), device=device, base_model=base_model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The predict command
+# Predicting a CSV: what `python -m infer predict` runs
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -316,7 +317,7 @@ def read_inputs(input_csv: str | Path, refs: Sequence[AdapterRef]) -> dict[tuple
 
 def predict(adapters: Sequence[str] | str, input_csv: str | Path, out: str | Path, weights=None,
             batch_size: int = 64, progress: bool = True, labels_like: str | Path | None = None,
-            device=None, base_model: str | None = None, log=print) -> dict:
+            device=None, base_model: str | None = None) -> dict:
     """Write the (weighted) mean probabilities of ``adapters`` for ``input_csv`` to ``out`` (+ ``.meta.json``).
 
     Every input is validated before a model is loaded; on error nothing is written.
@@ -332,7 +333,7 @@ def predict(adapters: Sequence[str] | str, input_csv: str | Path, out: str | Pat
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
-    refs = collect(adapters, weights, labels_like, log=log)
+    refs = collect(adapters, weights, labels_like)
     datasets = read_inputs(input_csv, refs)
     ids = next(iter(datasets.values())).ids
     label_names = refs[0].label_names
@@ -346,7 +347,7 @@ def predict(adapters: Sequence[str] | str, input_csv: str | Path, out: str | Pat
     device_name = None
     for group in groups.values():
         t_load = time.perf_counter()
-        predictor = load_refs(group, device=device, base_model=base_model, log=log)
+        predictor = load_refs(group, device=device, base_model=base_model)
         device_name = str(predictor.device)
         load_s += time.perf_counter() - t_load
         t_pred = time.perf_counter()
@@ -368,50 +369,7 @@ def predict(adapters: Sequence[str] | str, input_csv: str | Path, out: str | Pat
         "rows_per_s": round(rows_per_s, 2) if rows_per_s else None,
     }
     write_probs(out, ids, total, label_names, meta=meta)
-    log(f"predicted {n} rows x {len(label_names)} labels with {len(refs)} adapter(s) on {device_name} in "
-        f"{predict_s:.1f}s ({rows_per_s or 0:.1f} rows/s per adapter; model loading {load_s:.1f}s); wrote {out}")
+    logger.info(f"predicted {n} rows x {len(label_names)} labels with {len(refs)} adapter(s) on {device_name} in "
+                f"{predict_s:.1f}s ({rows_per_s or 0:.1f} rows/s per adapter; model loading {load_s:.1f}s); wrote {out}")
     return meta
 
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``predict`` to an ``argparse`` subparsers object; its handler is ``args.func(args) -> exit code``."""
-    p = subparsers.add_parser(
-        "predict", help="probabilities for a CSV from trained adapter(s)",
-        description="Probabilities for an unlabelled CSV from one or more adapters (a fold adapter folder, a run "
-                    "folder = all its folds, or a Hub id already pulled); several are averaged.")
-    p.add_argument("--adapter", required=True, action="append", metavar="A[,B,...]",
-                   help="adapter folder, run folder or Hub id (comma-separated or repeated for an ensemble)")
-    p.add_argument("--input", required=True, help="CSV with the id column and the prompt template's columns")
-    p.add_argument("--out", required=True, help="probability CSV to write (index + one column per label)")
-    p.add_argument("--weights", help="comma-separated ensemble weights, one per --adapter value (default equal)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--labels-like", help="labelled CSV whose label columns the adapters must match")
-    p.add_argument("--base-model", help="local folder of the base model (overrides the adapter's run_config)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cli)
-    return p
-
-
-def _cli(args) -> int:
-    adapters = [a for value in args.adapter for a in value.split(",") if a.strip()]
-    try:
-        predict(adapters, args.input, args.out, weights=args.weights, batch_size=args.batch_size,
-                progress=not args.no_progress, labels_like=args.labels_like, device=args.device,
-                base_model=args.base_model)
-    except (InputError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer.predict")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["predict", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,17 +13,18 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from core.io import ID_COLUMN, InputError, align_ids, atomic_path, read_ids, read_probs
+from core.io import ID_COLUMN, align_ids, atomic_path, read_ids, read_probs
 from core.sets import SOURCES, SetDecoder, cascade_of, is_sets
 from core.thresholds import ThresholdSpec, class_ids, fallback_name
+
+logger = logging.getLogger(__name__)
 
 
 def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
@@ -35,8 +36,8 @@ def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
     return [" ".join(str(i) for i in sorted_ids[np.flatnonzero(row)]) for row in preds]
 
 
-def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallback=None,
-                  log=print) -> ThresholdSpec | SetDecoder:
+def load_decoding(probs_path, label_names: Sequence[str], thresholds=None,
+                  fallback=None) -> ThresholdSpec | SetDecoder:
     """The decoding for a probability file: its thresholds file (checked against its labels; a cascade or a set
     decoding) or the cascade of the run that wrote it (``decode`` section, see :func:`core.decoding.default_spec`).
 
@@ -51,7 +52,7 @@ def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallb
         if fallback is not None:
             fb = resolve_fallback(spec.label_names, fallback, probs_path, True)
             if fb != spec.fallback:
-                log(f"--fallback {fallback} overrides the fallback stored in {thresholds}")
+                logger.info(f"--fallback {fallback} overrides the fallback stored in {thresholds}")
                 c = cascade_of(spec)
                 c = ThresholdSpec(c.label_names, c.start, c.stop, c.step, fb, c.class_offsets, c.meta)
                 spec = spec.with_cascade(c) if is_sets(spec) else c
@@ -60,10 +61,10 @@ def load_decoding(probs_path, label_names: Sequence[str], thresholds=None, fallb
 
 
 def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = None, fallback=None,
-           ids: str | Path | None = None, log=print, id_column: str | None = None) -> pd.DataFrame:
+           ids: str | Path | None = None, id_column: str | None = None) -> pd.DataFrame:
     """Validate everything, decode, then write ``out`` atomically. Returns the submission frame."""
     row_ids, p, names = read_probs(probs)
-    spec = load_decoding(probs, names, thresholds, fallback, log=log)
+    spec = load_decoding(probs, names, thresholds, fallback)
     if list(spec.label_names) != list(names):  # same set (checked), other order: follow the thresholds
         pos = {n: j for j, n in enumerate(names)}
         p = p[:, [pos[n] for n in spec.label_names]]
@@ -83,41 +84,16 @@ def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = N
     if is_sets(spec):
         won = np.bincount(source, minlength=len(SOURCES))
         what = ", ".join(f"{n}: {won[k]}" for k, n in enumerate(SOURCES))
-        log(f"submit: {len(sub)} rows from {probs} set-decoded with {how} (lambda {spec.lam:g}, temperature "
-            f"{spec.temperature:g}); classes per row {dist}; winning candidate per row {what}")
+        logger.info(f"submit: {len(sub)} rows from {probs} set-decoded with {how} (lambda {spec.lam:g}, temperature "
+                    f"{spec.temperature:g}); classes per row {dist}; winning candidate per row {what}")
     else:
         fell_back = 0
         if spec.fallback is not None:
             # rows the cascade left to the fallback: nothing above the lowest threshold (offsets included)
             offs = np.zeros(len(names)) if spec.class_offsets is None else np.asarray(spec.class_offsets)
             fell_back = int((~(p > (spec.steps[-1] + offs)).any(axis=1)).sum())
-        log(f"submit: {len(sub)} rows from {probs} decoded with {how}; classes per row {dist}; "
-            f"{fell_back} row(s) got the fallback ({fallback_name(names, spec.fallback)})")
-    log(f"wrote {out}")
+        logger.info(f"submit: {len(sub)} rows from {probs} decoded with {how}; classes per row {dist}; "
+                    f"{fell_back} row(s) got the fallback ({fallback_name(names, spec.fallback)})")
+    logger.info(f"wrote {out}")
     return sub
 
-
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "submit", help="write index,target submission CSV from a probability file",
-        description="Decode a probability file (tuned thresholds or the default cascade) into the competition's "
-                    "index,target format (target = space-separated class ids), same ids and order.")
-    p.add_argument("--probs", required=True, help="probability CSV (python -m infer predict)")
-    p.add_argument("--out", required=True, help="submission CSV to write")
-    p.add_argument("--thresholds", help="thresholds.json from python -m infer tune (default: the reference cascade)")
-    p.add_argument("--id-column",
-                   help="id column of the labelled / --ids CSV (default: the run's data.id_column, else index)")
-    p.add_argument("--fallback", help="for rows no threshold selects: a label name, a class id, 'argmax' or 'none' "
-                                      "(default: decode.fallback of the run that wrote the file, else argmax)")
-    p.add_argument("--ids", help="CSV (e.g. test.csv) whose 'index' column the rows must match, in order")
-    p.set_defaults(func=_cli)
-    return p
-
-
-def _cli(args) -> int:
-    try:
-        submit(args.probs, args.out, args.thresholds, args.fallback, args.ids, id_column=args.id_column)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

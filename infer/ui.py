@@ -37,7 +37,7 @@ import numpy as np
 from core.adapter import AdapterRef
 from core.data import format_prompt, template_fields
 from core.decoding import adapter_default_spec, adapter_spec
-from core.errors import ConfigError, InputError
+from core.errors import InputError
 from core.sets import SetDecoder, cascade_of
 from core.thresholds import ThresholdSpec
 
@@ -321,14 +321,14 @@ class Backend:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, cfg: UIConfig, log=print) -> Backend:
+    def create(cls, cfg: UIConfig) -> Backend:
         from infer.predict import collect, load_refs
 
-        refs = collect([cfg.adapter], log=log)
+        refs = collect([cfg.adapter])
         spec = load_spec(refs[0], cfg.thresholds)
         predictor = None
         if cfg.api is None:
-            predictor = load_refs(refs, device=cfg.device, base_model=cfg.base_model, log=log)
+            predictor = load_refs(refs, device=cfg.device, base_model=cfg.base_model)
         return cls(refs[0], spec, cfg.api, predictor)
 
     @property
@@ -367,67 +367,3 @@ def score_csv(backend: Backend, df, batch_size: int, progress=None):
             progress(min(start + batch_size, len(rows)), len(rows))
     return np.concatenate(probs), np.concatenate(preds)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The ui command: `streamlit run infer/ui_app.py -- ARGS`
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def streamlit_command(args: argparse.Namespace) -> list[str]:
-    """The ``streamlit run`` command line the ``ui`` command starts."""
-    app_args = ["--adapter", args.adapter, "--max-text-chars", str(args.max_text_chars),
-                "--batch-size", str(args.batch_size)]
-    for flag, value in (("--api", args.api), ("--thresholds", args.thresholds), ("--base-model", args.base_model),
-                        ("--device", args.device)):
-        if value is not None:
-            app_args += [flag, value]
-    if args.allow_empty:
-        app_args.append("--allow-empty")
-    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", args.host,
-            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--client.toolbarMode", "viewer",
-            "--", *app_args]
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``ui`` to an ``argparse`` subparsers object; its handler is ``args.func(args) -> exit code``."""
-    p = subparsers.add_parser(
-        "ui", help="web UI (Streamlit): a form built from the adapter's template, and a CSV tab",
-        description="Start a Streamlit app for one adapter: a form (fields from data.text_template) with a bar chart "
-                    "of every class's probability, and a tab that scores an uploaded CSV.")
-    p.add_argument("--adapter", required=True, help="adapter folder, run folder (all folds averaged) or Hub id")
-    p.add_argument("--api", help="URL of a running `python -m infer serve` (default: the model runs in the UI)")
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--thresholds", help="thresholds.json from `python -m infer tune` (default: the cascade)")
-    p.add_argument("--max-text-chars", type=int, default=DEFAULT_MAX_CHARS,
-                   help=f"longest text field value accepted (default {DEFAULT_MAX_CHARS})")
-    p.add_argument("--allow-empty", action="store_true", help="accept empty text fields")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per request in the CSV tab")
-    p.add_argument("--base-model", help="local folder of the base model (overrides the adapter's run_config)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.set_defaults(func=_cli)
-    return p
-
-
-def _cli(args) -> int:
-    try:
-        from infer.predict import collect
-
-        refs = collect([args.adapter], log=lambda m: None)  # bad adapters fail here, before a server starts
-        load_spec(refs[0], args.thresholds)
-        cmd = streamlit_command(args)
-        parse_app_args(cmd[cmd.index("--") + 1:])  # --max-text-chars / --batch-size checked here, not in the app
-    except (InputError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        import streamlit  # noqa: F401
-    except ImportError:
-        print("error: the web UI needs streamlit (pip install streamlit)", file=sys.stderr)
-        return 2
-    print(f"starting the UI on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
-    # Become the Streamlit server (no child process): a signal to this process (Ctrl+C, a supervisor's SIGTERM, a
-    # test's terminate()) then stops the server itself instead of leaving it running as an orphan.
-    sys.stdout.flush()
-    os.execv(cmd[0], cmd)

@@ -26,7 +26,7 @@ from infer.ui import Backend, chart, form_fields, parse_app_args, result_frame, 
 @st.cache_resource(show_spinner="loading the model ...")
 def get_backend(key: str, _cfg) -> Backend:
     """One backend per distinct configuration (``key``), shared by every session of this server."""
-    return Backend.create(_cfg, log=lambda m: None)
+    return Backend.create(_cfg)
 
 
 def main() -> None:

@@ -72,15 +72,14 @@ def test_train_predict_tune_submit_on_user_data(tmp_path, tiny_model, label_name
     assert json.loads((run / "fold_0" / "last" / "label_names.json").read_text())["label_names"] == label_names
 
     probs = tmp_path / "probs.csv"
-    predict([str(run)], test_csv, probs, progress=False, log=lambda m: None)
+    predict([str(run)], test_csv, probs, progress=False)
     ids, p, names = read_probs(probs)
     assert names == label_names and p.shape == (12, len(label_names))
     assert list(ids) == list(pd.read_csv(test_csv)["review_id"])
 
     spec = run_tune(run / "oof.csv", train_csv, tmp_path / "thresholds.json", n_trials=5, progress=False)
     assert spec.fallback == "argmax" and list(spec.label_names) == label_names
-    sub = submit(probs, tmp_path / "submission.csv", thresholds=tmp_path / "thresholds.json", ids=test_csv,
-                 log=lambda m: None)
+    sub = submit(probs, tmp_path / "submission.csv", thresholds=tmp_path / "thresholds.json", ids=test_csv)
     assert list(sub["index"]) == list(ids)
     targets = [t.split() for t in sub["target"]]
     assert all(len(t) >= 1 for t in targets)  # argmax fallback: every row gets a label

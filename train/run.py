@@ -196,8 +196,8 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
     if cfg.hub.push_checkpoints_to and env.is_main:  # Kaggle's 12-hour limit: the next session resumes from the Hub
         from core.hub import push_checkpoint
 
-        push = BackgroundPush(lambda: push_checkpoint(run_dir, cfg.hub.push_checkpoints_to, private=cfg.hub.private,
-                                                      log=log), log=log)
+        push = BackgroundPush(lambda: push_checkpoint(run_dir, cfg.hub.push_checkpoints_to, private=cfg.hub.private),
+                              log=log)
     fingerprint = run_fingerprint(cfg)
     # The rows fit_fold trains on: the labelled rows, then (distillation) the unlabelled ones in no fold (-1).
     train_ids, train_labels, train_folds, targets, extra = token_ids, ds.labels, fold_of_row, {}, {}

@@ -3,7 +3,6 @@ gives base + adapter's probabilities (non-4-bit, fp32) within 1e-5; provenance, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -14,7 +13,8 @@ import pandas as pd
 import pytest
 
 from core.errors import InputError
-from infer.export import TOLERANCE, export, register
+from infer.__main__ import main
+from infer.export import TOLERANCE, export
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TEST = REPO / "data" / "sample_test.csv"
@@ -23,7 +23,7 @@ SAMPLE_TEST = REPO / "data" / "sample_test.csv"
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("export") / "merged"
-    info = export(str(tiny_run / "fold_0" / "last"), out, dtype="fp32", log=lambda m: None)
+    info = export(str(tiny_run / "fold_0" / "last"), out, dtype="fp32")
     return out, info
 
 
@@ -109,11 +109,11 @@ def test_provenance_card_and_the_4bit_difference(tiny_run, exported):
 
 def test_run_folder_needs_fold(tiny_run, tmp_path):
     with pytest.raises(InputError, match=r"run folder with 2 fold adapters .*--fold K"):
-        export(str(tiny_run), tmp_path / "x", dtype="fp32", log=lambda m: None)
+        export(str(tiny_run), tmp_path / "x", dtype="fp32")
     with pytest.raises(InputError, match=r"--fold 7: .* has no finished fold 7"):
-        export(str(tiny_run), tmp_path / "x", dtype="fp32", fold=7, log=lambda m: None)
+        export(str(tiny_run), tmp_path / "x", dtype="fp32", fold=7)
     assert not (tmp_path / "x").exists()
-    info = export(str(tiny_run), tmp_path / "f1", dtype="fp32", fold=1, compare_4bit=False, log=lambda m: None)
+    info = export(str(tiny_run), tmp_path / "f1", dtype="fp32", fold=1, compare_4bit=False)
     assert info["adapter"]["fold"] == 1 and info["max_abs_prob_diff"]["merged_vs_4bit"] is None
 
 
@@ -121,18 +121,15 @@ def test_bad_inputs_write_nothing(tiny_run, exported, tmp_path, capsys):
     out, _ = exported
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(InputError, match="already exists"):
-        export(str(tiny_run / "fold_0" / "last"), out, dtype="fp32", log=lambda m: None)
+        export(str(tiny_run / "fold_0" / "last"), out, dtype="fp32")
     assert sorted(p.name for p in out.iterdir()) == before
     with pytest.raises(InputError, match="adapter folder not found"):
-        export(str(tmp_path / "nope"), tmp_path / "y", log=lambda m: None)
+        export(str(tmp_path / "nope"), tmp_path / "y")
     with pytest.raises(InputError, match="--dtype"):
-        export(str(tiny_run / "fold_0" / "last"), tmp_path / "y", dtype="int8", log=lambda m: None)
+        export(str(tiny_run / "fold_0" / "last"), tmp_path / "y", dtype="int8")
     assert not (tmp_path / "y").exists()
 
-    parser = argparse.ArgumentParser(prog="python -m infer")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", "--adapter", str(tiny_run), "--out", str(tmp_path / "z")])
-    assert args.func(args) == 2
+    assert main(["export", "--adapter", str(tiny_run), "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --adapter") and "--fold K" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "z").exists()
@@ -141,7 +138,7 @@ def test_bad_inputs_write_nothing(tiny_run, exported, tmp_path, capsys):
 def test_probe_csv(tiny_run, tmp_path):
     pd.read_csv(SAMPLE_TEST).head(5).to_csv(tmp_path / "probe.csv", index=False)
     info = export(str(tiny_run / "fold_0" / "last"), tmp_path / "p", dtype="bf16", probe=tmp_path / "probe.csv",
-                  compare_4bit=False, log=lambda m: None)
+                  compare_4bit=False)
     assert info["probe"] == {"source": str(tmp_path / "probe.csv"), "rows": 5}
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and info["max_abs_prob_diff"]["reloaded_vs_adapter"] <= TOLERANCE["bf16"]

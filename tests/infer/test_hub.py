@@ -4,11 +4,11 @@ the same probabilities as predicting from the original run)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -17,8 +17,11 @@ import yaml
 from conftest import SAMPLE_DATA
 
 from core import hub as transport
-from core.io import InputError, read_probs
+from core.cli import setup_logging
+from core.errors import InputError
+from core.io import read_probs
 from infer import hub
+from infer.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,6 +111,7 @@ def front_matter(card: str) -> dict:
 
 
 def test_upload_plan_and_dry_run(tmp_path, capsys):
+    setup_logging()
     run = make_fake_run(tmp_path)
     before = snapshot_tree(tmp_path)
     plan = hub.push(run, "user/my-run", dry_run=True)
@@ -190,17 +194,14 @@ def test_push_errors_change_nothing(tmp_path, monkeypatch, capsys):
         hub.push(run, "user/x", dry_run=True)
     assert snapshot_tree(tmp_path) == before
 
-    parser = argparse.ArgumentParser()
-    hub.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["push", str(run), "--repo", "user/x"])
-    assert args.func(args) == 2
+    assert main(["push", str(run), "--repo", "user/x"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
 
 class FakeApi:
     """Records calls; ``upload_folder`` snapshots the folder's files (it is deleted after the push)."""
 
-    calls: list = []
+    calls: ClassVar[list] = []
     fail_upload = False
 
     def __init__(self, token=None):
@@ -221,6 +222,7 @@ class FakeApi:
 
 
 def test_push_mocked(tmp_path, monkeypatch, capsys):
+    setup_logging()
     run = make_fake_run(tmp_path)
     FakeApi.calls, FakeApi.fail_upload = [], False
     monkeypatch.setattr(hub.hf, "HfApi", FakeApi)
@@ -301,13 +303,11 @@ def test_pull_and_resolve(tmp_path, monkeypatch):
     with pytest.raises(hub.HubError, match=r"cannot pull user/down: the Hub could not be used \(ConnectionError"):
         transport.pull("user/down")
 
-    parser = argparse.ArgumentParser()
-    hub.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["pull", "user/my-run"])
-    assert args.func(args) == 0
+    assert main(["pull", "user/my-run"]) == 0
 
 
 def test_pull_run_restores_checkpoints(tmp_path, monkeypatch, capsys):
+    setup_logging()
     run = make_fake_run(tmp_path)
     snap = _fake_hf_cache(Path(hub.hf.constants.HF_HUB_CACHE), "user/ckpt", run, ignore_checkpoints=False)
     monkeypatch.setattr(hub.hf.constants, "HF_HUB_OFFLINE", True)  # served from the cache
@@ -351,7 +351,7 @@ def test_round_trip_push_download_predict(tiny_run, tmp_path, monkeypatch):
 
     # What push would upload, as a user's download leaves it in the HF cache; the original run is then moved away.
     stage = tmp_path / "stage"
-    plan = hub.push(tiny_run, "user/tiny", dry_run=True, stage_dir=stage, log=lambda m: None)
+    plan = hub.push(tiny_run, "user/tiny", dry_run=True, stage_dir=stage)
     assert not [f.path for f in plan if "checkpoint" in f.path]
     front = front_matter((stage / "README.md").read_text())
     assert front["library_name"] == "peft" and "model-index" in front

@@ -3,7 +3,6 @@ batching, reproduction of the training's out-of-fold probabilities, and error pa
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +12,11 @@ import pandas as pd
 import pytest
 from conftest import SAMPLE_DATA, SAMPLE_DECODE
 
-from core.io import InputError, meta_path, read_probs
-from infer.predict import load_predictor, predict, register
+from core.cli import setup_logging
+from core.errors import InputError
+from core.io import meta_path, read_probs
+from infer.__main__ import main
+from infer.predict import load_predictor, predict
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TRAIN = REPO / "data" / "sample_train.csv"
@@ -67,6 +69,7 @@ def probs_of(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def test_output_ids_order_columns_and_meta(tiny_run, test_csv, tmp_path, capsys):
+    setup_logging()
     out = tmp_path / "probs.csv"
     meta = predict([str(tiny_run / "fold_0" / "last")], test_csv, out, progress=False)
     ids, probs, cols = probs_of(out)
@@ -114,7 +117,7 @@ def test_batched_equals_one_at_a_time(tiny_run, test_csv):
 
     from core.data import read_csv
 
-    p = load_predictor(str(tiny_run / "fold_0" / "last"), log=lambda m: None)
+    p = load_predictor(str(tiny_run / "fold_0" / "last"))
     texts = read_csv(test_csv, p.data, labelled=False).texts
     ids = p.token_ids(texts)
     assert len({len(t) for t in ids}) > 3  # various lengths: padding is exercised
@@ -201,15 +204,12 @@ def test_error_bad_weights(tiny_run, test_csv, tmp_path):
 
 
 def test_cli_register(tiny_run, test_csv, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="python -m infer")
-    register(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli.csv"
-    args = parser.parse_args(["predict", "--adapter", f"{tiny_run}/fold_0/last,{tiny_run}/fold_1/last",
-                              "--input", str(test_csv), "--out", str(out), "--batch-size", "4", "--no-progress"])
-    assert args.func(args) == 0 and out.is_file()
-    args = parser.parse_args(["predict", "--adapter", str(tmp_path / "missing"), "--input", str(test_csv),
-                              "--out", str(tmp_path / "x.csv")])
-    assert args.func(args) == 2
+    assert main(["predict", "--adapter", f"{tiny_run}/fold_0/last,{tiny_run}/fold_1/last",
+                 "--input", str(test_csv), "--out", str(out), "--batch-size", "4", "--no-progress"]) == 0
+    assert out.is_file()
+    assert main(["predict", "--adapter", str(tmp_path / "missing"), "--input", str(test_csv),
+                 "--out", str(tmp_path / "x.csv")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: adapter folder not found") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.csv").exists()

@@ -155,7 +155,7 @@ def test_fallback_by_name_id_argmax_or_none():
     assert resolve_fallback(["y_a7", "y_a19"], "19") == 1  # a class id as written in submissions
     with pytest.raises(ValueError, match="'bacon' is neither a label .*spam, ham, eggs"):
         resolve_fallback(names, "bacon")
-    spec = ThresholdSpec.from_decode(names, type("D", (), dict(start=0.6, stop=0.3, step=0.1, fallback="eggs")))
+    spec = ThresholdSpec.from_decode(names, type("D", (), {"start": 0.6, "stop": 0.3, "step": 0.1, "fallback": "eggs"}))
     assert spec.fallback == 2 and spec.steps == (0.6, 0.5, 0.4, 0.3)
 
 

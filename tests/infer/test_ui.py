@@ -23,6 +23,8 @@ import pytest
 from core.data import format_prompt, format_value
 from core.errors import InputError
 from infer import ui
+from infer.__main__ import main
+from infer.commands import ui as ui_command
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TEST = REPO / "data" / "sample_test.csv"
@@ -39,7 +41,7 @@ def adapter(tiny_run) -> Path:
 def predictor(adapter):
     from infer.predict import load_predictor
 
-    p = load_predictor(str(adapter), log=lambda m: None)
+    p = load_predictor(str(adapter))
     yield p
     p.close()
 
@@ -145,15 +147,14 @@ def test_default_spec_thresholds_and_result_frame(adapter, tmp_path):
 
 def test_command_binds_localhost_and_bad_adapter_fails_before_starting(adapter, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="python -m infer")
-    ui.register(parser.add_subparsers(dest="command", required=True))
+    ui_command.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["ui", "--adapter", str(adapter), "--api", "http://h:1", "--port", "8600"])
-    cmd = ui.streamlit_command(args)
+    cmd = ui_command.streamlit_command(args)
     assert cmd[:5] == [sys.executable, "-m", "streamlit", "run", str(ui.APP)]
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8600"
     cfg = ui.parse_app_args(cmd[cmd.index("--") + 1:])
     assert (cfg.adapter, cfg.api, cfg.max_text_chars, cfg.allow_empty) == (str(adapter), "http://h:1", 250, False)
-    args = parser.parse_args(["ui", "--adapter", str(tmp_path / "missing")])
-    assert args.func(args) == 2
+    assert main(["ui", "--adapter", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: adapter folder not found") and len(err.strip().splitlines()) == 1
 

@@ -343,7 +343,7 @@ def test_student_of_a_real_teacher_run(tiny_models, data, tfidf_teacher, tmp_pat
     rows = pd.read_csv(data / "train.csv").set_index("index").loc[ids].reset_index()
     rows.to_csv(tmp_path / "rows.csv", index=False)
     predict([str(teacher / "fold_0" / "last")], tmp_path / "rows.csv", tmp_path / "teacher_probs.csv",
-            progress=False, log=lambda m: None)
+            progress=False)
     _, expected, _ = read_probs(tmp_path / "teacher_probs.csv")
     np.testing.assert_allclose(probs, expected, atol=2e-5)
     assert (out / "fold_0" / "last" / "adapter_model.safetensors").is_file()
