@@ -65,7 +65,7 @@ def test_per_class_offsets_fix_a_class_with_its_own_scale_and_are_shrunk():
     steps = (0.8, 0.7, 0.6, 0.5)
     base = objective_score(y, cascade(p, steps, 19))
     o0, v0 = search_offsets(p, y, steps, 19, shrink=0.0)
-    o1, v1 = search_offsets(p, y, steps, 19, shrink=200.0)
+    o1, _ = search_offsets(p, y, steps, 19, shrink=200.0)
     assert v0 > base and o0[5] < 0
     assert v0 == pytest.approx(objective_score(y, cascade(p, steps, 19, o0)))
     assert 0 >= o1[5] > o0[5]
