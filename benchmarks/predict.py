@@ -62,7 +62,7 @@ def bench(adapter: str, input_csv: str | None, rows: int | None = None, batch_si
     import torch
 
     from core.data import read_csv
-    from core.io import InputError
+    from core.errors import InputError
     from core.model import autocast
     from infer.predict import collect, load_refs
 
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --adapter, or --fresh-lora with --base and --tokens (its labels name the head's outputs)")
     if (args.input is None) == (args.tokens is None):
         ap.error("give --input or --tokens")
-    from core.io import InputError, write_json
+    from core.errors import InputError
+    from core.io import write_json
 
     try:
         with tempfile.TemporaryDirectory() as tmp:

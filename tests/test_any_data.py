@@ -87,7 +87,7 @@ def test_train_predict_tune_submit_on_user_data(tmp_path, tiny_model, label_name
 
 
 def test_a_fallback_that_is_not_a_label_is_refused_before_training(tmp_path, tiny_model):
-    from core.config import ConfigError
+    from core.errors import ConfigError
     from train.run import main as run_main
 
     train_csv = user_csv(tmp_path / "train.csv", ["a", "b"], 20, seed=3)

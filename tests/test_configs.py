@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import EMBEDDED_MODEL, ConfigError, RunConfig, apply_override
+from core.config import EMBEDDED_MODEL, RunConfig, apply_override
+from core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -42,6 +42,21 @@ def test_the_walker_sees_function_level_imports(tmp_path):
     assert {n for n, _ in imported_packages(f)} == {"os", "infer", "train"}
 
 
+ERROR_TYPES = {"InputError", "ConfigError", "TrainingError"}
+
+
+def test_error_types_are_imported_from_core_errors_only():
+    """One home for the error types: never through a module that happens to import them (core.io, core.config)."""
+    bad = []
+    for path in sorted(p for d in (*FORBIDDEN, "benchmarks", "tests") for p in (ROOT / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module != "core.errors":
+                names = sorted(ERROR_TYPES & {a.name for a in node.names})
+                if names:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {', '.join(names)} from {node.module}")
+    assert not bad, "\n".join(bad)
+
+
 # ------------------------------------------------------------------------------------------- import cycles
 
 

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from trainkit import ROOT, as_set_args, kill_at_launcher, run_cli, tiny_overrides
 
-from core.config import ConfigError, LoraArgs, ModelArgs, QuantizationArgs, RunConfig
+from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
 from core.data import collate, tokenize
-from core.io import InputError
+from core.errors import ConfigError, InputError
 from core.model import load_causal_lm, load_classifier
 from train import dapt
 from train.lora import _lora_suffix, apply_lora

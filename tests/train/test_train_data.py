@@ -23,7 +23,7 @@ from core.data import (
     read_label_descriptions,
     template_fields,
 )
-from core.io import InputError
+from core.errors import InputError
 from train.data import batch_order, make_folds, split_by_tokens
 from train.loss import multilabel_loss, pos_weight_from_labels
 
