@@ -10,7 +10,7 @@ import yaml
 from core.config import EMBEDDED_MODEL, RunConfig, apply_override
 from core.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 

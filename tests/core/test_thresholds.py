@@ -1,4 +1,4 @@
-"""infer.thresholds: the vectorised cascade against a literal re-implementation of the reference solution's loop
+"""core.thresholds: the vectorised cascade against a literal re-implementation of the reference solution's loop
 (hypothesis property tests, including probabilities exactly on a threshold), the one-pass decoder used in tuning,
 ThresholdSpec round trips and class ids."""
 
