@@ -234,20 +234,3 @@ def prune(cfg: RunConfig, data: str | Path, out: str | Path, n_keep: int, mlp_ke
         write_json(tmp / REPORT, report)
     logger.info(f"wrote {out} ({params:,} parameters; {report['seconds']} s)")
     return report
-
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Transitional: ``python -m train``'s old dispatch calls ``train.prune.main``; the command is
-    :mod:`train.commands.prune`. Goes once ``train/__main__.py`` registers the commands."""
-    import argparse
-    import sys
-
-    from core.cli import run_command, setup_logging
-    from train.commands import prune as command
-
-    parser = argparse.ArgumentParser(prog="python -m train")
-    command.register(parser.add_subparsers())
-    args = parser.parse_args(["prune", *(sys.argv[1:] if argv is None else argv)])
-    setup_logging(args.verbose)
-    return run_command(lambda: args.func(args))

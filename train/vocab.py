@@ -305,19 +305,3 @@ def trim_vocab(model_path: str, corpus: Corpus, out: str | Path, template: str =
         report["folder_bytes"] = folder_size(tmp)
         write_json(tmp / TRIM_REPORT, report)
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Transitional: ``python -m train``'s old dispatch calls ``train.vocab.main``; the command is
-    :mod:`train.commands.trim_vocab`. Goes once ``train/__main__.py`` registers the commands."""
-    import argparse
-    import sys
-
-    from core.cli import run_command, setup_logging
-    from train.commands import trim_vocab as command
-
-    parser = argparse.ArgumentParser(prog="python -m train")
-    command.register(parser.add_subparsers())
-    args = parser.parse_args(["trim-vocab", *(sys.argv[1:] if argv is None else argv)])
-    setup_logging(args.verbose)
-    return run_command(lambda: args.func(args))
