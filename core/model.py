@@ -132,6 +132,25 @@ def convert_gguf(gguf_path: Path, target: Path, log=print) -> None:
     log(f"converted in {time.time() - t0:.0f}s")
 
 
+# oneDNN ISAs (ONEDNN_MAX_CPU_ISA) with native bf16 dot products; a cap below them makes bf16 an emulation.
+ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+                    "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) and oneDNN is allowed to use it.
+
+    Without it torch emulates bf16 matmuls, many times slower than fp32 (RESULTS.md, "bf16 on the CPU").
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and cap not in ONEDNN_BF16_ISAS:
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these (private) checks: keep the safe fp32
+        return False
+
+
 def pick_dtype(args: ModelArgs, device: torch.device) -> torch.dtype:
     """bf16 where the GPU supports it, else fp16 on GPU (T4), fp32 on CPU; or what the config says."""
     if args.dtype != "auto":
@@ -169,8 +188,8 @@ def _load_kwargs(path: str, margs: ModelArgs, qargs: QuantizationArgs, device: t
     tok = load_tokenizer(path)
     config = AutoConfig.from_pretrained(path)
     dtype = pick_dtype(margs, device)
-    kwargs = dict(dtype=dtype, attn_implementation=pick_attention(margs, config.model_type),
-                  pad_token_id=tok.pad_token_id)
+    kwargs = {"dtype": dtype, "attn_implementation": pick_attention(margs, config.model_type),
+              "pad_token_id": tok.pad_token_id}
     if qargs.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=qargs.quant_type, bnb_4bit_use_double_quant=qargs.double_quant,
