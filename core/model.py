@@ -151,13 +151,17 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+CPU_AUTO_BF16 = torch.float32
+"""What ``auto`` picks on a CPU with native bf16 (pending issue 33's paired CV)."""
+
+
 def pick_dtype(args: ModelArgs, device: torch.device) -> torch.dtype:
     """bf16 where the GPU supports it, else fp16 on GPU (T4), fp32 on CPU; or what the config says."""
     if args.dtype != "auto":
         return getattr(torch, args.dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return CPU_AUTO_BF16 if cpu_has_native_bf16() else torch.float32
 
 
 def pick_attention(args: ModelArgs, model_type: str) -> str:
