@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import EMBEDDED_MODEL, RunConfig
+from core.data import FIELD_KINDS, csv_field_kinds
 from core.errors import ConfigError, InputError
 from core.io import atomic_dir, versions, write_json, write_text
 
@@ -46,6 +47,9 @@ def save_adapter(model, tokenizer, folder: Path, cfg: RunConfig, label_names: li
         write_json(tmp / LABELS_FILE, {"label_names": label_names, "descriptions": descriptions})
         info = {"base_model": base_model_id(cfg), "model": cfg.model.name_or_path, "num_labels": len(label_names),
                 "versions": versions(), **extra}
+        kinds = csv_field_kinds(cfg.data.train_csv, cfg.data.text_template) if cfg.data.train_csv else None
+        if kinds and "field_kinds" not in info:
+            info["field_kinds"] = kinds  # how serve / predict / ui format each field, as training did
         write_json(tmp / INFO_FILE, info)
         write_text(tmp / "README.md", model_card(cfg, label_names, descriptions, info))
 
@@ -125,6 +129,18 @@ class AdapterRef:
     def name(self) -> str:
         parts = self.folder.parts
         return "/".join(parts[-2:]) if len(parts) >= 2 and FOLD_DIR.match(parts[-2]) else self.folder.name
+
+    @property
+    def field_kinds(self) -> dict[str, str] | None:
+        """How the training data typed each template field (``adapter_info.json``'s ``field_kinds``, else read from
+        ``data.train_csv`` where that file is here); None when unknown (values then format as given)."""
+        if "_field_kinds" not in self.__dict__:
+            kinds = self.info.get("field_kinds")
+            if not (isinstance(kinds, dict) and all(v in FIELD_KINDS for v in kinds.values())):
+                data = self.cfg.data
+                kinds = csv_field_kinds(data.train_csv, data.text_template) if data.train_csv else None
+            self.__dict__["_field_kinds"] = kinds
+        return self.__dict__["_field_kinds"]
 
     def base_key(self) -> tuple:
         """Adapters with equal keys share one loaded base model."""

@@ -3,6 +3,7 @@ padding into batches."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import string
@@ -17,6 +18,8 @@ from core.config import DataArgs
 from core.errors import InputError
 from core.io import py_scalar
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Dataset:
@@ -27,6 +30,8 @@ class Dataset:
     texts: list[str]
     labels: np.ndarray | None
     label_names: list[str]
+    field_kinds: dict[str, str] | None = None
+    """How the template's fields read (:func:`field_kinds`): this CSV's own, or the ``kinds`` it was read with."""
 
 
 def template_fields(template: str) -> list[str]:
@@ -43,9 +48,84 @@ def template_fields(template: str) -> list[str]:
 _SET_LITERAL = re.compile(r"^\{(.*)\}$", re.DOTALL)
 
 
-def format_value(value: object) -> str:
+FIELD_KINDS = ("int", "float", "str")
+"""What a template field holds, as pandas read it from the training CSV (:func:`field_kinds`)."""
+
+
+def field_kinds(df: pd.DataFrame, fields: Sequence[str]) -> dict[str, str]:
+    """``{field: "int" | "float" | "str"}`` as pandas typed each of ``df``'s template fields: a numeric column with a
+    missing value (or any fraction) reads as floats and formats as ``4.0``, a whole one as ``4``. Booleans are text."""
+    out = {}
+    for f in fields:
+        col = df[f] if f in df.columns else None
+        if col is None or pd.api.types.is_bool_dtype(col) or not pd.api.types.is_numeric_dtype(col):
+            out[f] = "str"
+        else:
+            out[f] = "int" if pd.api.types.is_integer_dtype(col) else "float"
+    return out
+
+
+_KINDS_CACHE: dict[tuple, dict[str, str]] = {}
+
+
+def csv_field_kinds(path: str | Path, template: str) -> dict[str, str] | None:
+    """:func:`field_kinds` of a CSV's template columns (read once per file version); None when it is unreadable."""
+    path = Path(path)
+    try:
+        key = (str(path.resolve()), path.stat().st_mtime_ns, template)
+    except OSError:
+        return None
+    if key not in _KINDS_CACHE:
+        fields = template_fields(template)
+        try:
+            header = list(pd.read_csv(path, nrows=0).columns)
+            df = pd.read_csv(path, usecols=[f for f in fields if f in header])
+        except Exception:  # noqa: BLE001 - pandas raises many kinds; an unreadable CSV just has no kinds
+            return None
+        _KINDS_CACHE[key] = field_kinds(df, fields)
+    return dict(_KINDS_CACHE[key])
+
+
+def coerce_number(value: object, kind: str) -> int | float | None:
+    """A value for a numeric field (a number, or text that reads as one, as pandas would) as ``kind``; None when
+    missing.
+
+    Raises:
+        ValueError: not a finite number (``"abc"``, ``True``, NaN text, infinity) or a fraction for an ``int`` field.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_, list, tuple, dict)):
+        raise ValueError(f"must be a number, got {type(value).__name__}")  # noqa: TRY004 - one error kind for callers
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"must be a number, got {value[:40]!r}") from None
+    else:
+        number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    if kind == "int":
+        if number != int(number):
+            raise ValueError(f"must be a whole number (the training data's column holds integers), got {value!r}")
+        return int(number)
+    return number
+
+
+def format_value(value: object, kind: str | None = None) -> str:
     """Cell -> text: missing is '', a set literal like ``{DELIVERY,PRICE}`` loses its braces, and a list/tuple
-    (e.g. a UI multiselect) is joined like the set literal: ``["DELIVERY", "PRICE"]`` -> ``DELIVERY,PRICE``."""
+    (e.g. a UI multiselect) is joined like the set literal: ``["DELIVERY", "PRICE"]`` -> ``DELIVERY,PRICE``.
+
+    With ``kind`` (the field's :data:`FIELD_KINDS` entry in the training data) a numeric field formats exactly as
+    the training CSV did: ``4``, ``4.0`` and ``"4"`` all read ``4.0`` for a ``float`` column (pandas' floats print as
+    Python's), ``4`` for an ``int`` one; anything else raises ValueError (:func:`coerce_number`)."""
+    if kind in ("int", "float"):
+        number = coerce_number(value, kind)
+        return "" if number is None else str(number)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, (list, tuple)):
@@ -55,9 +135,21 @@ def format_value(value: object) -> str:
     return m.group(1) if m else s
 
 
-def format_prompt(template: str, row: dict) -> str:
-    """Fill the template with a row's values (pure; see :func:`format_value`)."""
-    return template.format(**{k: format_value(row.get(k)) for k in template_fields(template)})
+def format_prompt(template: str, row: dict, kinds: dict[str, str] | None = None) -> str:
+    """Fill the template with a row's values (pure; see :func:`format_value`). ``kinds``: the training data's
+    :func:`field_kinds`, so that every caller (training, predict, serve, ui) formats a value as training did.
+
+    Raises:
+        ValueError: a value that does not fit its numeric field (names the field).
+    """
+    kinds = kinds or {}
+    values = {}
+    for k in template_fields(template):
+        try:
+            values[k] = format_value(row.get(k), kinds.get(k))
+        except ValueError as e:
+            raise ValueError(f"{k}: {e}") from None
+    return template.format(**values)
 
 
 def label_columns(df: pd.DataFrame, args: DataArgs, path: str) -> list[str]:
@@ -107,12 +199,22 @@ def detect_label_columns(df: pd.DataFrame, args: DataArgs, path: str) -> list[st
     return cols
 
 
+def text_field(fields: Sequence[str]) -> str:
+    """The field that holds the text: ``text`` where the template has one, else its last field."""
+    return "text" if "text" in fields else fields[-1]
+
+
 def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
-             label_names: Sequence[str] | None = None) -> Dataset:
+             label_names: Sequence[str] | None = None, kinds: dict[str, str] | None = None) -> Dataset:
     """Read and validate a CSV in the competition format (or any CSV with configured columns).
 
+    ``kinds``: the training data's :func:`field_kinds` (an adapter's), so that a numeric field formats as in training
+    whatever dtype pandas gives it here (``4`` in this CSV, ``4.0`` in training's). Labelled data whose text field
+    (:func:`text_field`) is empty in every row is refused; empty rows among others are counted in the log.
+
     Raises:
-        InputError: missing file, missing columns, duplicate ids, labels other than 0/1, empty data set.
+        InputError: missing file, missing columns, duplicate ids, labels other than 0/1, empty data set, a text
+            column with no text, a value that does not fit ``kinds``.
     """
     path = str(path)
     if not Path(path).is_file():
@@ -136,8 +238,23 @@ def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
         raise InputError(f"{path}: duplicate id {py_scalar(ids[dup].iloc[0])!r} in column {args.id_column!r} "
                          f"at row {int(dup.idxmax()) + 2}")
     fields = template_fields(args.text_template)
+    own = field_kinds(df, fields)
+    use = {**own, **(kinds or {})}
     records = df[fields].to_dict("records")
-    texts = [format_prompt(args.text_template, r) for r in records]
+    texts = []
+    for i, r in enumerate(records):
+        try:
+            texts.append(format_prompt(args.text_template, r, use))
+        except ValueError as e:
+            raise InputError(f"{path}: row {i + 2} (id {py_scalar(ids.iloc[i])!r}): {e}") from None
+    if fields:
+        tf = text_field(fields)
+        empty = int(sum(1 for r in records if not format_value(r.get(tf)).strip()))
+        if empty == len(records) and labelled:
+            raise InputError(f"{path}: the text column {tf!r} is empty in every row ({empty} rows): nothing to learn "
+                             f"from (check data.text_template and the CSV's columns)")
+        if empty:
+            logger.info(f"{path}: {empty} of {len(records)} rows have an empty {tf!r}")
     labels = None
     if labelled:
         cols = label_columns(df, args, path) if label_names is None else list(label_names)
@@ -156,7 +273,7 @@ def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
         names = cols
     else:
         names = list(label_names or [])
-    return Dataset(path=path, ids=ids.to_numpy(), texts=texts, labels=labels, label_names=names)
+    return Dataset(path=path, ids=ids.to_numpy(), texts=texts, labels=labels, label_names=names, field_kinds=use)
 
 
 def read_label_descriptions(path: str | Path | None, label_names: Sequence[str]) -> dict[str, str]:

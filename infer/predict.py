@@ -306,7 +306,7 @@ def read_inputs(input_csv: str | Path, refs: Sequence[AdapterRef]) -> dict[tuple
     for r in refs:
         key = (r.cfg.data.id_column, r.cfg.data.text_template)
         if key not in out:
-            out[key] = read_csv(input_csv, r.cfg.data, labelled=False)
+            out[key] = read_csv(input_csv, r.cfg.data, labelled=False, kinds=r.field_kinds)
     datasets = list(out.values())
     for ds in datasets[1:]:
         if not np.array_equal(ds.ids.astype(str), datasets[0].ids.astype(str)):

@@ -168,9 +168,16 @@ def validate(fields: Sequence[FormField], values: dict, max_chars: int) -> list[
     return msgs
 
 
-def row_prompt(template: str, values: dict) -> str:
-    """The prompt of one form row: :func:`core.data.format_prompt` (a multiselect list reads like ``{A,B}``)."""
-    return format_prompt(template, values)
+def row_prompt(template: str, values: dict, kinds: dict[str, str] | None = None) -> str:
+    """The prompt of one form row: :func:`core.data.format_prompt` (a multiselect list reads like ``{A,B}``), with
+    the training data's field ``kinds`` (``AdapterRef.field_kinds``) so that numbers format as in training.
+
+    Raises:
+        InputError: a value that does not fit its numeric field."""
+    try:
+        return format_prompt(template, values, kinds)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,7 +347,7 @@ class Backend:
             send = [{k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in r.items()}
                     for r in rows]
             return parse_api_rows(api_predict(self.api, send), self.label_names, self.spec)
-        texts = [row_prompt(self.predictor.data.text_template, r) for r in rows]
+        texts = [row_prompt(self.predictor.data.text_template, r, self.ref.field_kinds) for r in rows]
         with self._lock:
             probs = self.predictor.predict_texts(texts, batch_size=64)
         return probs, self.spec.decode(probs)

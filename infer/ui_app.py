@@ -82,7 +82,7 @@ def single(backend: Backend, fields, template: str, cfg) -> None:
             st.error(f"error: {e}")
             return
         frame = result_frame(probs[0], preds[0], backend.spec, backend.ref.descriptions)
-        result = {"prompt": row_prompt(template, values), "frame": frame}
+        result = {"prompt": row_prompt(template, values, backend.ref.field_kinds), "frame": frame}
         st.session_state["result"] = result
     frame = result["frame"]
     chosen = frame[frame["predicted"]]

@@ -38,7 +38,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting; more answer 429")
     p.add_argument("--max-rows", type=int, default=d.max_rows, help="rows per request; more answer 413")
     p.add_argument("--max-text-chars", type=int, default=d.max_text_chars, help="characters of the text field")
+    p.add_argument("--max-field-chars", type=int, default=d.max_field_chars,
+                   help="characters of every other field (a list's items joined)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens,
+                   help="rows x longest row (tokens, as padded) of one request; more answer 413")
+    p.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
+                   help="close a connection whose request headers have not arrived within this")
+    p.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s, help="close idle keep-alive connections")
+    p.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                   help="a request body must arrive within this (408 otherwise)")
     p.add_argument("--no-empty-text", action="store_true", help="reject rows whose text is empty or whitespace")
     p.add_argument("--text-field", help="the row field the text checks apply to (default: text, else the "
                                         "template's last field)")
@@ -76,6 +85,7 @@ def run(args) -> int:
     import uvicorn
 
     from infer.serve.app import create_app
+    from infer.serve.http import server_config
 
     server_logging(args.log_level)
     settings = settings_from_args(args)
@@ -83,5 +93,5 @@ def run(args) -> int:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key_env:
         logging.getLogger("infer.serve").warning("serving on %s without --api-key-env: anyone who can reach it can "
                                                  "use it", settings.host)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    uvicorn.Server(server_config(app, settings, settings.host, settings.port, log_level=args.log_level)).run()
     return 0

@@ -11,6 +11,7 @@ unexpected is a JSON 500 with an id that the log names.
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import queue
@@ -36,7 +37,15 @@ from core.sets import SetDecoder
 from core.thresholds import ThresholdSpec
 from infer.serve.batcher import Engine, Job
 from infer.serve.metrics import Metrics
-from infer.serve.schema import PredictResponse, Schema, ServeError, parse_rows, predict_response
+from infer.serve.schema import (
+    PredictResponse,
+    Schema,
+    ServeError,
+    parse_rows,
+    predict_response,
+    public_name,
+    strip_paths,
+)
 from infer.serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -92,8 +101,8 @@ async def ready(svc: ServiceDep):
     engine = svc.engine
     if engine.ready.is_set():
         return {"ready": True}
-    body = {"ready": False, "error": engine.load_error} if engine.load_error else {"ready": False,
-                                                                                   "status": "loading"}
+    body = {"ready": False, "error": strip_paths(engine.load_error)} if engine.load_error else {
+        "ready": False, "status": "loading"}
     return JSONResponse(body, status_code=503)
 
 
@@ -108,10 +117,13 @@ async def info(svc: ServiceDep):
                    for n, c in zip(schema.label_names, schema.class_ids)],
         "thresholds": {"source": Path(settings.thresholds).name if settings.thresholds else "default",
                        **{k: v for k, v in svc.spec.to_dict().items() if k != "meta"}},
-        "adapters": [{k: v for k, v in r.describe().items() if k != "folder"} for r in svc.refs],
+        "adapters": [{**{k: v for k, v in r.describe().items() if k != "folder"}, "spec": public_name(r.spec),
+                      "base_model": schema.base_model} for r in svc.refs],
         "limits": {k: getattr(settings, k) for k in ("max_batch_size", "max_batch_tokens", "max_wait_ms",
                                                      "max_queue", "max_rows", "max_text_chars",
-                                                     "max_body_bytes", "no_empty_text")},
+                                                     "max_field_chars", "max_body_bytes", "max_request_tokens",
+                                                     "header_timeout_s", "keep_alive_s", "body_timeout_s",
+                                                     "no_empty_text")},
         "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "fastapi", "pydantic",
                               "uvicorn", "qlora-multilabel")),
     }
@@ -123,8 +135,24 @@ async def prometheus(svc: ServiceDep):
     return PlainTextResponse(body, media_type=content_type)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused (413) past ``max_bytes`` whether or not a Content-Length says so up front."""
+def check_content_type(request: Request) -> None:
+    """A body must say it is JSON (415 otherwise): a web page can send ``text/plain`` or a form to a local server
+    without a CORS preflight, but not ``application/json``."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise ServeError(415, f"Content-Type must be application/json, got {media[:60] or 'none'!r}",
+                         "Content-Type")
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refused (413) past ``max_bytes`` whether or not a Content-Length says so up front, and
+    (408) when it takes longer than ``timeout_s`` to arrive."""
+    if timeout_s is not None:
+        try:
+            return await asyncio.wait_for(read_body(request, max_bytes), timeout_s)
+        except asyncio.TimeoutError:
+            raise ServeError(408, f"the body did not arrive within {timeout_s}s (--body-timeout-s)",
+                             "body") from None
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -146,11 +174,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 @router.post("/predict", response_model=PredictResponse)
 async def predict(request: Request, svc: ServiceDep):
     settings, engine = svc.settings, svc.engine
-    rows = parse_rows(await read_body(request, settings.max_body_bytes), svc.schema, settings)
+    check_content_type(request)
+    rows = parse_rows(await read_body(request, settings.max_body_bytes, settings.body_timeout_s), svc.schema,
+                      settings)
     if not engine.ready.is_set():
         raise ServeError(503, "model not ready" + (f": {engine.load_error}" if engine.load_error else
                                                    " (loading); see GET /ready"))
-    job = Job([format_prompt(svc.schema.template, r) for r in rows])
+    job = Job([format_prompt(svc.schema.template, r, svc.schema.kinds) for r in rows])
     try:
         engine.submit(job)
     except queue.Full:
@@ -160,6 +190,8 @@ async def predict(request: Request, svc: ServiceDep):
         probs = await asyncio.wait_for(asyncio.wrap_future(job.future), settings.request_timeout_s)
     except asyncio.TimeoutError:
         raise ServeError(504, f"no answer from the model within {settings.request_timeout_s}s") from None
+    except ServeError:  # the worker refused it (over the token budget)
+        raise
     except Exception:  # a model failure: logged with an id, the next request works
         error_id = uuid.uuid4().hex[:12]
         logger.exception("model error %s (%d rows)", error_id, len(rows))
@@ -167,8 +199,15 @@ async def predict(request: Request, svc: ServiceDep):
     return predict_response(np.asarray(probs), svc.schema, svc.spec, svc.order, svc.refs)
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON as ASCII: an error naming a field whose name holds a lone surrogate still encodes."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def serve_error(request: Request, e: ServeError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    return AsciiJSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 async def observe(request: Request, call_next):
@@ -265,8 +304,9 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           lifespan="on"))
+    from infer.serve.http import server_config
+
+    server = uvicorn.Server(server_config(app, app.state.service.settings, host, port))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="qlml-serve-http", daemon=True)
     thread.start()
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np
 
 from core.data import format_prompt
 from infer.serve.metrics import Metrics
-from infer.serve.schema import Schema
+from infer.serve.schema import Schema, ServeError
 from infer.serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Engine:
             self.metrics.load_seconds.set(time.perf_counter() - t0)
             warm = {f: "" for f in self.schema.fields}
             warm[self.schema.text_field] = "warm up"
-            self._predict([format_prompt(self.schema.template, warm)])
+            self._predict([format_prompt(self.schema.template, warm, self.schema.kinds)])
         except Exception as e:  # reported by /ready, the process stays up
             self.load_error = f"{type(e).__name__}: {e}"
             logger.exception("loading the model failed")
@@ -124,10 +124,17 @@ class Engine:
             return False
         try:
             job.token_ids = self.predictor.token_ids(job.texts, self.schema.max_length)
-            return True
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a tokenizer failure is a model error of this request only
+            self.metrics.model_errors.inc()
             job.resolve(error=e)
             return False
+        budget = self.settings.max_request_tokens
+        if job.rows * job.longest > budget:
+            job.resolve(error=ServeError(413, f"{job.rows} rows x {job.longest} tokens is over the budget of {budget} "
+                                              f"tokens per request (--max-request-tokens); send fewer or shorter "
+                                              f"rows", "rows"))
+            return False
+        return True
 
     def _gather(self, first: Job) -> tuple[list[Job], Job | None]:
         """``first`` plus whatever fits in the batch within ``max_wait_ms``; returns (batch, carried-over job)."""

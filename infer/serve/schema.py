@@ -9,13 +9,15 @@ A request is ``{"rows": [...]}``, each row an object with exactly the fields of 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, create_model
 
-from core.adapter import AdapterRef, base_model_id
-from core.data import format_value, template_fields
+from core.adapter import AdapterRef, base_model_id, is_hub_model_id
+from core.data import format_value, template_fields, text_field
 from core.errors import InputError
 from core.thresholds import class_ids
 from infer.serve.settings import Settings
@@ -32,7 +34,7 @@ class ServeError(Exception):
         """Sent with the answer (``WWW-Authenticate`` of a 401)."""
 
     def body(self) -> dict:
-        out = {"error": self.message}
+        out = {"error": strip_paths(self.message)}
         if self.field is not None:
             out["field"] = self.field
         if self.row is not None:
@@ -40,6 +42,41 @@ class ServeError(Exception):
         if self.details:
             out["details"] = self.details
         return out
+
+
+MAX_JSON_DEPTH = 6
+"""Nesting of a ``/predict`` body: the deepest valid one is 4 (``{"rows": [{"tags": ["A"]}]}``)."""
+
+_ABS_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:)?[/\\](?:[^/\\\s'\"]+[/\\])+([^/\\\s'\"]*)")
+
+
+def strip_paths(message: str) -> str:
+    """``message`` with every absolute file-system path cut to its last part (``.../fold_0``): answers and /info
+    reveal nothing about the server's disk."""
+    return _ABS_PATH.sub(lambda m: f".../{m.group(1)}", message)
+
+
+def public_name(name: str) -> str:
+    """A Hub id as it is; a local path (absolute or not) as its last part."""
+    return name if is_hub_model_id(name) else Path(name).name or name
+
+
+def json_depth(obj, limit: int) -> int:
+    """Nesting depth of parsed JSON, counted without recursion and only up to ``limit + 1``."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (list, dict)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class Schema:
@@ -60,11 +97,13 @@ class Schema:
         if settings.text_field is not None and settings.text_field not in self.fields:
             raise InputError(f"--text-field {settings.text_field!r} is not a field of the adapter's "
                              f"data.text_template (fields: {self.fields})")
-        self.text_field = settings.text_field or ("text" if "text" in self.fields else self.fields[-1])
+        self.text_field = settings.text_field or text_field(self.fields)
+        self.kinds = dict(first.field_kinds or {})
+        """How the training data typed each field (``AdapterRef.field_kinds``): numbers format as in training."""
         self.label_names = list(first.label_names)
         self.descriptions = dict(first.descriptions)
         self.class_ids = class_ids(self.label_names)
-        self.base_model = first.info.get("base_model") or base_model_id(first.cfg)
+        self.base_model = public_name(first.info.get("base_model") or base_model_id(first.cfg))
         self.request_model = build_request_model(self.fields)
 
 
@@ -110,13 +149,21 @@ def validation_error(e, fields: Sequence[str]) -> ServeError:
 def parse_rows(body: bytes, schema: Schema, settings: Settings) -> list[dict]:
     """A ``/predict`` body -> its rows (dicts keyed by the template's fields), within ``settings``' limits.
 
+    Every string is valid Unicode (a lone surrogate cannot be tokenised), no longer than ``--max-text-chars`` (the
+    text field) or ``--max-field-chars`` (any other, as formatted); a numeric field of the training data holds a
+    number (or text that reads as one).
+
     Raises:
-        ServeError: 422 for a body that is not a valid request (naming the field), 413 for too many rows.
+        ServeError: 422 for a body that is not a valid request (naming the row and field), 413 for too many rows.
     """
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise ServeError(422, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels", "body") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ServeError(422, f"body is not JSON: {e}", "body") from None
+    if json_depth(obj, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ServeError(422, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels", "body")
     rows = obj.get("rows") if isinstance(obj, dict) else None
     if isinstance(rows, list) and len(rows) > settings.max_rows:
         raise ServeError(413, f"{len(rows)} rows is over the limit of {settings.max_rows} (--max-rows)", "rows")
@@ -127,13 +174,35 @@ def parse_rows(body: bytes, schema: Schema, settings: Settings) -> list[dict]:
     out = [r.model_dump(by_alias=True) for r in req.rows]
     tf = schema.text_field
     for i, row in enumerate(out):
+        for name in schema.fields:
+            check_value(row.get(name), f"rows.{i}.{name}", i, schema.kinds.get(name),
+                        settings.max_text_chars if name == tf else settings.max_field_chars,
+                        "--max-text-chars" if name == tf else "--max-field-chars")
         text = format_value(row.get(tf))
         if settings.no_empty_text and not text.strip():
             raise ServeError(422, f"rows.{i}.{tf}: empty text (--no-empty-text)", f"rows.{i}.{tf}", i)
-        if len(text) > settings.max_text_chars:
-            raise ServeError(422, f"rows.{i}.{tf}: {len(text)} characters is over the limit of "
-                                  f"{settings.max_text_chars} (--max-text-chars)", f"rows.{i}.{tf}", i)
     return out
+
+
+def check_value(value, where: str, row: int, kind: str | None, limit: int, flag: str) -> None:
+    """One field of one row: encodable text, a number where the training data had numbers, at most ``limit``
+    characters as formatted. Raises ServeError 422 naming ``where``."""
+    for s in value if isinstance(value, list) else [value]:
+        if isinstance(s, str):
+            if len(s) > limit:  # before encoding it: bounded work for any size
+                raise ServeError(422, f"{where}: {len(s)} characters is over the limit of {limit} ({flag})", where,
+                                 row)
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ServeError(422, f"{where}: not valid Unicode text (a lone surrogate at character {e.start}); "
+                                      f"the tokenizer cannot encode it", where, row) from None
+    try:
+        text = format_value(value, kind)
+    except ValueError as e:
+        raise ServeError(422, f"{where}: {e} (the training data's column is numeric)", where, row) from None
+    if len(text) > limit:
+        raise ServeError(422, f"{where}: {len(text)} characters is over the limit of {limit} ({flag})", where, row)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,18 @@ class Settings:
     """Requests waiting for the model; more answer 429."""
     max_rows: int = 64
     max_text_chars: int = 4000
+    max_field_chars: int = 1000
+    """Characters of every other field (as formatted: a list's items joined)."""
     max_body_bytes: int = 1_000_000
+    max_request_tokens: int = 16384
+    """Rows x longest row (as tokenised and padded, each row at most ``data.max_length`` tokens) of one request;
+    more answer 413, so that one request cannot hold the model for long."""
+    header_timeout_s: float = 10.0
+    """A connection's request line and headers must arrive within this (else it is closed)."""
+    keep_alive_s: float = 5.0
+    """An idle keep-alive connection is closed after this."""
+    body_timeout_s: float = 30.0
+    """A request's body must arrive within this (408 otherwise)."""
     no_empty_text: bool = False
     text_field: str | None = None
     """The row field that ``--no-empty-text`` / ``--max-text-chars`` check (default ``text``, else the template's
@@ -39,10 +50,11 @@ class Settings:
     def check(self) -> None:
         """Raises InputError naming the flag that is out of range."""
         for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_rows", "max_text_chars",
-                     "max_body_bytes"):
+                     "max_field_chars", "max_body_bytes", "max_request_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise InputError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
-        if self.request_timeout_s <= 0:
-            raise InputError(f"--request-timeout-s must be > 0, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "header_timeout_s", "keep_alive_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

@@ -135,7 +135,8 @@ def test_endpoints_and_response(fake_server):
     # The prompt is the training formatter's: a JSON list formats like the CSV's set literal.
     csv_row = {"assessment": 4.0, "tags": "{DELIVERY}", "text": "Курьер опоздал"}
     assert format_prompt(SAMPLE_TEMPLATE, csv_row) in pred.texts
-    assert format_prompt(SAMPLE_TEMPLATE, {"assessment": 1, "tags": None, "text": "Курьер опоздал"}) in pred.texts
+    # The training CSV reads assessment as floats: a JSON 1 formats as the CSV's 1.0 (no train/serve skew).
+    assert format_prompt(SAMPLE_TEMPLATE, {"assessment": 1.0, "tags": None, "text": "Курьер опоздал"}) in pred.texts
 
     metrics = httpx.get(f"{url}/metrics").text
     for name in ("qlml_serve_requests_total", "qlml_serve_requests_in_flight", "qlml_serve_request_seconds_bucket",
