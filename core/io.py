@@ -27,6 +27,53 @@ from core.thresholds import numbered
 ID_COLUMN = "index"
 
 
+def check_out_file(path: str | Path | None, flag: str = "--out") -> None:
+    """Check, before any work, that ``path`` can be written as a file: not a folder, no part of its parent a file,
+    the nearest existing parent writable. Nothing is created.
+
+    Raises:
+        InputError: naming ``flag`` and the path.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a folder; give a file name")
+    _check_parent(path, flag)
+
+
+def check_out_dir(path: str | Path | None, flag: str = "--out-dir", must_not_exist: bool = False) -> None:
+    """Check, before any work, that ``path`` can be (or is) a folder to write into.
+
+    Raises:
+        InputError: naming ``flag`` and the path.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: is a file, not a folder")
+    if must_not_exist and path.exists():
+        raise InputError(f"{flag} {path}: already exists")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"{flag} {path}: folder is not writable")
+        return
+    _check_parent(path, flag)
+
+
+def _check_parent(path: Path, flag: str) -> None:
+    parent = path.parent
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write in {parent}")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

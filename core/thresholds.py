@@ -67,6 +67,38 @@ def fallback_name(label_names: Sequence[str], fallback: Fallback) -> str:
     return "none" if fallback is None else ARGMAX if fallback == ARGMAX else str(label_names[fallback])
 
 
+MAX_CLASS_OFFSET = 0.5
+"""Largest |class offset| a thresholds file may hold (``infer tune`` searches -0.30 .. 0.30)."""
+MAX_STEPS = 1000
+"""Most thresholds a cascade may have ((start - stop) / step + 1)."""
+
+
+def check_cascade(start, stop, step, class_offsets=None) -> None:
+    """A cascade's numbers: ``0 <= stop <= start <= 1``, ``step > 0`` with at most :data:`MAX_STEPS` thresholds,
+    every class offset finite with ``|offset| <= MAX_CLASS_OFFSET``.
+
+    Raises:
+        ValueError: naming the first value out of range.
+    """
+    for name, v in (("start", start), ("stop", stop), ("step", step)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    for name, v in (("start", start), ("stop", stop)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+    if step <= 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    if stop > start:
+        raise ValueError(f"stop ({stop}) must be <= start ({start})")
+    if (start - stop) / step + 1 > MAX_STEPS:
+        raise ValueError(f"step {step} gives more than {MAX_STEPS} thresholds from {start} to {stop}")
+    for i, v in enumerate(class_offsets or ()):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) \
+                or abs(v) > MAX_CLASS_OFFSET:
+            raise ValueError(f"class_offsets[{i}] must be a number in [-{MAX_CLASS_OFFSET}, {MAX_CLASS_OFFSET}], "
+                             f"got {v!r}")
+
+
 def cascade_steps(start: float = DEFAULT_START, stop: float = DEFAULT_STOP, step: float = DEFAULT_STEP) -> tuple:
     """Thresholds start, start-step, ... down to stop (inclusive, to within rounding)."""
     if step <= 0:
@@ -151,6 +183,9 @@ class ThresholdSpec:
     fallback: Fallback = DEFAULT_FALLBACK
     class_offsets: tuple[float, ...] | None = None
     meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        check_cascade(self.start, self.stop, self.step, self.class_offsets)
 
     @classmethod
     def from_decode(cls, label_names: Sequence[str], decode) -> ThresholdSpec:

@@ -38,7 +38,7 @@ import numpy as np
 from core.adapter import CONFIG_FILE, LABELS_FILE, AdapterRef, is_adapter_folder, read_adapter, run_adapters
 from core.config import DataArgs
 from core.errors import InputError
-from core.io import write_probs
+from core.io import check_out_file, write_probs
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +332,7 @@ def predict(adapters: Sequence[str] | str, input_csv: str | Path, out: str | Pat
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    check_out_file(out)  # before any model loads
     t0 = time.perf_counter()
     refs = collect(adapters, weights, labels_like)
     datasets = read_inputs(input_csv, refs)

@@ -7,6 +7,7 @@ import argparse
 
 from core.cli import add_verbose_argument
 from core.errors import InputError
+from core.io import check_out_file
 from core.metrics import OBJECTIVES
 from infer.blend import DEFAULT_TRIALS, run_blend
 
@@ -45,6 +46,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.n_trials < 1:
         raise InputError(f"--n-trials must be >= 1, got {args.n_trials}")
+    check_out_file(args.out)
+    check_out_file(args.out_oof, "--out-oof")
     run_blend(args.probs, args.oof, args.labels, args.out, args.out_oof, args.objective, args.n_trials,
               args.seed, args.fallback, folds=args.folds, kfolds=args.kfold, nested=not args.no_nested,
               progress=not args.no_progress, id_column=args.id_column,

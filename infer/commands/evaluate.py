@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from core.cli import add_verbose_argument
+from core.io import check_out_dir
 from infer.evaluate import evaluate
 
 
@@ -30,6 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.out_dir)
     evaluate(args.probs, args.labels, args.thresholds, args.out_dir, args.fallback, baseline=args.baseline,
              id_column=args.id_column)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from core.cli import add_verbose_argument
+from core.io import check_out_dir
 from infer.export import DEFAULT_PROBE_ROWS, DTYPES, export
 
 
@@ -30,6 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.out, "--out", must_not_exist=True)
     export(args.adapter, args.out, dtype=args.dtype, fold=args.fold, probe=args.probe,
            probe_rows=args.probe_rows, compare_4bit=not args.no_4bit_compare, device=args.device,
            base_model=args.base_model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from core.cli import add_verbose_argument
+from core.io import check_out_file
 from infer.predict import predict
 
 
@@ -29,6 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_file(args.out)  # before any model loads
     adapters = [a for value in args.adapter for a in value.split(",") if a.strip()]
     predict(adapters, args.input, args.out, weights=args.weights, batch_size=args.batch_size,
             progress=not args.no_progress, labels_like=args.labels_like, device=args.device,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from core.cli import add_verbose_argument
+from core.io import check_out_file
 from infer.submit import submit
 
 
@@ -28,5 +29,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_file(args.out)
     submit(args.probs, args.out, args.thresholds, args.fallback, args.ids, id_column=args.id_column)
     return 0

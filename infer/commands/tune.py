@@ -14,6 +14,7 @@ import argparse
 from core.cli import add_verbose_argument
 from core.decoding import STRATEGIES
 from core.errors import InputError
+from core.io import check_out_file
 from core.metrics import OBJECTIVES
 from infer.search import DEFAULT_KFOLD, DEFAULT_SHRINK, DEFAULT_TRIALS
 from infer.tune import run_tune
@@ -56,6 +57,7 @@ def run(args) -> int:
         raise InputError(f"--shrink must be >= 0, got {args.shrink}")
     if args.kfold < 2:
         raise InputError(f"--kfold must be >= 2, got {args.kfold}")
+    check_out_file(args.out)
     run_tune(args.oof, args.labels, args.out, folds=args.folds, objective=args.objective,
              n_trials=args.n_trials, seed=args.seed, fallback=args.fallback, per_class=not args.no_per_class,
              shrink=args.shrink, kfolds=args.kfold, nested=not args.no_nested, progress=not args.no_progress,
