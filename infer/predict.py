@@ -255,9 +255,11 @@ def _quiet_loading():
 def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None) -> Predictor:
     """Load the (shared) base model once and every adapter of ``refs`` onto it."""
     import torch
-    from peft import PeftModel
 
-    from core.model import load_classifier, load_tokenizer
+    from core.model import load_classifier, load_tokenizer, no_hub_kernels
+
+    no_hub_kernels()  # before peft imports bitsandbytes: no Hub kernel lookup
+    from peft import PeftModel
 
     keys = {r.base_key() for r in refs}
     if len(keys) > 1:
