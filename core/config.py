@@ -81,6 +81,10 @@ class DataArgs:
     """Optional CSV of human-readable class names (first column id, second column name)."""
     max_length: int = 256
     """Tokens; longer prompts are truncated (DLS prompts: median 40, max 127 with a Gemma tokenizer)."""
+    submission_format: Literal["ids", "names", "onehot"] = "ids"
+    """What ``infer submit`` writes after the id column: ``ids`` (a ``target`` column of space-separated class ids,
+    as DLS asks), ``names`` (a ``labels`` column of space-separated label names) or ``onehot`` (one 0/1 column per
+    label). ``infer submit --format`` overrides it."""
 
 
 @dataclass

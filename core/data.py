@@ -277,7 +277,7 @@ def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
 
 
 def read_label_descriptions(path: str | Path | None, label_names: Sequence[str]) -> dict[str, str]:
-    """Human-readable class names from a CSV like trends_description.csv (first column id, second name)."""
+    """Human-readable class names from a CSV of (class id, name) rows (data.label_names_csv)."""
     if not path:
         return {}
     path = Path(path)

@@ -190,13 +190,16 @@ def optimistic_reason(path: str | Path) -> str | None:
 
 
 def write_probs(path: str | Path, ids: Sequence, probs: np.ndarray, label_names: Sequence[str],
-                meta: dict[str, Any] | None = None) -> None:
-    """Write a probability file (and its ``.meta.json`` sidecar when ``meta`` is given), atomically."""
+                meta: dict[str, Any] | None = None, id_column: str = ID_COLUMN) -> None:
+    """Write a probability file (and its ``.meta.json`` sidecar when ``meta`` is given), atomically; its first
+    column is ``id_column`` (the run's ``data.id_column`` where known)."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.shape != (len(ids), len(label_names)):
         raise ValueError(f"probs shape {probs.shape} does not match {len(ids)} ids x {len(label_names)} labels")
     df = pd.DataFrame(probs, columns=list(label_names))
-    df.insert(0, ID_COLUMN, list(ids))
+    if id_column in df.columns:
+        raise ValueError(f"id column {id_column!r} is also a label name")
+    df.insert(0, id_column, list(ids))
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6f")
     if meta is not None:
@@ -250,8 +253,11 @@ def read_oof(path: str | Path, label_names: Sequence[str] | None = None,
 
 
 def _validate_probs(path: Path, df: pd.DataFrame, label_names: Sequence[str] | None):
-    if df.columns.size == 0 or df.columns[0] != ID_COLUMN:
-        raise InputError(f"{path}: first column must be '{ID_COLUMN}', got {list(df.columns[:1])}")
+    if df.columns.size == 0:
+        raise InputError(f"{path}: no columns; the first column must be the row id")
+    id_col = str(df.columns[0])  # the run's id column (``index`` in files of older versions)
+    if label_names is not None and id_col in set(label_names):
+        raise InputError(f"{path}: first column must be the row id, got the label {id_col!r}")
     cols = list(df.columns[1:])
     if label_names is not None:
         missing = [c for c in label_names if c not in cols]
@@ -261,8 +267,8 @@ def _validate_probs(path: Path, df: pd.DataFrame, label_names: Sequence[str] | N
                              f"extra {extra[:10]}")
         cols = list(label_names)
     if not cols:
-        raise InputError(f"{path}: no class columns after '{ID_COLUMN}'")
-    _check_ids(path, df[ID_COLUMN], ID_COLUMN)
+        raise InputError(f"{path}: no class columns after {id_col!r}")
+    _check_ids(path, df[id_col], id_col)
     values = df[cols]
     non_numeric = [c for c in cols if not pd.api.types.is_numeric_dtype(values[c])]
     if non_numeric:
@@ -274,9 +280,9 @@ def _validate_probs(path: Path, df: pd.DataFrame, label_names: Sequence[str] | N
     bad = ~np.isfinite(arr) | (arr < 0) | (arr > 1)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise InputError(f"{path}: row {r + 2} (id {py_scalar(df[ID_COLUMN].iloc[r])!r}) column {cols[c]!r}: "
+        raise InputError(f"{path}: row {r + 2} (id {py_scalar(df[id_col].iloc[r])!r}) column {cols[c]!r}: "
                          f"value {py_scalar(arr[r, c])!r} is not a probability in [0, 1]")
-    return df[ID_COLUMN].to_numpy(), arr, cols
+    return df[id_col].to_numpy(), arr, cols
 
 
 # ---------------------------------------------------------------------------------------------------------------

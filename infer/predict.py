@@ -371,7 +371,7 @@ def predict(adapters: Sequence[str] | str, input_csv: str | Path, out: str | Pat
                     "total": round(time.perf_counter() - t0, 2)},
         "rows_per_s": round(rows_per_s, 2) if rows_per_s else None,
     }
-    write_probs(out, ids, total, label_names, meta=meta)
+    write_probs(out, ids, total, label_names, meta=meta, id_column=refs[0].cfg.data.id_column)
     logger.info(f"predicted {n} rows x {len(label_names)} labels with {len(refs)} adapter(s) on {device_name} in "
                 f"{predict_s:.1f}s ({rows_per_s or 0:.1f} rows/s per adapter; model loading {load_s:.1f}s); wrote {out}")
     return meta

@@ -1,8 +1,10 @@
 """Write a competition submission from a probability file (``python -m infer submit``).
 
-The format is that of ``sample_submission.csv``: ``index,target`` where target is the space-separated class ids
-of a row (ascending; may be empty). Class id = the label's integer suffix when all labels are one prefix + an
-integer (``label7`` -> 7), else its column position. Rows keep the probability file's ids and order.
+The first column is the probability file's id column (the run's ``data.id_column``); then, by ``--format`` or the
+run's ``data.submission_format``: ``ids`` (``target``: the space-separated class ids of a row, ascending, may be
+empty; the DLS configs choose it), ``names`` (``labels``: space-separated label names) or ``onehot`` (one 0/1
+column per label). Class id = the label's integer suffix when all labels are one prefix + an integer (``label7``
+-> 7), else its column position. Rows keep the probability file's ids and order.
 
 Decoding: the tuned ``--thresholds`` (thresholds.json from ``python -m infer tune``: a cascade, or a set decoding
 with ``--strategy sets``), else the run's cascade (its ``decode`` section).
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.io import ID_COLUMN, align_ids, atomic_path, read_ids, read_probs
+from core.errors import InputError
+from core.io import align_ids, atomic_path, read_ids, read_probs
 from core.sets import SOURCES, SetDecoder, cascade_of, is_sets
 from core.thresholds import ThresholdSpec, class_ids, fallback_name
 
@@ -34,6 +37,35 @@ def targets(preds: np.ndarray, label_names: Sequence[str]) -> list[str]:
     preds = np.asarray(preds)[:, order]
     sorted_ids = cid[order]
     return [" ".join(str(i) for i in sorted_ids[np.flatnonzero(row)]) for row in preds]
+
+
+FORMATS = ("ids", "names", "onehot")
+"""Submission formats (``data.submission_format``, ``infer submit --format``)."""
+
+
+def submission_frame(id_column: str, row_ids, preds: np.ndarray, names: Sequence[str], fmt: str) -> pd.DataFrame:
+    """The submission: the id column, then ``target`` (space-separated class ids), ``labels`` (space-separated label
+    names) or one 0/1 column per label (``onehot``)."""
+    if fmt == "ids":
+        return pd.DataFrame({id_column: row_ids, "target": targets(preds, names)})
+    if fmt == "names":
+        return pd.DataFrame({id_column: row_ids,
+                             "labels": [" ".join(names[j] for j in np.flatnonzero(row)) for row in preds]})
+    if fmt == "onehot":
+        frame = pd.DataFrame(np.asarray(preds, dtype=np.int8), columns=list(names))
+        frame.insert(0, id_column, list(row_ids))
+        return frame
+    raise InputError(f"unknown submission format {fmt!r} (choose from {', '.join(FORMATS)})")
+
+
+def submission_format(probs_path, given: str | None = None) -> str:
+    """``given``, else the producing run's ``data.submission_format``, else ``ids``."""
+    if given is not None:
+        return given
+    from core.decoding import run_config_of
+
+    cfg, _ = run_config_of(probs_path)
+    return cfg.data.submission_format if cfg is not None else "ids"
 
 
 def load_decoding(probs_path, label_names: Sequence[str], thresholds=None,
@@ -61,9 +93,14 @@ def load_decoding(probs_path, label_names: Sequence[str], thresholds=None,
 
 
 def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = None, fallback=None,
-           ids: str | Path | None = None, id_column: str | None = None) -> pd.DataFrame:
-    """Validate everything, decode, then write ``out`` atomically. Returns the submission frame."""
+           ids: str | Path | None = None, id_column: str | None = None, fmt: str | None = None) -> pd.DataFrame:
+    """Validate everything, decode, then write ``out`` atomically. Returns the submission frame: the probability
+    file's id column (the run's ``data.id_column``) and ``fmt`` (:func:`submission_format`)."""
     row_ids, p, names = read_probs(probs)
+    fmt = submission_format(probs, fmt)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown submission format {fmt!r} (choose from {', '.join(FORMATS)})")
+    probs_id = str(pd.read_csv(probs, nrows=0).columns[0])
     spec = load_decoding(probs, names, thresholds, fallback)
     if list(spec.label_names) != list(names):  # same set (checked), other order: follow the thresholds
         pos = {n: j for j, n in enumerate(names)}
@@ -74,7 +111,7 @@ def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = N
 
         align_ids(probs, row_ids, ids, read_ids(ids, labels_id_column(probs, id_column)), same_order=True)
     preds, source = spec.decode_with_source(p) if is_sets(spec) else (spec.decode(p), None)
-    sub = pd.DataFrame({ID_COLUMN: row_ids, "target": targets(preds, names)})
+    sub = submission_frame(probs_id, row_ids, preds, names, fmt)
     with atomic_path(out) as tmp:
         sub.to_csv(tmp, index=False)
     per_row = preds.sum(axis=1)

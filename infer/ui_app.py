@@ -101,7 +101,7 @@ def single(backend: Backend, fields, template: str, cfg) -> None:
 
 
 def batch(backend: Backend, cfg) -> None:
-    from infer.submit import targets
+    from infer.submit import submission_frame
 
     data = backend.ref.cfg.data
     upload = st.file_uploader(f"CSV with the columns {data.id_column} and "
@@ -127,8 +127,8 @@ def batch(backend: Backend, cfg) -> None:
             return
         names = backend.label_names
         probs_df = pd.DataFrame(probs, columns=names)
-        probs_df.insert(0, "index", df[data.id_column].to_numpy())
-        sub = pd.DataFrame({"index": df[data.id_column].to_numpy(), "target": targets(preds, names)})
+        probs_df.insert(0, data.id_column, df[data.id_column].to_numpy())
+        sub = submission_frame(data.id_column, df[data.id_column].to_numpy(), preds, names, data.submission_format)
         st.session_state["csv_key"] = key
         st.session_state["csv_out"] = {"probs": probs_df.to_csv(index=False, float_format="%.6f"),
                                        "submission": sub.to_csv(index=False), "rows": len(df), "preview": sub}
