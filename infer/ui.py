@@ -45,6 +45,8 @@ APP = Path(__file__).with_name("ui_app.py")
 ARGS_ENV = "QLML_UI_ARGS"
 """Environment variable with the app's arguments (a shell-quoted string), read when ``sys.argv`` has none."""
 DEFAULT_MAX_CHARS = 250
+API_KEY_ENV = "QLML_API_KEY"
+"""The key the UI sends to its ``--api`` server (``Authorization: Bearer``), when set."""
 
 
 @dataclass
@@ -255,8 +257,10 @@ def api_predict(url: str, rows: list[dict], timeout: float = 120.0) -> list[dict
     import urllib.request
 
     body = json.dumps({"rows": rows}, default=str).encode()
-    req = urllib.request.Request(url.rstrip("/") + "/predict", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(API_KEY_ENV):  # a server started with --api-key-env
+        headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
+    req = urllib.request.Request(url.rstrip("/") + "/predict", data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             answer = json.loads(r.read().decode())

@@ -50,6 +50,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def run(args: argparse.Namespace) -> int:
     refs = collect([args.adapter])  # bad adapters fail here, before a server starts
     load_spec(refs[0], args.thresholds)
@@ -59,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         import streamlit  # noqa: F401
     except ImportError:
         raise InputError("the web UI needs streamlit (pip install streamlit)") from None
+    if args.host not in LOOPBACK:
+        print(f"warning: the UI on {args.host} has no key: anyone who can reach it can use the model; put it behind "
+              f"`infer serve --api-key-env` (docs/serving.md)", file=sys.stderr, flush=True)
     print(f"starting the UI on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
     # Become the Streamlit server (no child process): a signal to this process (Ctrl+C, a supervisor's SIGTERM, a
     # test's terminate()) then stops the server itself instead of leaving it running as an orphan.
