@@ -83,8 +83,8 @@ def run_trainer_toolkit(path: str, model_key: str, ids, labels, steps: int, warm
     from benchmarks.shapes import CONFIG_OVERRIDES, CONFIGS
     from core.config import RunConfig
     from core.model import load_classifier
-    from train.engine import build_optimizer, build_scheduler
     from train.lora import apply_lora
+    from train.optim import build_optimizer, build_scheduler
 
     cfg = RunConfig.from_yaml(CONFIGS[model_key], [f"model.name_or_path={path}", *CONFIG_OVERRIDES.get(model_key, []),
                                                    *(overrides or [])])

@@ -65,8 +65,9 @@ def run_toolkit(path: str, model_key: str, ids, labels, steps: int, warmup: int,
 
     from core.config import RunConfig
     from core.model import load_classifier
-    from train.loop import DistEnv, fit_fold
+    from train.dist import DistEnv
     from train.lora import apply_lora
+    from train.run import Fold, Rows, Run, fit
 
     over = [f"model.name_or_path={path}", "train.save_every_steps=0", "cv.folds=[0]",
             *CONFIG_OVERRIDES.get(model_key, []), *(overrides or [])]
@@ -102,16 +103,16 @@ def run_toolkit(path: str, model_key: str, ids, labels, steps: int, warmup: int,
         all_ids, all_labels = ids + val[0], np.concatenate([labels, val[1]])
         fold_of_row = np.r_[np.ones(len(ids), dtype=np.int64), np.zeros(len(val[0]), dtype=np.int64)]
     with tempfile.TemporaryDirectory() as tmp:
-        res = fit_fold(cfg, 0, model, tok, dtype, all_ids, all_labels, fold_of_row, Path(tmp), env,
-                       save_adapter=lambda *a: None, log=log)
+        rows = Rows(all_ids, all_labels, fold_of_row)
+        res = fit(Run(cfg, env), rows, Fold.cv(0, rows, Path(tmp)), model, tok, dtype, save=lambda *a: None)
     out = {"recipe": "toolkit-t4" if t4 else "toolkit", "layers": layers, "peak_gib": gpu_peak_gib(),
            "rss_gib": rss_peak_gib(), "dtype": str(dtype),
            "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
            "max_tokens_per_micro_batch": cfg.train.max_tokens_per_micro_batch,
            "grad_checkpointing": cfg.train.grad_checkpointing,
-           **summarise(res["step_log"], warmup if not epochs else 1, n_params)}
+           **summarise(res.step_log, warmup if not epochs else 1, n_params)}
     if val is not None:
-        out["val_probs"] = res["probs"].tolist()
+        out["val_probs"] = res.probs.tolist()
     return out
 
 

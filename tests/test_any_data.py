@@ -45,11 +45,13 @@ def user_csv(path: Path, label_names: list[str], n: int, seed: int, labelled: bo
     ([f"L{j:03d}" for j in range(300)], False),            # 300
 ])
 def test_train_predict_tune_submit_on_user_data(tmp_path, tiny_model, label_names, explicit, capsys):
+    from core.cli import setup_logging
     from infer.predict import predict
     from infer.submit import submit
     from infer.tune import run_tune
     from train.run import main as run_main
 
+    setup_logging()  # the run's messages on stdout, as the command line has them
     train_csv = user_csv(tmp_path / "train.csv", label_names, 48, seed=1)
     test_csv = user_csv(tmp_path / "test.csv", label_names, 12, seed=2, labelled=False)
     data = {"train_csv": str(train_csv), "id_column": "review_id", "text_template": "{title}\n\n{body}",

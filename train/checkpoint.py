@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from core.errors import InputError
@@ -27,25 +28,20 @@ FORMAT = 1
 
 @dataclass
 class Progress:
-    """Where a training run (a fold, or DAPT) is, saved with every checkpoint."""
+    """Where a training run is, saved with every checkpoint; each recipe adds its own counters in a subclass
+    (:class:`train.run.FoldProgress`, :class:`train.dapt.DaptProgress`)."""
 
     epoch: int = 0
     batch: int = 0
     """Micro-batches of the current epoch already done."""
     step: int = 0
     """Optimizer steps done."""
-    samples: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
     train_seconds: float = 0.0
-    step_log: list = field(default_factory=list)
-    """(end time, rows, real tokens, padded tokens) per optimizer step (benchmarks skip the warm-up steps)."""
-    history: list = field(default_factory=list)
-    """Per-epoch evaluation rows (classification)."""
-    best: dict | None = None
-    losses: list = field(default_factory=list)
-    """Training loss per optimizer step (DAPT)."""
-    eval_loss_start: float | None = None
+
+
+def step_seed(seed: int, fold: int, step: int, rank: int) -> int:
+    """A seed per (fold, optimizer step, rank): dropout is reproducible after a resume without saved RNG state."""
+    return int(np.random.SeedSequence([seed, fold, step, rank]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------- tensors <-> JSON
@@ -117,8 +113,10 @@ def exists(folder: Path) -> bool:
     return (Path(folder) / STATE).is_file() or (Path(folder) / "state.pt").is_file()
 
 
-def load(folder: Path, fingerprint: str) -> tuple[dict, Progress]:
-    """Read a checkpoint folder written by :func:`save` for the run ``fingerprint``.
+def load(folder: Path, fingerprint: str, progress_type: type[Progress] = Progress) -> tuple[dict, Progress]:
+    """Read a checkpoint folder written by :func:`save` for the run ``fingerprint``; the progress comes back as a
+    ``progress_type`` (a key of another recipe's progress is left out: checkpoints written before the recipes had
+    their own progress types hold every counter of both).
 
     Raises:
         InputError: an old pickle checkpoint, a missing / truncated / altered file, or a checkpoint of another run
@@ -135,9 +133,11 @@ def load(folder: Path, fingerprint: str) -> tuple[dict, Progress]:
             raise InputError(f"{folder}: incomplete checkpoint ({name} missing); remove the folder to restart")
     try:
         doc = json.loads((folder / STATE).read_text(encoding="utf-8"))
-        progress = Progress(**doc["progress"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{folder / STATE}: unreadable checkpoint state ({e}); remove the folder to restart") from None
+        known = {f.name for f in dataclasses.fields(progress_type)}
+        progress = progress_type(**{k: v for k, v in doc["progress"].items() if k in known})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{folder / STATE}: unreadable checkpoint state ({e}); remove the folder to "
+                         f"restart") from None
     if doc.get("format") != FORMAT:
         raise InputError(f"{folder / STATE}: checkpoint format {doc.get('format')!r}, expected {FORMAT}")
     if doc.get("fingerprint") != fingerprint:
@@ -166,8 +166,8 @@ RESUME_FREE = ("output_dir", "hub.", "cv.folds", "data.label_names_csv", "train.
                "train.grad_checkpointing", "train.parallel", "distill.final")
 """Settings that do not change what a run computes (save cadence, Hub, logging, which folds: more folds of the same
 split, evaluation batch size, same-gradient memory levers, adding the final distilled student): a resumed run may
-change them, and the change is recorded. Every other key (model, quantization, lora, data, decode, loss, train.lr / epochs / micro-batch / accum /
-seed ..., cv.n_folds) is refused."""
+change them, and the change is recorded. Every other key (model, quantization, lora, data, decode, loss, train.lr /
+epochs / micro-batch / accum / seed ..., cv.n_folds) is refused."""
 
 
 def flat(d: dict, prefix: str = "") -> dict:

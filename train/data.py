@@ -1,4 +1,5 @@
-"""Training data: multilabel-stratified folds, length-grouped batches, token-budget pieces, unlabelled corpora."""
+"""Training data and its order: multilabel-stratified folds, length-grouped batches, each rank's optimizer steps,
+token-budget pieces, unlabelled corpora."""
 
 from __future__ import annotations
 
@@ -52,6 +53,20 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, group_by_len
     if group_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def rank_steps(batches: Sequence[Sequence[int]], grad_accum_steps: int, rank: int,
+               world_size: int) -> tuple[list[list], list[int]]:
+    """One epoch's micro-batches as this rank's optimizer steps, and the rows of each step over all ranks.
+
+    Optimizer step g uses micro-batches ``batches[g*span:(g+1)*span]`` of all ranks together (rank r takes every
+    world_size-th), ``span = grad_accum_steps * world_size``: the same steps as one process with
+    ``grad_accum_steps * world_size``.
+    """
+    span = grad_accum_steps * world_size
+    step_rows = [sum(len(b) for b in batches[i:i + span]) for i in range(0, len(batches), span)]
+    mine = list(batches[rank::world_size])
+    return [mine[i:i + grad_accum_steps] for i in range(0, len(mine), grad_accum_steps)], step_rows
 
 
 def split_by_tokens(rows: Sequence[int], lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:

@@ -1,4 +1,6 @@
-"""Knowledge distillation from cross-validated teacher runs into a (smaller) student, with honest cross-validation.
+"""Knowledge distillation from cross-validated teacher runs into a (smaller) student, with honest cross-validation:
+the soft-target source (:class:`Distillation`) that the classification recipe (:mod:`train.run`) and the TF-IDF
+baseline (:mod:`train.tfidf_run`) train on.
 
 Usage:
     python -m train distill --config STUDENT.yaml --teacher RUN[,RUN2...] [--teacher-weights 2,1] \\
@@ -33,27 +35,40 @@ RUN/final/last`` submits with (the CV estimate is the folds').
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
+import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from core.adapter import LABELS_FILE, finished_folds
-from core.config import ConfigError, RunConfig, add_config_arguments
+from core.config import RunConfig
 from core.data import Dataset, read_csv
-from core.io import InputError, meta_path, read_probs, write_json, write_probs
-from train.loop import SoftTargets
+from core.errors import ConfigError, InputError
+from core.io import meta_path, read_probs, write_json, write_probs
+from train import tfidf
+
+logger = logging.getLogger(__name__)
 
 TEACHER_DIR = "teachers"
 FINAL_DIR = "final"
 EPS = 1e-6
+
+
+@dataclass
+class SoftTargets:
+    """Distillation targets of one model (a fold, or the final model): per-row teacher probabilities and which rows
+    have labels, over the rows it trains on (the labelled rows, then the unlabelled ones)."""
+
+    soft: np.ndarray
+    """rows x classes teacher probabilities; NaN on rows that are not trained on (the validation fold)."""
+    labelled: np.ndarray
+    """rows booleans: False for the unlabelled rows (soft term only)."""
+    alpha: float
+    """Weight of the hard-label term (see :func:`train.loss.distill_loss`)."""
 
 
 @dataclass
@@ -166,7 +181,7 @@ def read_unlabelled(cfg: RunConfig, ds: Dataset) -> Dataset | None:
     both = set(_id_strings(unl.ids)) & set(_id_strings(ds.ids))
     if both:
         raise InputError(f"{path} (distill.unlabelled_csv): {len(both)} id(s) are also labelled rows of {ds.path} "
-                         f"(e.g. {sorted(both)[0]}); an unlabelled row must not be a labelled one")
+                         f"(e.g. {min(both)}); an unlabelled row must not be a labelled one")
     return unl
 
 
@@ -184,8 +199,11 @@ def teacher_texts(teacher: Teacher, cfg: RunConfig, ds: Dataset, unl: Dataset | 
     return texts
 
 
-def predict_fold(teacher: Teacher, fold: int, texts: list[str], device: torch.device) -> np.ndarray:
-    """Probabilities of the teacher run's fold-``fold`` adapter for ``texts`` (rows x classes)."""
+def predict_fold(teacher: Teacher, fold: int, texts: list[str], device) -> np.ndarray:
+    """Probabilities of the teacher run's fold-``fold`` adapter for ``texts`` (rows x classes) on ``device``."""
+    import gc
+
+    import torch
     from peft import PeftModel
 
     from core.adapter import read_adapter
@@ -194,7 +212,8 @@ def predict_fold(teacher: Teacher, fold: int, texts: list[str], device: torch.de
 
     ref = read_adapter(teacher.path / f"fold_{fold}" / teacher.cfg.train.keep)
     base = resolve_model_path(ref.cfg.model, log=lambda m: None)
-    model, base_tok, dtype = load_classifier(base, len(ref.label_names), ref.cfg.model, ref.cfg.quantization, device)
+    model, base_tok, dtype = load_classifier(base, len(ref.label_names), ref.cfg.model, ref.cfg.quantization,
+                                             torch.device(device))
     tok = load_tokenizer(str(ref.folder)) if (ref.folder / "tokenizer_config.json").is_file() else base_tok
     model = PeftModel.from_pretrained(model, str(ref.folder), is_trainable=False)
     token_ids = tokenize(texts, tok, ref.cfg.data.max_length)
@@ -208,18 +227,17 @@ def predict_fold(teacher: Teacher, fold: int, texts: list[str], device: torch.de
 
 
 def teacher_fold_probs(teacher: Teacher, fold: int, texts: list[str], labels: np.ndarray, fold_of_row: np.ndarray,
-                       rows: np.ndarray, device: torch.device, final: bool = False) -> np.ndarray:
+                       rows: np.ndarray, device, final: bool = False) -> np.ndarray:
     """The teacher's fold-``fold`` model's probabilities for ``rows`` (indices into labelled + unlabelled rows;
     ``fold_of_row``: -1 for unlabelled rows). Never a model that saw fold ``fold``'s labels. A student fold never
     trains on fold ``fold``'s rows, so asking for them is an error unless ``final`` (the all-rows student)."""
     if fold in fold_of_row[rows] and not final:
         raise ValueError(f"fold {fold}: its own rows get no teacher targets")
     if teacher.kind == "tfidf":
-        from train.tfidf import fit_predict
-
         texts_arr = np.asarray(texts, dtype=object)
         fit_rows = np.flatnonzero((fold_of_row != fold) & (fold_of_row >= 0))
-        return fit_predict(texts_arr[fit_rows], labels[fit_rows], texts_arr[rows], teacher.c, teacher.cfg.train.seed)
+        return tfidf.fit_predict(texts_arr[fit_rows], labels[fit_rows], texts_arr[rows], teacher.c,
+                                 teacher.cfg.train.seed)
     return predict_fold(teacher, fold, [texts[i] for i in rows], device)
 
 
@@ -244,185 +262,151 @@ def check_cached(path: Path, teacher: Teacher) -> None:
                          f"{teacher.index} is {teacher.path} ({teacher.kind}); remove the file to recompute it")
 
 
-def copy_cached(src: str | Path, tdir: Path, teachers: list[Teacher], log=print) -> None:
-    """Copy the target files of ``teachers`` (by position) from another run's ``teachers/`` folder
-    (``--targets-from``) into ``tdir``; :func:`prepare_targets` then checks each against its teacher and rows."""
-    src = Path(src)
-    files = [f for t in teachers for f in sorted(src.glob(f"t{t.index}_fold_*.csv")) + [src / f"t{t.index}_final.csv"]
-             if f.is_file()]
-    if not files:
-        raise InputError(f"--targets-from {src}: no teacher target files (t<j>_fold_<k>.csv) there")
-    tdir.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        if not (tdir / f.name).exists():
-            shutil.copyfile(f, tdir / f.name)
-            if meta_path(f).is_file():
-                shutil.copyfile(meta_path(f), meta_path(tdir / f.name))
-    log(f"distill: {len(files)} cached teacher target file(s) from {src}")
+@dataclass
+class Distillation:
+    """The soft-target source of a distilled run: its validated teachers and unlabelled rows, over the rows the
+    student trains on (the labelled rows, then the unlabelled ones, in no fold).
 
-
-def prepare_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher], ds: Dataset, unl: Dataset | None,
-                    fold_of_row: np.ndarray, folds: list[int], env, log=print) -> dict[int, SoftTargets]:
-    """Soft targets of each of ``folds`` over the labelled + unlabelled rows, from the teachers' fold models.
-
-    Rank 0 computes what ``run_dir/teachers/`` does not hold yet and writes it; every rank then reads the files
-    (the targets a resumed run uses are the ones the first run wrote).
+    The classification recipe (:mod:`train.run`) trains fold k on :meth:`fold_targets` and the final model on
+    :meth:`final_targets`; the TF-IDF student (:mod:`train.tfidf_run`) fits on the same targets. The teachers'
+    probabilities are written to ``run_dir/teachers/`` and read back from there, so that a resumed run uses the
+    targets the first run wrote.
     """
-    n_lab = len(ds.ids)
-    ids = np.concatenate([ds.ids, unl.ids]) if unl is not None else ds.ids
-    folds_all = np.concatenate([fold_of_row, np.full(len(ids) - n_lab, -1)])
-    labelled = np.arange(len(ids)) < n_lab
-    labels_all = np.zeros((len(ids), len(ds.label_names)), dtype=ds.labels.dtype)
-    labels_all[:n_lab] = ds.labels
-    tdir = run_dir / TEACHER_DIR
-    if env.is_main:
-        texts = {}
+
+    cfg: RunConfig
+    ds: Dataset
+    fold_of_row: np.ndarray
+    """The fold of each labelled row (the student's split)."""
+    teachers: list[Teacher]
+    unlabelled: Dataset | None
+
+    @classmethod
+    def read(cls, cfg: RunConfig, ds: Dataset, fold_of_row: np.ndarray, folds: list[int]) -> Distillation:
+        """Validate ``cfg.distill``'s teachers for ``folds`` (:func:`read_teachers`) and read its unlabelled rows,
+        before anything is written."""
+        return cls(cfg, ds, fold_of_row, read_teachers(cfg, ds, fold_of_row, folds), read_unlabelled(cfg, ds))
+
+    @property
+    def n_unlabelled(self) -> int:
+        return 0 if self.unlabelled is None else len(self.unlabelled.ids)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The ids of the labelled, then the unlabelled rows."""
+        return np.concatenate([self.ds.ids, self.unlabelled.ids]) if self.unlabelled is not None else self.ds.ids
+
+    @property
+    def folds_all(self) -> np.ndarray:
+        """The fold of each labelled row, then -1 for each unlabelled row."""
+        return np.concatenate([self.fold_of_row, np.full(self.n_unlabelled, -1)])
+
+    @property
+    def labels_all(self) -> np.ndarray:
+        """The labels of the labelled rows, then zeros for the unlabelled rows."""
+        ds = self.ds
+        return np.concatenate([ds.labels, np.zeros((self.n_unlabelled, len(ds.label_names)), ds.labels.dtype)])
+
+    def copy_cached(self, src: str | Path, tdir: Path) -> None:
+        """Copy the target files of the teachers (by position) from another run's ``teachers/`` folder
+        (``--targets-from``) into ``tdir``; :meth:`fold_targets` then checks each against its teacher and rows."""
+        src = Path(src)
+        files = [f for t in self.teachers
+                 for f in sorted(src.glob(f"t{t.index}_fold_*.csv")) + [src / f"t{t.index}_final.csv"] if f.is_file()]
+        if not files:
+            raise InputError(f"--targets-from {src}: no teacher target files (t<j>_fold_<k>.csv) there")
+        tdir.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if not (tdir / f.name).exists():
+                shutil.copyfile(f, tdir / f.name)
+                if meta_path(f).is_file():
+                    shutil.copyfile(meta_path(f), meta_path(tdir / f.name))
+        logger.info(f"distill: {len(files)} cached teacher target file(s) from {src}")
+
+    def fold_targets(self, run_dir: Path, folds: list[int], env) -> dict[int, SoftTargets]:
+        """Soft targets of each of ``folds`` over the labelled + unlabelled rows, from the teachers' fold models.
+
+        Rank 0 computes what ``run_dir/teachers/`` does not hold yet and writes it; every rank then reads the files
+        (``env``: a :class:`train.dist.DistEnv`).
+        """
+        cfg, ds, teachers = self.cfg, self.ds, self.teachers
+        ids, folds_all, labels_all = self.ids, self.folds_all, self.labels_all
+        labelled = np.arange(len(ids)) < len(ds.ids)
+        tdir = run_dir / TEACHER_DIR
+        if env.is_main:
+            texts = {}
+            for fold in folds:
+                rows = np.flatnonzero(folds_all != fold)
+                for t in teachers:
+                    path = tdir / f"t{t.index}_fold_{fold}.csv"
+                    if path.is_file():
+                        check_cached(path, t)
+                        continue
+                    if t.index not in texts:
+                        texts[t.index] = teacher_texts(t, cfg, ds, self.unlabelled)
+                    logger.info(f"distill: teacher {t.index} ({t.kind} {t.path}) fold-{fold} model scores "
+                                f"{len(rows)} rows")
+                    p = teacher_fold_probs(t, fold, texts[t.index], labels_all, folds_all, rows, env.device)
+                    write_probs(path, ids[rows], p, ds.label_names,
+                                meta={"kind": "distillation targets", **t.describe([fold]), "fold": fold,
+                                      "rows_labelled": int(labelled[rows].sum()),
+                                      "rows_unlabelled": int((~labelled[rows]).sum())})
+        env.barrier()
+        out = {}
         for fold in folds:
             rows = np.flatnonzero(folds_all != fold)
+            probs = []
             for t in teachers:
                 path = tdir / f"t{t.index}_fold_{fold}.csv"
+                got_ids, p, _ = read_probs(path, ds.label_names)
+                if not np.array_equal(_id_strings(got_ids), _id_strings(ids[rows])):
+                    raise InputError(f"{path}: targets for other rows than fold {fold}'s training rows; the data "
+                                     f"changed since this run started (start a new run with --set output_dir=...)")
+                probs.append(p)
+            soft = np.full((len(ids), len(ds.label_names)), np.nan, dtype=np.float32)
+            soft[rows] = combine(probs, [t.weight for t in teachers], cfg.distill.temperature)
+            out[fold] = SoftTargets(soft=soft, labelled=labelled, alpha=cfg.distill.alpha)
+        return out
+
+    def final_targets(self, run_dir: Path, env) -> SoftTargets:
+        """Soft targets of the final student over every labelled + unlabelled row: per teacher the mean of its fold
+        models' probabilities (fold k's on its own rows too: there is no held-out fold left to leak into)."""
+        cfg, ds, teachers = self.cfg, self.ds, self.teachers
+        ids, folds_all, labels_all = self.ids, self.folds_all, self.labels_all
+        rows = np.arange(len(ids))
+        tdir = run_dir / TEACHER_DIR
+        if env.is_main:
+            for t in teachers:
+                path = tdir / f"t{t.index}_final.csv"
                 if path.is_file():
                     check_cached(path, t)
                     continue
-                if t.index not in texts:
-                    texts[t.index] = teacher_texts(t, cfg, ds, unl)
-                log(f"distill: teacher {t.index} ({t.kind} {t.path}) fold-{fold} model scores {len(rows)} rows")
-                p = teacher_fold_probs(t, fold, texts[t.index], labels_all, folds_all, rows, env.device)
-                write_probs(path, ids[rows], p, ds.label_names,
-                            meta={"kind": "distillation targets", **t.describe([fold]), "fold": fold,
-                                  "rows_labelled": int(labelled[rows].sum()),
-                                  "rows_unlabelled": int((~labelled[rows]).sum())})
-    env.barrier()
-    out = {}
-    for fold in folds:
-        rows = np.flatnonzero(folds_all != fold)
+                texts = teacher_texts(t, cfg, ds, self.unlabelled)
+                per_fold = []
+                for fold in range(cfg.cv.n_folds):
+                    logger.info(f"distill (final): teacher {t.index} fold-{fold} model scores all {len(rows)} rows")
+                    per_fold.append(teacher_fold_probs(t, fold, texts, labels_all, folds_all, rows, env.device,
+                                                       final=True))
+                write_probs(path, ids, np.mean(per_fold, axis=0), ds.label_names,
+                            meta={"kind": "distillation targets of the final student (fold models averaged)",
+                                  **t.describe(list(range(cfg.cv.n_folds)))})
+        env.barrier()
         probs = []
         for t in teachers:
-            path = tdir / f"t{t.index}_fold_{fold}.csv"
-            got_ids, p, _ = read_probs(path, ds.label_names)
-            if not np.array_equal(_id_strings(got_ids), _id_strings(ids[rows])):
-                raise InputError(f"{path}: targets for other rows than fold {fold}'s training rows; the data "
-                                 f"changed since this run started (start a new run with --set output_dir=...)")
-            probs.append(p)
-        soft = np.full((len(ids), len(ds.label_names)), np.nan, dtype=np.float32)
-        soft[rows] = combine(probs, [t.weight for t in teachers], cfg.distill.temperature)
-        out[fold] = SoftTargets(soft=soft, labelled=labelled, alpha=cfg.distill.alpha)
-    return out
-
-
-def prepare_final_targets(cfg: RunConfig, run_dir: Path, teachers: list[Teacher], ds: Dataset,
-                          unl: Dataset | None, fold_of_row: np.ndarray, env, log=print) -> SoftTargets:
-    """Soft targets of the final student over every labelled + unlabelled row: per teacher the mean of its fold
-    models' probabilities (fold k's on its own rows too: there is no held-out fold left to leak into)."""
-    n_lab = len(ds.ids)
-    ids = np.concatenate([ds.ids, unl.ids]) if unl is not None else ds.ids
-    folds_all = np.concatenate([fold_of_row, np.full(len(ids) - n_lab, -1)])
-    labels_all = np.zeros((len(ids), len(ds.label_names)), dtype=ds.labels.dtype)
-    labels_all[:n_lab] = ds.labels
-    rows = np.arange(len(ids))
-    tdir = run_dir / TEACHER_DIR
-    if env.is_main:
-        for t in teachers:
             path = tdir / f"t{t.index}_final.csv"
-            if path.is_file():
-                check_cached(path, t)
-                continue
-            texts = teacher_texts(t, cfg, ds, unl)
-            per_fold = []
-            for fold in range(cfg.cv.n_folds):
-                log(f"distill (final): teacher {t.index} fold-{fold} model scores all {len(rows)} rows")
-                per_fold.append(teacher_fold_probs(t, fold, texts, labels_all, folds_all, rows, env.device,
-                                                   final=True))
-            write_probs(path, ids, np.mean(per_fold, axis=0), ds.label_names,
-                        meta={"kind": "distillation targets of the final student (fold models averaged)",
-                              **t.describe(list(range(cfg.cv.n_folds)))})
-    env.barrier()
-    probs = []
-    for t in teachers:
-        path = tdir / f"t{t.index}_final.csv"
-        got_ids, p, _ = read_probs(path, ds.label_names)
-        if not np.array_equal(_id_strings(got_ids), _id_strings(ids)):
-            raise InputError(f"{path}: targets for other rows than the final student's; the data changed since this "
-                             f"run started")
-        probs.append(p)
-    soft = combine(probs, [t.weight for t in teachers], cfg.distill.temperature).astype(np.float32)
-    return SoftTargets(soft=soft, labelled=rows < n_lab, alpha=cfg.distill.alpha)
+            got_ids, p, _ = read_probs(path, ds.label_names)
+            if not np.array_equal(_id_strings(got_ids), _id_strings(ids)):
+                raise InputError(f"{path}: targets for other rows than the final student's; the data changed since "
+                                 f"this run started")
+            probs.append(p)
+        soft = combine(probs, [t.weight for t in teachers], cfg.distill.temperature).astype(np.float32)
+        return SoftTargets(soft=soft, labelled=rows < len(ds.ids), alpha=cfg.distill.alpha)
 
-
-def provenance(cfg: RunConfig, teachers: list[Teacher], folds: list[int], unlabelled_rows: int,
-               run_dir: Path | None = None) -> dict:
-    """What a distilled run and its adapters record about their teachers (also written to
-    ``run_dir/teachers/teachers.json`` when ``run_dir`` is given)."""
-    d = cfg.distill
-    out = {"teachers": [t.describe(folds) for t in teachers], "alpha": d.alpha, "temperature": d.temperature,
-           "unlabelled_csv": d.unlabelled_csv, "unlabelled_rows": unlabelled_rows}
-    if run_dir is not None:
-        write_json(run_dir / TEACHER_DIR / "teachers.json", out)
-    return out
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{what} must be comma-separated numbers, got {text!r}") from None
-
-
-def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
-    """``--teacher``, ``--teacher-weights``, ``--unlabelled``: the ``distill`` section from the command line (``train
-    distill`` and ``train tfidf``)."""
-    p.add_argument("--teacher", help="teacher run folder(s), comma-separated (sets distill.teachers)")
-    p.add_argument("--teacher-weights", help="one weight per teacher, comma-separated (distill.teacher_weights)")
-    p.add_argument("--unlabelled", help="CSV of unlabelled rows for the soft term (distill.unlabelled_csv)")
-
-
-def teacher_overrides(args) -> list[str]:
-    """``--set`` overrides of ``args.overrides`` followed by those of :func:`add_teacher_arguments`."""
-    overrides = list(args.overrides)
-    if args.teacher:
-        overrides.append("distill.teachers=" + json.dumps([t for t in args.teacher.split(",") if t.strip()]))
-    if args.teacher_weights:
-        overrides.append("distill.teacher_weights=" + json.dumps(_floats(args.teacher_weights, "--teacher-weights")))
-    if args.unlabelled:
-        overrides.append("distill.unlabelled_csv=" + json.dumps(args.unlabelled))
-    return overrides
-
-
-def main(argv: list[str] | None = None, callbacks=None) -> int:
-    """``python -m train distill``: a student run with ``distill.*`` from the command line (see the module doc)."""
-    p = argparse.ArgumentParser(prog="python -m train distill", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
-    add_teacher_arguments(p)
-    p.add_argument("--final", action="store_true", help="also train the final student on every row, fold-averaged "
-                   "teachers (distill.final; RUN/final/last)")
-    p.add_argument("--resume", action="store_true", help="continue the student run in output_dir")
-    args = p.parse_args(argv)
-    try:
-        overrides = teacher_overrides(args)
-        if args.final:
-            overrides.append("distill.final=true")
-        cfg = RunConfig.from_yaml(args.config, overrides)
-        if args.print_config:
-            print(cfg.to_yaml())
-            return 0
-        if not cfg.distill.teachers:
-            raise InputError("python -m train distill needs --teacher RUN[,RUN2...] (or distill.teachers)")
-        from train.run import main as run_main
-
-        run_main(cfg, resume=args.resume, callbacks=callbacks)
-    except (ConfigError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # TrainingError: one clear line
-        from core.errors import TrainingError
-
-        if isinstance(e, TrainingError):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def provenance(self, folds: list[int], run_dir: Path | None = None) -> dict:
+        """What a distilled run and its adapters record about their teachers (also written to
+        ``run_dir/teachers/teachers.json`` when ``run_dir`` is given)."""
+        d = self.cfg.distill
+        out = {"teachers": [t.describe(folds) for t in self.teachers], "alpha": d.alpha,
+               "temperature": d.temperature, "unlabelled_csv": d.unlabelled_csv, "unlabelled_rows": self.n_unlabelled}
+        if run_dir is not None:
+            write_json(run_dir / TEACHER_DIR / "teachers.json", out)
+        return out

@@ -1,121 +1,161 @@
-"""Cross-validated training: validate everything, then fold by fold fit -> save adapters -> out-of-fold probabilities."""
+"""Cross-validated classification training, the recipe behind ``python -m train``.
+
+Read top to bottom, :func:`train_cv` validates every input before anything is written, writes the run folder, then
+trains fold after fold (:func:`train_fold`: the 4-bit model with LoRA and a score head, then the step loop of
+:func:`fit`: batch, forward, loss, backward, clip + optimizer step + LR schedule, checkpoint; at each epoch's end
+evaluation on the held-out fold and the ``last`` / ``best`` adapters), and ends with the out-of-fold probabilities
+and the summary (:func:`write_summary`). A distilled run hands it soft targets per fold (:class:`train.distill
+.Distillation`); its final model on every row is its own call (:func:`train_final`).
+
+The parts below it: :mod:`train.data` (folds, batch order), :mod:`train.lora`, :mod:`train.loss`,
+:mod:`train.optim` (optimizer, schedule), :mod:`train.checkpoint`, :mod:`train.dist` (torchrun),
+:mod:`train.evaluation` and :mod:`train.run_dir` (what a resume may change). The command line:
+:mod:`train.commands.cv`.
+"""
 
 from __future__ import annotations
 
 import gc
 import json
+import logging
+import math
 import shutil
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from core.adapter import save_adapter
-from core.config import ConfigError, RunConfig
-from core.data import read_csv, read_label_descriptions, tokenize
-from core.io import OPTIMISTIC_KEY, InputError, keep_best_reason, versions, write_json, write_probs, write_text
+from core.config import RunConfig
+from core.data import Dataset, collate, read_csv, read_label_descriptions, tokenize
+from core.errors import ConfigError, InputError, TrainingError
+from core.io import OPTIMISTIC_KEY, atomic_path, keep_best_reason, versions, write_json, write_probs
 from core.metrics import scores
-from core.model import load_classifier, load_tokenizer, resolve_model_path
+from core.model import autocast, input_device, load_classifier, load_tokenizer, predict_probs, resolve_model_path
 from core.thresholds import ThresholdSpec, threshold
 from train import checkpoint
-from train.data import make_folds
-from train.engine import Callbacks
-from train.loop import device_map_for, fit_fold, fold_decoding, setup_dist, write_fold_metrics
+from train.callbacks import Callbacks
+from train.checkpoint import Progress, step_seed
+from train.data import batch_order, make_folds, rank_steps, split_by_tokens
+from train.dist import DistEnv, allreduce_grads, broadcast_trainable, check_finite, device_map_for, setup_dist
+from train.distill import FINAL_DIR, Distillation, SoftTargets
+from train.evaluation import evaluate, fold_decoding, selection_key
 from train.lora import apply_lora, count_parameters
+from train.loss import distill_loss, multilabel_loss, pos_weight_from_labels
+from train.optim import Optimization
+from train.run_dir import BackgroundPush, check_resume, check_run_dir, run_fingerprint, write_run_files
 
-LAUNCH_FILE = "launch.json"
-"""How the run was launched (world size): a resume must use the same."""
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
+logger = logging.getLogger(__name__)
 
 
-def check_run_dir(run_dir: Path, resume: bool, label_names: list[str]) -> None:
-    """Refuse to mix runs: a used output_dir needs --resume, and a resumed run must have the same labels."""
-    used = run_dir.exists() and any(run_dir.iterdir())
-    if used and not resume:
-        raise InputError(f"output_dir {run_dir} already holds a run; pass --resume to continue it, "
-                         f"or choose another with --set output_dir=...")
-    if resume and (run_dir / "label_names.json").is_file():
-        saved = json.loads((run_dir / "label_names.json").read_text())["label_names"]
-        if saved != label_names:
-            raise InputError(f"{run_dir / 'label_names.json'}: the run was trained on {len(saved)} labels "
-                             f"({saved[:3]}...), the data has {len(label_names)} ({label_names[:3]}...)")
+@dataclass
+class Rows:
+    """The rows the models of a run train on: the labelled rows, then (distillation) the unlabelled ones."""
+
+    token_ids: list[list[int]]
+    labels: np.ndarray
+    """rows x classes 0/1 (zeros on unlabelled rows)."""
+    fold_of_row: np.ndarray
+    """The fold of each row; -1: in no fold (an unlabelled row is trained on in every fold, never evaluated)."""
 
 
-def check_resume(run_dir: Path, cfg: RunConfig, world_size: int) -> list:
-    """A resumed run must compute what the run in ``run_dir`` computes: refuse every changed setting that changes the
-    result (naming each, old -> new); return the allowed changes (:data:`train.checkpoint.RESUME_FREE`)."""
-    saved_path = run_dir / "run_config.yaml"
-    if not saved_path.is_file():
-        return []
-    try:
-        saved = RunConfig.from_yaml(saved_path).to_dict()
-    except ConfigError as e:
-        raise InputError(f"cannot --resume: {e}") from None
-    refused, allowed = checkpoint.changes(saved, cfg.to_dict())
-    launch = run_dir / LAUNCH_FILE
-    if launch.is_file():
-        was = json.loads(launch.read_text()).get("world_size")
-        if was != world_size:
-            refused.append(("world size", was, world_size))
-    if refused:
-        raise InputError(f"{run_dir}: cannot --resume: these settings change what the run computes: "
-                         f"{checkpoint.describe(refused)} (put them back, or start a new run with "
-                         f"--set output_dir=...)")
-    return allowed
+@dataclass
+class Fold:
+    """One model to train: a cross-validation fold, or the final model (every row, nothing held out)."""
+
+    index: int
+    """The fold; seeds the head init, the dropout and the checkpoint (the final model: ``cv.n_folds``)."""
+    name: str
+    """In messages and progress bars: ``fold 2``, ``final student``."""
+    folder: Path
+    train_idx: np.ndarray
+    """Positions in :class:`Rows` trained on."""
+    val_idx: np.ndarray
+    """Positions in :class:`Rows` held out and evaluated after each epoch (none for the final model)."""
+    targets: SoftTargets | None = None
+    """Distillation: the teachers' soft targets over the rows."""
+    adapter_info: dict = field(default_factory=dict)
+    """What each adapter's ``adapter_info.json`` says about the model (``fold``; ``final``)."""
+
+    @classmethod
+    def cv(cls, k: int, rows: Rows, folder: Path, targets: SoftTargets | None = None) -> Fold:
+        """Fold ``k``: trained on every row outside it, evaluated on its own rows."""
+        return cls(k, f"fold {k}", folder, train_idx=np.flatnonzero(rows.fold_of_row != k),
+                   val_idx=np.flatnonzero(rows.fold_of_row == k), targets=targets, adapter_info={"fold": k})
 
 
-def record_resume(run_dir: Path, allowed: list) -> None:
-    """Append the allowed changes of a resume to ``run_dir/resume_log.json``."""
-    path = run_dir / "resume_log.json"
-    entries = json.loads(path.read_text()) if path.is_file() else []
-    entries.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "changed": {k: {"old": old, "new": new} for k, old, new in allowed}})
-    write_json(path, entries)
+@dataclass
+class FoldProgress(Progress):
+    """Where a fold's training is (saved with every checkpoint)."""
+
+    samples: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    step_log: list = field(default_factory=list)
+    """(end time, rows, real tokens, padded tokens) per optimizer step (benchmarks skip the warm-up steps)."""
+    history: list = field(default_factory=list)
+    """Per-epoch evaluation rows."""
+    best: dict | None = None
 
 
-# Keys added after classification checkpoints existed (DAPT's fingerprint has always held decode.strategy).
-LATER_DEFAULTS = {**checkpoint.LATER_DEFAULTS, "decode.strategy": "cascade"}
+@dataclass
+class FoldResult:
+    """A trained fold: what ``fold_K/metrics.json`` holds, then its held-out rows and their probabilities."""
+
+    fold: int
+    history: list
+    best: dict | None
+    steps: int
+    samples: int
+    real_tokens: int
+    padded_tokens: int
+    train_seconds: float
+    val_index: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    """The kept adapter's (``train.keep``) probabilities of ``val_index`` (rank 0 only)."""
+    step_log: list = field(default_factory=list)
+    """(end time, rows, real tokens, padded tokens) per optimizer step of this call (not in ``metrics.json``)."""
+
+    METRICS = ("fold", "history", "best", "steps", "samples", "real_tokens", "padded_tokens", "train_seconds")
+
+    def metrics(self) -> dict:
+        """The contents of ``metrics.json``."""
+        return {k: getattr(self, k) for k in self.METRICS}
+
+    @classmethod
+    def load(cls, folder: Path, val_index: np.ndarray, keep: str) -> FoldResult:
+        """A fold finished earlier: its ``metrics.json`` and the kept adapter's validation probabilities."""
+        saved = json.loads((folder / "metrics.json").read_text())
+        return cls(**{k: saved[k] for k in cls.METRICS}, val_index=val_index,
+                   probs=np.load(folder / f"val_probs_{keep}.npy"))
 
 
-def run_fingerprint(cfg: RunConfig) -> str:
-    """What every checkpoint of this run must agree on: the settings a resume may not change."""
-    return checkpoint.fingerprint(checkpoint.result_settings(cfg.to_dict(), later=LATER_DEFAULTS))
+@dataclass
+class Run:
+    """What every model of a run shares."""
+
+    cfg: RunConfig
+    env: DistEnv
+    decode: ThresholdSpec | None = None
+    """The run's cascade; None: the config's steps with an argmax fallback (callers without label names)."""
+    fingerprint: str = ""
+    """What every checkpoint of the run agrees on (:func:`train.run_dir.run_fingerprint`)."""
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    push: Callable[[], object] | None = None
+    """Rank 0, after each checkpoint: send the run folder to the Hub."""
+    model_path: str = ""
+    label_names: list[str] = field(default_factory=list)
+    descriptions: dict = field(default_factory=dict)
+    adapter_info: dict = field(default_factory=dict)
+    """Written into every adapter's ``adapter_info.json`` (distillation's provenance)."""
 
 
-class BackgroundPush:
-    """Hub checkpoint pushes on a worker thread, so a slow upload cannot stall the ranks past their collective
-    timeout. A push asked for while one is still running is skipped (the next one carries the newer state); a
-    failed push is reported by :func:`core.hub.push_checkpoint` and training goes on; :meth:`close` waits for the
-    last one."""
-
-    def __init__(self, push, log=print):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._push, self._log = push, log
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
-        self._running = None
-
-    def __call__(self) -> bool:
-        if self._running is not None and not self._running.done():
-            self._log("hub: the previous checkpoint push is still running; this one is skipped")
-            return False
-        self._running = self._pool.submit(self._guarded)
-        return True
-
-    def _guarded(self):
-        try:
-            return self._push()
-        except Exception as e:  # noqa: BLE001 - never let an upload kill training
-            self._log(f"warning: checkpoint push failed ({type(e).__name__}: {e}); training goes on")
-            return False
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+# --------------------------------------------------------------------------------------------------------- the run
 
 
 def main(cfg: RunConfig, resume: bool = False, callbacks: Callbacks | None = None) -> dict:
@@ -128,17 +168,19 @@ def main(cfg: RunConfig, resume: bool = False, callbacks: Callbacks | None = Non
     run_dir = Path(cfg.output_dir)
     existed = run_dir.exists()
     try:
-        return _main(cfg, resume, callbacks)
+        return train_cv(cfg, resume, callbacks or Callbacks())
     except (ConfigError, InputError):
         if not existed and run_dir.is_dir() and not any(run_dir.glob("fold_*/metrics.json")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> dict:
+def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
+    """The recipe (see the module doc); :func:`main` wraps it."""
     t_start = time.time()
     env = setup_dist(cfg.train.parallel)
-    # 1. Validate inputs before anything is written.
+    run_dir = Path(cfg.output_dir)
+    # 1. Validate every input before anything is written.
     ds = read_csv(cfg.data.train_csv, cfg.data)
     label_names = ds.label_names
     if cfg.model.num_labels is not None and cfg.model.num_labels != len(label_names):
@@ -149,137 +191,290 @@ def _main(cfg: RunConfig, resume: bool, callbacks: Callbacks | None = None) -> d
     except ValueError as e:
         raise ConfigError(f"decode.fallback: {e}") from None
     descriptions = read_label_descriptions(cfg.data.label_names_csv, label_names)
-    run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, label_names)
     allowed = check_resume(run_dir, cfg, env.world_size) if resume else []
     env.barrier()  # DDP: every rank checks output_dir before rank 0 creates it
-    model_path = resolve_model_path(cfg.model, log=log if env.is_main else (lambda m: None))
+    model_path = resolve_model_path(cfg.model, log=logger.info if env.is_main else (lambda m: None))
     tokenizer = load_tokenizer(model_path)
     token_ids = tokenize(ds.texts, tokenizer, cfg.data.max_length)
     fold_of_row = make_folds(ds.labels, cfg.cv.n_folds, cfg.split_seed)
     folds = cfg.cv.folds if cfg.cv.folds is not None else list(range(cfg.cv.n_folds))
-    lengths = np.array([len(t) for t in token_ids])
-    teachers, unl = None, None
-    if cfg.distill.teachers:  # distillation: validate the teachers (folds, labels, fold models) before writing
-        from train import distill
-
-        teachers = distill.read_teachers(cfg, ds, fold_of_row, folds)
-        unl = distill.read_unlabelled(cfg, ds)
+    # Distillation: the teachers (folds, labels, fold models) and the unlabelled rows are checked here too.
+    soft = Distillation.read(cfg, ds, fold_of_row, folds) if cfg.distill.teachers else None
     if env.is_main:
-        if cfg.data.label_columns is None and cfg.data.label_prefix is None:
-            log(f"label columns detected (only 0/1 values; set data.label_columns to choose): {label_names}")
-        log(f"data: {len(ds.ids)} rows x {len(label_names)} labels from {ds.path}; tokens median "
-            f"{int(np.median(lengths))}, max {lengths.max()} (max_length {cfg.data.max_length}); "
-            f"folds {folds} of {cfg.cv.n_folds}; world size {env.world_size} on {env.device}")
-        log(cfg.to_yaml())
+        log_start(cfg, ds, token_ids, folds, env)
 
-    # 2. The run folder: config, labels and fold assignment first, so a resumed run can check them.
+    # 2. The run folder: config, labels and fold assignment first, so that a resumed run can check them.
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        folds_csv = run_dir / "folds.csv"
-        if folds_csv.is_file():
-            saved = pd.read_csv(folds_csv)
-            if not (np.array_equal(saved["fold"].to_numpy(), fold_of_row)
-                    and np.array_equal(saved["index"].astype(str).to_numpy(), ds.ids.astype(str))):
-                raise InputError(f"{folds_csv}: the data or cv settings changed since this run started")
-        else:
-            with_folds = pd.DataFrame({"index": ds.ids, "fold": fold_of_row})
-            write_text(folds_csv, with_folds.to_csv(index=False))
-        if allowed:
-            log(f"resume: allowed changes (recorded in resume_log.json): {checkpoint.describe(allowed)}")
-            record_resume(run_dir, allowed)
-        write_text(run_dir / "run_config.yaml", cfg.to_yaml())
-        write_json(run_dir / LAUNCH_FILE, {"world_size": env.world_size})
-        write_json(run_dir / "label_names.json", {"label_names": label_names, "descriptions": descriptions})
+        write_run_files(run_dir, cfg, ds, fold_of_row, descriptions, allowed, env.world_size)
     env.barrier()
     push = None
     if cfg.hub.push_checkpoints_to and env.is_main:  # Kaggle's 12-hour limit: the next session resumes from the Hub
         from core.hub import push_checkpoint
 
-        push = BackgroundPush(lambda: push_checkpoint(run_dir, cfg.hub.push_checkpoints_to, private=cfg.hub.private),
-                              log=log)
-    fingerprint = run_fingerprint(cfg)
-    # The rows fit_fold trains on: the labelled rows, then (distillation) the unlabelled ones in no fold (-1).
-    train_ids, train_labels, train_folds, targets, extra = token_ids, ds.labels, fold_of_row, {}, {}
-    if teachers is not None:
-        pending = [f for f in folds if not (run_dir / f"fold_{f}" / "metrics.json").is_file()]
-        targets = distill.prepare_targets(cfg, run_dir, teachers, ds, unl, fold_of_row, pending, env, log=log)
-        n_unl = 0 if unl is None else len(unl.ids)
-        if n_unl:
-            train_ids = token_ids + tokenize(unl.texts, tokenizer, cfg.data.max_length)
-            train_labels = np.concatenate([ds.labels, np.zeros((n_unl, len(label_names)), ds.labels.dtype)])
-            train_folds = np.concatenate([fold_of_row, np.full(n_unl, -1)])
-        extra = {"distill": distill.provenance(cfg, teachers, folds, n_unl, run_dir if env.is_main else None)}
+        push = BackgroundPush(lambda: push_checkpoint(run_dir, cfg.hub.push_checkpoints_to, private=cfg.hub.private))
+    run = Run(cfg, env, decode, run_fingerprint(cfg), callbacks, push, model_path, label_names, descriptions)
 
-    def fit(fold: int, fold_dir: Path, rows_ids, rows_labels, rows_folds, fold_targets) -> dict:
-        """Train one fold (or the final student: ``rows_folds`` all -1, no validation rows) into ``fold_dir``."""
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        what = f"fold {fold}" if fold < cfg.cv.n_folds else "final student"
-        device_map, max_memory = device_map_for(cfg, env)
-        model, tok, dtype = load_classifier(model_path, len(label_names), cfg.model, cfg.quantization, env.device,
-                                            device_map=device_map, seed=cfg.train.seed + fold, max_memory=max_memory)
-        model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
-        params = count_parameters(model)
-        if env.is_main:
-            log(f"{what}: {params['trainable']:,} trainable of {params['total']:,} parameters, "
-                f"dtype {str(dtype).removeprefix('torch.')}")
+    # 3. The rows: the labelled ones, then (distillation) the unlabelled ones in no fold (-1), and the soft targets.
+    rows = Rows(token_ids, ds.labels, fold_of_row)
+    targets: dict[int, SoftTargets] = {}
+    if soft is not None:
+        pending = [k for k in folds if not (run_dir / f"fold_{k}" / "metrics.json").is_file()]
+        targets = soft.fold_targets(run_dir, pending, env)
+        if soft.n_unlabelled:
+            rows = Rows(token_ids + tokenize(soft.unlabelled.texts, tokenizer, cfg.data.max_length),
+                        soft.labels_all, soft.folds_all)
+        run.adapter_info = {"distill": soft.provenance(folds, run_dir if env.is_main else None)}
 
-        def saver(m, folder, more, _tok=tok):
-            save_adapter(m, _tok, folder, cfg, label_names, descriptions, {**extra, **more, "parameters": params})
-
-        res = fit_fold(cfg, fold, model, tok, dtype, rows_ids, rows_labels, rows_folds, fold_dir, env, saver,
-                       log=log, decode=decode, fingerprint=fingerprint, callbacks=callbacks, push=push,
-                       targets=fold_targets)
-        if env.is_main:
-            write_fold_metrics(fold_dir, res)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return res
-
+    # 4. Fold by fold; a fold with metrics.json finished earlier and is read back.
     results = []
-    for fold in folds:
-        fold_dir = run_dir / f"fold_{fold}"
-        if (fold_dir / "metrics.json").is_file():
-            res = json.loads((fold_dir / "metrics.json").read_text())
-            res["val_index"] = np.flatnonzero(fold_of_row == fold)
-            res["probs"] = np.load(fold_dir / f"val_probs_{cfg.train.keep}.npy")
-            log(f"fold {fold}: already done, skipped")
-            results.append(res)
+    for k in folds:
+        folder = run_dir / f"fold_{k}"
+        if (folder / "metrics.json").is_file():
+            results.append(FoldResult.load(folder, np.flatnonzero(fold_of_row == k), cfg.train.keep))
+            logger.info(f"fold {k}: already done, skipped")
             continue
-        results.append(fit(fold, fold_dir, train_ids, train_labels, train_folds, targets.get(fold)))
+        results.append(train_fold(run, rows, Fold.cv(k, rows, folder, targets.get(k))))
 
-    if teachers is not None and cfg.distill.final:  # the submission student: every row, fold-averaged teachers
-        final_dir = run_dir / distill.FINAL_DIR
-        if (final_dir / "metrics.json").is_file():
-            log("final student: already done, skipped")
-        else:
-            soft = distill.prepare_final_targets(cfg, run_dir, teachers, ds, unl, fold_of_row, env, log=log)
-            fit(cfg.cv.n_folds, final_dir, train_ids, train_labels, np.full(len(train_ids), -1), soft)
-        extra = {**extra, "final": {"adapter": str(final_dir / "last"), "rows_labelled": len(ds.ids),
-                                    "rows_unlabelled": 0 if unl is None else len(unl.ids),
-                                    "targets": "each teacher's fold models averaged (teachers/t{j}_final.csv)"}}
+    # 5. Distillation's final model: every row, the teachers' fold models averaged.
+    summary_extra = dict(run.adapter_info)
+    if soft is not None and cfg.distill.final:
+        summary_extra["final"] = train_final(run, rows, soft, run_dir)
 
+    # 6. Out-of-fold probabilities and the summary.
     if push is not None:
         push.close()
     summary = {}
     if env.is_main:
-        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode, extra)
+        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode, summary_extra)
     env.barrier()
     if env.world_size > 1:
         torch.distributed.destroy_process_group()
     return summary
 
 
-def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], results: list[dict],
+def log_start(cfg: RunConfig, ds: Dataset, token_ids: list[list[int]], folds: list[int], env: DistEnv) -> None:
+    lengths = np.array([len(t) for t in token_ids])
+    if cfg.data.label_columns is None and cfg.data.label_prefix is None:
+        logger.info(f"label columns detected (only 0/1 values; set data.label_columns to choose): {ds.label_names}")
+    logger.info(f"data: {len(ds.ids)} rows x {len(ds.label_names)} labels from {ds.path}; tokens median "
+                f"{int(np.median(lengths))}, max {lengths.max()} (max_length {cfg.data.max_length}); "
+                f"folds {folds} of {cfg.cv.n_folds}; world size {env.world_size} on {env.device}")
+    logger.info(cfg.to_yaml())
+
+
+def train_final(run: Run, rows: Rows, soft: Distillation, run_dir: Path) -> dict:
+    """The final model of a distilled run (``distill.final``) into ``run_dir/final``: every labelled and unlabelled
+    row, the teachers' fold models averaged as targets, nothing held out (``train.keep=last``). It is not part of
+    the out-of-fold estimate; returns what the summary records about it."""
+    folder = run_dir / FINAL_DIR
+    if (folder / "metrics.json").is_file():
+        logger.info("final student: already done, skipped")
+    else:
+        every_row = np.arange(len(rows.token_ids))
+        # Seeded after the folds (index n_folds): the same steps per epoch as a fold would take on all rows.
+        final = Fold(run.cfg.cv.n_folds, "final student", folder, every_row, every_row[:0],
+                     soft.final_targets(run_dir, run.env), {"final": True})
+        train_fold(run, rows, final)
+    return {"adapter": str(folder / "last"), "rows_labelled": len(soft.ds.ids), "rows_unlabelled": soft.n_unlabelled,
+            "targets": "each teacher's fold models averaged (teachers/t{j}_final.csv)"}
+
+
+# -------------------------------------------------------------------------------------------------------- one model
+
+
+def train_fold(run: Run, rows: Rows, fold: Fold) -> FoldResult:
+    """Build the fold's model (4-bit base + LoRA + score head, seeded per fold), train it (:func:`fit`) and write its
+    ``metrics.json`` (the mark of a finished fold)."""
+    cfg, env = run.cfg, run.env
+    fold.folder.mkdir(parents=True, exist_ok=True)
+    device_map, max_memory = device_map_for(cfg, env)
+    model, tok, dtype = load_classifier(run.model_path, len(run.label_names), cfg.model, cfg.quantization, env.device,
+                                        device_map=device_map, seed=cfg.train.seed + fold.index, max_memory=max_memory)
+    model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
+    params = count_parameters(model)
+    if env.is_main:
+        logger.info(f"{fold.name}: {params['trainable']:,} trainable of {params['total']:,} parameters, "
+                    f"dtype {str(dtype).removeprefix('torch.')}")
+
+    def save(m, folder: Path, info: dict) -> None:
+        save_adapter(m, tok, folder, cfg, run.label_names, run.descriptions,
+                     {**run.adapter_info, **info, "parameters": params})
+
+    result = fit(run, rows, fold, model, tok, dtype, save)
+    if env.is_main:
+        write_json(fold.folder / "metrics.json", result.metrics())
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def fit(run: Run, rows: Rows, fold: Fold, model, tokenizer, dtype: torch.dtype,
+        save: Callable[[object, Path, dict], None]) -> FoldResult:
+    """Train ``model`` on the fold's rows (resuming from ``fold.folder/checkpoint`` if there is one): the step loop.
+
+    ``save(model, folder, info)`` writes an adapter folder (see :func:`core.adapter.save_adapter`). Each epoch ends
+    with the held-out rows scored with the run's decoding (with ``decode.strategy: sets``, set decoding too, priors
+    from this fold's labelled training rows: :func:`train.evaluation.fold_decoding`), the ``last`` adapter and, when
+    the selection metric improved, the ``best`` one; a final model (nothing held out) saves ``last`` only.
+    """
+    cfg, env, t = run.cfg, run.env, run.cfg.train
+    device = input_device(model)
+    train_idx, val_idx = fold.train_idx, fold.val_idx
+    labelled_train = train_idx if fold.targets is None else train_idx[fold.targets.labelled[train_idx]]
+    decode = run.decode
+    if decode is None:
+        d = cfg.decode
+        decode = ThresholdSpec(tuple(map(str, range(rows.labels.shape[1]))), d.start, d.stop, d.step, "argmax")
+    decode = fold_decoding(cfg, decode, rows.labels, labelled_train)  # set priors: the fold's labelled training rows
+    key = selection_key(cfg)
+    lengths = np.array([len(x) for x in rows.token_ids])
+    pos_weight = pos_weight_from_labels(rows.labels[labelled_train], cfg.loss.pos_weight, cfg.loss.pos_weight_max)
+    if fold.targets is not None and not np.isfinite(fold.targets.soft[train_idx]).all():
+        raise TrainingError(f"{fold.name}: training rows without teacher targets")
+
+    n_batches = math.ceil(len(train_idx) / t.micro_batch_size) // env.world_size
+    if n_batches < 1:
+        raise TrainingError(f"{fold.name}: {len(train_idx)} training rows are fewer than one micro-batch per rank")
+    steps_per_epoch = math.ceil(n_batches / t.grad_accum_steps)
+    total_steps = steps_per_epoch * t.num_epochs
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+
+    # Optimizer and schedule, restored from the fold's checkpoint if there is one.
+    opt = Optimization(model, cfg, device, dtype, total_steps)
+    fingerprint = checkpoint.fingerprint(run.fingerprint, fold.index, env.world_size)
+    ckpt = fold.folder / "checkpoint"
+    resumed = checkpoint.exists(ckpt)
+    if resumed:
+        state = opt.load(ckpt, fingerprint, FoldProgress)
+        logger.info(f"{fold.name}: resumed at epoch {state.epoch} step {state.step}/{total_steps}")
+    else:
+        state = FoldProgress()
+        broadcast_trainable(opt.params, env.world_size)  # ranks agree because rank 0 says so, not by equal seeds
+
+    def save_checkpoint() -> None:
+        """Rank 0 writes the checkpoint (and pushes it); every rank waits for it, then the test hooks run."""
+        if env.is_main:
+            opt.save(ckpt, state, fingerprint)
+            if run.push is not None:
+                run.push()
+        env.barrier()
+        for cb in run.callbacks.on_checkpoint:
+            cb(state, resumed)
+
+    model.train()
+    done = state.step >= total_steps
+    for epoch in range(state.epoch, t.num_epochs):
+        if done:
+            break
+        # The epoch's order: length-grouped micro-batches, dealt to the ranks; a resumed run skips the steps done.
+        batches = batch_order(lengths[train_idx], t.micro_batch_size, seed=t.seed * 1000 + epoch,
+                              group_by_length=t.group_by_length)
+        batches = [train_idx[b] for b in batches][:n_batches * env.world_size]
+        steps, step_rows = rank_steps(batches, t.grad_accum_steps, env.rank, env.world_size)
+        first = state.batch // t.grad_accum_steps
+        bar = tqdm(total=min(len(steps), first + total_steps - state.step), initial=first,
+                   desc=f"{fold.name} epoch {epoch + 1}/{t.num_epochs}", disable=not env.is_main, file=sys.stderr,
+                   dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for g in range(first, len(steps)):
+            torch.manual_seed(step_seed(t.seed, fold.index, state.step, env.rank))  # dropout, the same after a resume
+            rows_in_step = sum(len(b) for b in steps[g])
+            loss_sum, real_before, padded_before = 0.0, state.real_tokens, state.padded_tokens
+            # Forward + backward of the step's micro-batches, each cut into token-budget pieces.
+            for piece in [p for b in steps[g] for p in split_by_tokens(b, lengths, t.max_tokens_per_micro_batch)]:
+                batch = collate([rows.token_ids[i] for i in piece], tokenizer.pad_token_id, rows.labels[piece])
+                with autocast(device, dtype):
+                    logits = model(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device)).logits
+                if fold.targets is None:
+                    loss = multilabel_loss(logits, batch["labels"].to(logits.device), cfg.loss, pos_weight)
+                else:
+                    loss = distill_loss(logits, batch["labels"], torch.as_tensor(fold.targets.soft[piece]),
+                                        torch.as_tensor(fold.targets.labelled[piece]), fold.targets.alpha, cfg.loss,
+                                        pos_weight)
+                # Weight each piece by its rows so a short one counts as much as its rows; the all-reduce averages
+                # over ranks, so the gradient is the mean over the step's rows on all ranks.
+                opt.backward(loss * (len(piece) * env.world_size / step_rows[g]))
+                loss_sum += loss.item() * len(piece)
+                state.real_tokens += int(batch["attention_mask"].sum())
+                state.padded_tokens += batch["attention_mask"].numel()
+            state.samples += step_rows[g]  # rows of all ranks
+            state.step_log.append((time.perf_counter(), rows_in_step, state.real_tokens - real_before,
+                                   state.padded_tokens - padded_before))
+            mean_loss = loss_sum / rows_in_step
+            # Optimizer step: gradients averaged over the ranks; unscale, clip, step, LR schedule, zero the gradients.
+            if env.world_size > 1:
+                allreduce_grads(opt.params, env.world_size)
+            grad_norm = opt.step()
+            state.step += 1
+            state.batch = (g + 1) * t.grad_accum_steps
+            for cb in run.callbacks.on_step:
+                cb(state, mean_loss)
+            check_finite(mean_loss, state.step, t.nan_guard_steps, dtype, fold.name, env.world_size)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{opt.lr:.2e}", gnorm=f"{grad_norm:.2f}")
+            if state.step >= total_steps:
+                done = True
+                break
+            if t.save_every_steps and state.step % t.save_every_steps == 0:
+                state.train_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_checkpoint()
+        bar.close()
+        state.train_seconds += time.perf_counter() - t0
+
+        # End of the epoch (or of max_steps): evaluate on the held-out rows, save the last / best adapters.
+        if env.is_main and not len(val_idx):  # the final model: nothing held out
+            state.history.append({"epoch": epoch + 1, "step": state.step})
+            save(model, fold.folder / "last", {**fold.adapter_info, "epoch": epoch + 1})
+        elif env.is_main:
+            probs = predict_probs(model, [rows.token_ids[i] for i in val_idx], tokenizer.pad_token_id,
+                                  t.eval_batch_size, dtype, desc=f"{fold.name} eval")
+            model.train()
+            metrics = evaluate(probs, rows.labels[val_idx], decode)
+            row = {"epoch": epoch + 1, "step": state.step, **metrics}
+            state.history.append(row)
+            sets_em = f", {metrics['sets/exact_match']:.4f} sets" if "sets/exact_match" in metrics else ""
+            logger.info(f"{fold.name} epoch {epoch + 1}: exact-match {metrics['t0.5/exact_match']:.4f} @0.5, "
+                        f"{metrics['cascade/exact_match']:.4f} cascade{sets_em}; micro-F1 "
+                        f"{metrics['cascade/micro_f1']:.4f} cascade")
+            info = {**fold.adapter_info, "epoch": epoch + 1, "metrics": metrics}
+            save(model, fold.folder / "last", info)
+            save_npy(fold.folder / "val_probs_last.npy", probs)
+            if state.best is None or metrics[key] > state.best.get(key, -np.inf):
+                state.best = row
+                save(model, fold.folder / "best", info)
+                save_npy(fold.folder / "val_probs_best.npy", probs)
+        env.barrier()
+        state.epoch, state.batch = epoch + 1, 0
+        save_checkpoint()
+
+    probs = np.load(fold.folder / f"val_probs_{t.keep}.npy") if env.is_main and len(val_idx) else None
+    return FoldResult(fold.index, state.history, state.best, state.step, state.samples, state.real_tokens,
+                      state.padded_tokens, state.train_seconds, val_index=val_idx, probs=probs,
+                      step_log=state.step_log)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+# ------------------------------------------------------------------------------------------------------ the summary
+
+
+def write_summary(cfg: RunConfig, run_dir: Path, ds: Dataset, label_names: list[str], results: list[FoldResult],
                   seconds: float, decode: ThresholdSpec, extra: dict | None = None) -> dict:
     """Out-of-fold probabilities of the trained folds + a summary JSON (metrics, throughput, provenance)."""
-    idx = np.concatenate([r["val_index"] for r in results])
-    probs = np.concatenate([np.asarray(r["probs"]) for r in results])
+    idx = np.concatenate([r.val_index for r in results])
+    probs = np.concatenate([np.asarray(r.probs) for r in results])
     order = np.argsort(idx)
     idx, probs = idx[order], probs[order]
-    folds = [r["fold"] for r in results]
+    folds = [r.fold for r in results]
     optimistic = keep_best_reason(cfg.train.keep)
     meta = {"kind": "out-of-fold probabilities", "folds": folds, "adapter": cfg.train.keep,
             "config": cfg.to_dict(), "source": ds.path, **({OPTIMISTIC_KEY: optimistic} if optimistic else {})}
@@ -290,20 +485,20 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
     if cfg.decode.strategy == "sets":  # each fold's rows with its own decoder (priors from its training rows)
         pred = np.zeros(probs.shape, dtype=np.int8)
         for r in results:
-            val = np.asarray(r["val_index"])
+            val = np.asarray(r.val_index)
             rows = np.searchsorted(idx, val)  # idx: the sorted, distinct out-of-fold rows
             train_rows = np.setdiff1d(np.arange(len(ds.labels)), val)
             pred[rows] = fold_decoding(cfg, decode, ds.labels, train_rows).decode(probs[rows])
         oof.update({f"sets/{k}": v for k, v in scores(y, pred).items()})
-    per_fold = [r["history"][-1] if cfg.train.keep == "last" else r["best"] for r in results]
+    per_fold = [r.history[-1] if cfg.train.keep == "last" else r.best for r in results]
     keys = [k for k in per_fold[0] if "/" in k]
     mean = {k: float(np.mean([m[k] for m in per_fold])) for k in keys}
-    samples = sum(r["samples"] for r in results)
-    secs = sum(r["train_seconds"] for r in results)
-    real, padded = sum(r["real_tokens"] for r in results), sum(r["padded_tokens"] for r in results)
+    samples = sum(r.samples for r in results)
+    secs = sum(r.train_seconds for r in results)
+    real, padded = sum(r.real_tokens for r in results), sum(r.padded_tokens for r in results)
     summary = {
         "folds": folds, "rows": len(idx), "oof_metrics": oof, "mean_fold_metrics": mean,
-        "per_fold": [{"fold": r["fold"], **m} for r, m in zip(results, per_fold)],
+        "per_fold": [{"fold": r.fold, **m} for r, m in zip(results, per_fold)],
         "throughput": {"train_samples": samples, "train_seconds": round(secs, 2),
                        "samples_per_s": round(samples / secs, 2) if secs else None,
                        "padding_fraction": round(1 - real / padded, 4) if padded else None},
@@ -312,12 +507,11 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds, label_names: list[str], res
         **({OPTIMISTIC_KEY: optimistic} if optimistic else {}),
     }
     write_json(run_dir / "summary.json", summary)
-    log("out-of-fold (" + ", ".join(map(str, folds)) + f"), {len(idx)} rows: exact-match "
-        f"{oof['t0.5/exact_match']:.4f} @0.5, {oof['cascade/exact_match']:.4f} cascade"
-        + (f", {oof['sets/exact_match']:.4f} sets" if "sets/exact_match" in oof else "") + "; micro-F1 "
-        f"{oof['t0.5/micro_f1']:.4f} @0.5, {oof['cascade/micro_f1']:.4f} cascade")
+    logger.info("out-of-fold (" + ", ".join(map(str, folds)) + f"), {len(idx)} rows: exact-match "
+                f"{oof['t0.5/exact_match']:.4f} @0.5, {oof['cascade/exact_match']:.4f} cascade"
+                + (f", {oof['sets/exact_match']:.4f} sets" if "sets/exact_match" in oof else "") + "; micro-F1 "
+                f"{oof['t0.5/micro_f1']:.4f} @0.5, {oof['cascade/micro_f1']:.4f} cascade")
     if optimistic:
-        log(f"note: {optimistic}; for an honest estimate train with train.keep=last")
-    log(f"wrote {run_dir / 'oof.csv'} and {run_dir / 'summary.json'}")
+        logger.info(f"note: {optimistic}; for an honest estimate train with train.keep=last")
+    logger.info(f"wrote {run_dir / 'oof.csv'} and {run_dir / 'summary.json'}")
     return summary
-

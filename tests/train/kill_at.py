@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from train.__main__ import main
-from train.engine import Callbacks
+from train.callbacks import Callbacks
 
 
 def kill_after(step: int):

@@ -15,7 +15,8 @@ from core.config import RunConfig
 from core.errors import InputError
 from train import checkpoint
 from train.checkpoint import Progress
-from train.engine import Optimization
+from train.optim import Optimization
+from train.run import FoldProgress
 
 
 class Tiny(torch.nn.Module):
@@ -49,13 +50,13 @@ def assert_same_next_step(run, restored, x):
 
 def test_round_trip_restores_weights_optimizer_schedule_and_progress(tmp_path):
     model, opt = trained()
-    progress = Progress(epoch=1, step=3, batch=2, history=[{"epoch": 1, "cascade/exact_match": 0.5}],
-                        step_log=[(1.0, 8, 40, 48)], best={"epoch": 1})
+    progress = FoldProgress(epoch=1, step=3, batch=2, history=[{"epoch": 1, "cascade/exact_match": 0.5}],
+                            step_log=[(1.0, 8, 40, 48)], best={"epoch": 1})
     opt.save(tmp_path / "ckpt", progress, "run-a")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["state.json", "state.safetensors"]
     other, opt2 = trained(steps=0, seed=1)
-    restored = opt2.load(tmp_path / "ckpt", "run-a")
-    assert restored == Progress(**json.loads(json.dumps(progress.__dict__)))  # tuples come back as JSON lists
+    restored = opt2.load(tmp_path / "ckpt", "run-a", FoldProgress)
+    assert restored == FoldProgress(**json.loads(json.dumps(progress.__dict__)))  # tuples come back as JSON lists
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
     assert opt2.scheduler.state_dict() == opt.scheduler.state_dict()
@@ -65,6 +66,23 @@ def test_round_trip_restores_weights_optimizer_schedule_and_progress(tmp_path):
         for name, v in s1["state"][k].items():
             assert torch.equal(v, s2["state"][k][name])
     assert_same_next_step((model, opt), (other, opt2), torch.randn(5, 4))
+
+
+def test_a_checkpoint_of_both_recipes_progress_loads_as_either(tmp_path):
+    """Checkpoints written before each recipe had its own progress type hold the counters of both (at their
+    defaults where unused): they resume, the other recipe's keys left out."""
+    from train.dapt import DaptProgress
+
+    model, opt = trained()
+    opt.save(tmp_path / "ckpt", Progress(epoch=1, step=3), "run-a")
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    state["progress"].update(samples=24, real_tokens=400, padded_tokens=480, step_log=[], history=[], best=None,
+                             losses=[], eval_loss_start=None)
+    (tmp_path / "ckpt" / "state.json").write_text(json.dumps(state))
+    _, opt2 = trained(steps=0, seed=1)
+    assert opt2.load(tmp_path / "ckpt", "run-a", FoldProgress) == FoldProgress(epoch=1, step=3, samples=24,
+                                                                               real_tokens=400, padded_tokens=480)
+    assert opt2.load(tmp_path / "ckpt", "run-a", DaptProgress) == DaptProgress(epoch=1, step=3, real_tokens=400)
 
 
 def test_truncated_altered_foreign_or_pickled_checkpoints_are_refused(tmp_path):
@@ -120,8 +138,10 @@ def test_resume_rule_names_each_refused_change():
 def test_resume_of_a_run_refuses_lr_and_allows_save_cadence(tiny_model, small_csv, tmp_path, capsys):
     from trainkit import tiny_config_for
 
+    from core.cli import setup_logging
     from train.run import main
 
+    setup_logging()  # the run's messages on stdout, as the command line has them
     out = tmp_path / "run"
     main(tiny_config_for(tiny_model, small_csv, out, train__num_epochs=1, train__max_steps=2))
     changed = tiny_config_for(tiny_model, small_csv, out, train__num_epochs=1, train__max_steps=2, train__lr=1e-3)

@@ -18,8 +18,10 @@ from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
 from core.data import collate, tokenize
 from core.errors import ConfigError, InputError
 from core.model import load_causal_lm, load_classifier
+import train.__main__ as cli
 from train import dapt
 from train.lora import _lora_suffix, apply_lora
+from train.loss import lm_loss_sum
 
 CPU = torch.device("cpu")
 SAMPLE_TEST = ROOT / "data" / "sample_test.csv"
@@ -33,16 +35,12 @@ def dapt_raw(model, out, **extra) -> dict:
         **extra})
 
 
-def quiet(_msg):
-    pass
-
-
 @pytest.fixture(scope="module")
 def dapt_run(tiny_model, small_csv, tmp_path_factory):
     """A finished 20-step DAPT run on sample_test.csv + the first 60 train rows (labels ignored)."""
     out = tmp_path_factory.mktemp("dapt") / "adapter"
     cfg = RunConfig.from_dict(dapt_raw(tiny_model, out, train__num_epochs=3, train__max_steps=20))
-    info = dapt.main_run(cfg, [str(SAMPLE_TEST), str(small_csv)], out, eval_rows=16, log=quiet)
+    info = dapt.main(cfg, [str(SAMPLE_TEST), str(small_csv)], out, eval_rows=16)
     return out, info, cfg
 
 
@@ -73,7 +71,7 @@ def test_loss_equals_the_models_own_with_pad_labels_masked(tiny_models, arch):
     model.zero_grad()
 
     for chunk in (None, 7 * model.get_output_embeddings().weight.shape[0]):  # one chunk; 7-token chunks
-        loss_sum, n = dapt.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], dtype,
+        loss_sum, n = lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], dtype,
                                        chunk_elements=chunk)
         assert n == int(batch["attention_mask"][:, 1:].sum())
         torch.testing.assert_close(loss_sum / n, ref, atol=1e-5, rtol=1e-5)
@@ -82,7 +80,7 @@ def test_loss_equals_the_models_own_with_pad_labels_masked(tiny_models, arch):
             torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
         model.zero_grad()
     with torch.no_grad():                               # evaluation: the same loss, no gradient work
-        loss_sum, n = dapt.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], dtype)
+        loss_sum, n = lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], dtype)
     torch.testing.assert_close(loss_sum / n, ref.detach(), atol=1e-5, rtol=1e-5)
 
 
@@ -166,8 +164,6 @@ def test_init_adapter_mismatch_names_the_key(dapt_run, tiny_model, change, error
 
 
 def test_unfinished_adapter_and_cli_errors(dapt_run, tiny_model, tmp_path, capsys):
-    import train.__main__ as cli
-
     out, _, _ = dapt_run
     half = tmp_path / "half"                       # a DAPT run that has only checkpointed so far
     (half / "checkpoint").mkdir(parents=True)
@@ -193,8 +189,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, small_csv, tmp_path
                    train__lr=5e-3)
     corpus = f"{SAMPLE_TEST},{small_csv}"
     ref = tmp_path / "uninterrupted"
-    dapt.main_run(RunConfig.from_dict({**raw, "output_dir": str(ref)}), [str(SAMPLE_TEST), str(small_csv)], ref,
-                  log=quiet)
+    dapt.main(RunConfig.from_dict({**raw, "output_dir": str(ref)}), [str(SAMPLE_TEST), str(small_csv)], ref)
 
     out = tmp_path / "killed"
     args = ["dapt", *as_set_args(raw), "--corpus", corpus, "--out", str(out)]
@@ -205,12 +200,12 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, small_csv, tmp_path
     assert not (out / "adapter_config.json").exists()
 
     # Refused without --resume, or with a changed config; continued with --resume.
-    assert dapt.main(args[1:]) == 2
+    assert cli.main(args) == 2
     assert "--resume" in capsys.readouterr().err
-    assert dapt.main([*args[1:], "--resume", "--set", "train.lr=1e-3"]) == 2
+    assert cli.main([*args, "--resume", "--set", "train.lr=1e-3"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume: these settings change what the run computes: train.lr 0.005 -> 0.001" in err
-    assert dapt.main([*args[1:], "--resume"]) == 0
+    assert cli.main([*args, "--resume"]) == 0
     assert "resumed at epoch 1 step 6/10" in capsys.readouterr().out
 
     a, b = load_file(out / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
@@ -221,7 +216,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, small_csv, tmp_path
     assert ia["steps"] == ib["steps"] == 10
     np.testing.assert_allclose(ia["loss_history"], ib["loss_history"], atol=1e-5)
     # A finished run: --resume has nothing to do.
-    assert dapt.main([*args[1:], "--resume"]) == 0
+    assert cli.main([*args, "--resume"]) == 0
     assert "nothing to do" in capsys.readouterr().out
 
 
@@ -250,8 +245,8 @@ def test_bad_corpus_exits_2_and_writes_nothing(tiny_model, tmp_path, capsys, kin
     path, match = corpus_variant(tmp_path, kind)
     out = tmp_path / "out"
     # The bad file second: every file is checked.
-    rc = dapt.main(["--corpus", f"{SAMPLE_TEST},{path}", "--out", str(out),
-                    "--set", f"model.name_or_path={tiny_model}"])
+    rc = cli.main(["dapt", "--corpus", f"{SAMPLE_TEST},{path}", "--out", str(out),
+                   "--set", f"model.name_or_path={tiny_model}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ")
     assert re.search(match, err), err
@@ -266,8 +261,8 @@ def test_bad_corpus_exits_2_and_writes_nothing(tiny_model, tmp_path, capsys, kin
 ])
 def test_bad_settings_exit_2_and_write_nothing(tiny_model, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
-    rc = dapt.main(["--corpus", str(SAMPLE_TEST), "--out", str(out), "--set", f"model.name_or_path={tiny_model}",
-                    *extra])
+    rc = cli.main(["dapt", "--corpus", str(SAMPLE_TEST), "--out", str(out),
+                   "--set", f"model.name_or_path={tiny_model}", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and re.search(match, err), err
     assert not out.exists()
@@ -277,7 +272,7 @@ def test_finished_output_needs_resume(dapt_run, tiny_model, capsys):
     out, _, _ = dapt_run
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     args = ["--corpus", str(SAMPLE_TEST), "--out", str(out), "--set", f"model.name_or_path={tiny_model}"]
-    assert dapt.main(args) == 2
+    assert cli.main(["dapt", *args]) == 2
     assert "already holds a finished DAPT adapter; pass --resume" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -298,8 +293,8 @@ def test_out_holding_something_else_is_never_replaced(tiny_model, tmp_path, caps
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     base = ["--corpus", str(SAMPLE_TEST), "--out", str(out), "--set", f"model.name_or_path={tiny_model}"]
-    assert dapt.main([*base, "--resume"]) == 2
+    assert cli.main(["dapt", *base, "--resume"]) == 2
     assert "holds no DAPT run to resume" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    assert dapt.main(base[2:]) == 2                                   # no --corpus
+    assert cli.main(["dapt", *base[2:]]) == 2                         # no --corpus
     assert "no corpus CSV given (--corpus" in capsys.readouterr().err

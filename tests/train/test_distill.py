@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from trainkit import SAMPLE_TRAIN, as_set_args, kill_at_launcher, run_cli, tiny_config_for, tiny_overrides
 
-from core.config import ConfigError, LossArgs, RunConfig
+import train.__main__ as cli
+from core.config import LossArgs, RunConfig
 from core.data import read_csv
-from core.io import InputError, meta_path, read_probs
+from core.errors import ConfigError, InputError
+from core.io import meta_path, read_probs
 from train import distill
 from train.data import make_folds
 from train.loss import distill_loss, multilabel_loss
@@ -134,14 +136,14 @@ def test_student_of_fold_k_learns_only_from_teacher_fold_k(tiny_model, data, tmp
         return np.full((len(texts), 20), 0.1 + 0.2 * fold)
 
     captured = {}
-    real_fit_fold = train.run.fit_fold
+    real_train_fold = train.run.train_fold
 
-    def spy_fit_fold(cfg, fold, *args, targets=None, **kw):
-        captured[fold] = (targets, args[5])  # SoftTargets, fold_of_row of the trained rows
-        return real_fit_fold(cfg, fold, *args, targets=targets, **kw)
+    def spy_train_fold(run, rows, fold):
+        captured[fold.index] = (fold.targets, rows.fold_of_row)  # SoftTargets, fold_of_row of the trained rows
+        return real_train_fold(run, rows, fold)
 
     monkeypatch.setattr(distill, "predict_fold", fake_predict)
-    monkeypatch.setattr(train.run, "fit_fold", spy_fit_fold)
+    monkeypatch.setattr(train.run, "train_fold", spy_train_fold)
     cfg = tiny_config_for(tiny_model, data / "train.csv", tmp_path / "student", cv__folds=[0, 1],
                           train__num_epochs=1, train__max_steps=1,
                           distill={"teachers": [str(teacher)], "unlabelled_csv": str(data / "unlabelled.csv")})
@@ -180,14 +182,14 @@ def test_final_student_trains_on_every_row_with_fold_averaged_teachers(tiny_mode
         calls.append((fold, len(texts)))
         return np.full((len(texts), 20), 0.1 + 0.2 * fold)
 
-    real_fit_fold = train.run.fit_fold
+    real_train_fold = train.run.train_fold
 
-    def spy_fit_fold(cfg, fold, *args, targets=None, **kw):
-        captured[fold] = (targets, args[5])
-        return real_fit_fold(cfg, fold, *args, targets=targets, **kw)
+    def spy_train_fold(run, rows, fold):
+        captured[fold.name] = (fold.targets, fold.train_idx, fold.val_idx)
+        return real_train_fold(run, rows, fold)
 
     monkeypatch.setattr(distill, "predict_fold", fake_predict)
-    monkeypatch.setattr(train.run, "fit_fold", spy_fit_fold)
+    monkeypatch.setattr(train.run, "train_fold", spy_train_fold)
     raw = tiny_overrides(tiny_model, data / "train.csv", tmp_path / "student", train__num_epochs=1,
                          train__max_steps=2, distill={"teachers": [str(teacher)],
                                                       "unlabelled_csv": str(data / "unlabelled.csv")})
@@ -195,8 +197,8 @@ def test_final_student_trains_on_every_row_with_fold_averaged_teachers(tiny_mode
     raw["distill"]["final"] = True                  # ... then the final student added on resume (allowed)
     summary = train.run.main(RunConfig.from_dict(raw), resume=True)
     assert calls[1:] == [(0, 80), (1, 80), (2, 80)]  # every teacher fold scores every row once
-    targets, trained_folds = captured[3]            # the final student: fold index n_folds, no row held out
-    assert (trained_folds == -1).all() and len(trained_folds) == 80
+    targets, trained, held_out = captured["final student"]   # the final student: every row, none held out
+    assert len(trained) == 80 and len(held_out) == 0
     np.testing.assert_allclose(targets.soft, 0.3, atol=1e-6)  # mean of the fold models 0.1, 0.3, 0.5
     assert targets.labelled.sum() == 60
     final = tmp_path / "student" / "final"
@@ -265,7 +267,7 @@ def test_bad_teachers_are_refused(tiny_model, data, tmp_path, capsys):
                                                                                   tmp_path / "cli"))])
     assert out.returncode == 2 and "folds differ" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "cli").exists()
-    assert distill.main(as_set_args(tiny_overrides(tiny_model, data / "train.csv", tmp_path / "cli"))) == 2
+    assert cli.main(["distill", *as_set_args(tiny_overrides(tiny_model, data / "train.csv", tmp_path / "cli"))]) == 2
     assert "needs --teacher" in capsys.readouterr().err
 
 
@@ -281,10 +283,10 @@ def student_overrides(model, data, out):
 
 @pytest.fixture(scope="module")
 def tfidf_teacher(tiny_models, data, tmp_path_factory):
-    from train.tfidf import run
+    from train.tfidf_run import main
 
     out = tmp_path_factory.mktemp("tfidf") / "run"
-    run(tiny_config_for(tiny_models["mistral"], data / "train.csv", out), out)
+    main(tiny_config_for(tiny_models["mistral"], data / "train.csv", out), out)
     return out
 
 

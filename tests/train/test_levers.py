@@ -12,12 +12,12 @@ from trainkit import SAMPLE_TRAIN
 
 from benchmarks.levers import main as levers
 from core.io import read_probs
-from train.tfidf import main as tfidf
+from train.__main__ import main as train_cli
 
 
 def tfidf_run(out, *extra):
-    assert tfidf(["--set", f"data.train_csv={SAMPLE_TRAIN}", "--set", "cv.n_folds=3", *SAMPLE_SET_ARGS,
-                  "--out", str(out), *map(str, extra)]) == 0
+    assert train_cli(["tfidf", "--set", f"data.train_csv={SAMPLE_TRAIN}", "--set", "cv.n_folds=3", *SAMPLE_SET_ARGS,
+                      "--out", str(out), *map(str, extra)]) == 0
 
 
 def test_table_subset_and_archive_round_trip(tmp_path, capsys):

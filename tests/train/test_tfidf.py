@@ -11,6 +11,7 @@ import pytest
 from conftest import SAMPLE_SET_ARGS
 from trainkit import ROOT, SAMPLE_TRAIN, write_rows
 
+import train.__main__ as cli
 from core.config import RunConfig
 from core.data import read_csv
 from core.decoding import default_spec
@@ -18,9 +19,14 @@ from core.io import read_probs
 from core.metrics import exact_match
 from core.thresholds import cascade
 from train.data import make_folds
-from train.tfidf import fit_predict, fit_predict_soft, main, soft_fit_targets
+from train.tfidf import fit_predict, fit_predict_soft, soft_fit_targets
 
 SAMPLE_TEST = ROOT / "data" / "sample_test.csv"
+
+
+def main(argv: list[str]) -> int:
+    """``python -m train tfidf ARGV`` in-process: its exit status."""
+    return cli.main(["tfidf", *argv])
 
 
 def args(out, *extra, train=SAMPLE_TRAIN):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
-from core.io import InputError
+from core.errors import InputError
 from core.model import load_classifier, load_tokenizer, predict_probs, resolve_model_path
-from train.engine import build_optimizer
 from train.lora import apply_lora, count_parameters
+from train.optim import build_optimizer
 
 CPU = torch.device("cpu")
 ARCHS = ["gemma2", "mistral", "gemma3"]
@@ -195,7 +195,7 @@ def test_the_split_reserves_activation_headroom_on_every_gpu(monkeypatch):
 
     from core.config import RunConfig
     from core.model import split_max_memory
-    from train.loop import DistEnv, device_map_for
+    from train.dist import DistEnv, device_map_for
 
     assert split_max_memory(12.0, 2) == {0: "12GiB", 1: "12GiB", "cpu": "0GiB"}
     cfg = RunConfig.from_dict({"train": {"parallel": "split", "split_gpu_memory_gib": 11.5}})

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from trainkit import tiny_config_for, write_rows
 
 from core.data import read_csv, tokenize
-from core.io import InputError, read_probs
+from core.errors import InputError
+from core.io import read_probs
 from core.model import load_classifier, load_tokenizer, predict_probs
 from train.lora import apply_lora
 from train.run import main
@@ -144,6 +145,9 @@ def test_training_learns_and_reload_reproduces_probabilities(runs, arch):
 
 
 def test_used_output_dir_needs_resume(runs, capsys):
+    from core.cli import setup_logging
+
+    setup_logging()  # the run's messages on stdout, as the command line has them
     cfg, summary = runs["gemma3"]
     with pytest.raises(InputError, match=f"{cfg.output_dir}.*already holds a run.*--resume"):
         main(cfg)
@@ -229,7 +233,7 @@ def test_checkpoints_are_pushed_when_configured(tiny_model, small_csv, tmp_path,
 
     pushed = []
 
-    def fake_push(run_dir, repo, private=True, log=print):
+    def fake_push(run_dir, repo, private=True):
         pushed.append((Path(run_dir), repo, private, (Path(run_dir) / "fold_0/checkpoint/state.json").is_file()))
         return True
 
@@ -241,24 +245,26 @@ def test_checkpoints_are_pushed_when_configured(tiny_model, small_csv, tmp_path,
     assert all(p == (tmp_path / "run", "user/ckpt", False, True) for p in pushed)
 
 
-def test_background_push_never_blocks_and_reports_failures():
+def test_background_push_never_blocks_and_reports_failures(capsys):
     """A slow upload does not stall training; one asked for while it runs is skipped; a failure is reported."""
     import threading
     import time
 
-    from train.run import BackgroundPush
+    from core.cli import setup_logging
+    from train.run_dir import BackgroundPush
 
-    release, calls, logs = threading.Event(), [], []
+    setup_logging()
+    release, calls = threading.Event(), []
 
     def slow_push():
         calls.append(time.perf_counter())
         release.wait(10)
         return True
 
-    push = BackgroundPush(slow_push, log=logs.append)
+    push = BackgroundPush(slow_push)
     t0 = time.perf_counter()
     assert push() is True and push() is False   # the second one is skipped while the first uploads
-    assert time.perf_counter() - t0 < 0.5 and "still running" in logs[0]
+    assert time.perf_counter() - t0 < 0.5 and "still running" in capsys.readouterr().out
     release.set()
     push.close()
     assert len(calls) == 1
@@ -266,7 +272,7 @@ def test_background_push_never_blocks_and_reports_failures():
     def failing_push():
         raise OSError("network down")
 
-    push = BackgroundPush(failing_push, log=logs.append)
+    push = BackgroundPush(failing_push)
     push()
     push.close()
-    assert "checkpoint push failed (OSError: network down); training goes on" in logs[-1]
+    assert "checkpoint push failed (OSError: network down); training goes on" in capsys.readouterr().out

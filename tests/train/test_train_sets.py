@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.config import ConfigError, RunConfig
+from core.config import RunConfig
+from core.errors import ConfigError
 from core.sets import SetDecoder
 from core.thresholds import ThresholdSpec
-from train.loop import evaluate, fold_decoding, selection_key
-from train.run import run_fingerprint
+from train.evaluation import evaluate, fold_decoding, selection_key
+from train.run_dir import run_fingerprint
 
 
 def test_config_strategy_and_fingerprint_compatibility():
@@ -81,10 +82,10 @@ def test_tfidf_with_strategy_sets_scores_each_fold_with_its_own_priors(tmp_path)
     from core.data import read_csv
     from core.io import read_probs
     from core.metrics import exact_match
-    from train.tfidf import main
+    from train.__main__ import main
 
     out = tmp_path / "tfidf"
-    assert main(["--set", f"data.train_csv={SAMPLE_TRAIN}", "--set", "cv.n_folds=3", *SAMPLE_SET_ARGS,
+    assert main(["tfidf", "--set", f"data.train_csv={SAMPLE_TRAIN}", "--set", "cv.n_folds=3", *SAMPLE_SET_ARGS,
                  "--set", "decode.strategy=sets", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert all("sets/exact_match" in f for f in summary["per_fold"])
