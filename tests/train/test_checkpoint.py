@@ -73,7 +73,7 @@ def test_a_checkpoint_of_both_recipes_progress_loads_as_either(tmp_path):
     defaults where unused): they resume, the other recipe's keys left out."""
     from train.dapt import DaptProgress
 
-    model, opt = trained()
+    _, opt = trained()
     opt.save(tmp_path / "ckpt", Progress(epoch=1, step=3), "run-a")
     state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
     state["progress"].update(samples=24, real_tokens=400, padded_tokens=480, step_log=[], history=[], best=None,
@@ -86,7 +86,7 @@ def test_a_checkpoint_of_both_recipes_progress_loads_as_either(tmp_path):
 
 
 def test_truncated_altered_foreign_or_pickled_checkpoints_are_refused(tmp_path):
-    model, opt = trained()
+    _, opt = trained()
     folder = tmp_path / "ckpt"
     opt.save(folder, Progress(step=3), "run-a")
     before = [p.detach().clone() for p in trained(steps=0, seed=1)[0].parameters()]
@@ -121,7 +121,7 @@ def test_no_pickle_anywhere_in_the_packages():
                     and getattr(node.func.value, "id", None) in ("torch", "pickle"):
                 bad.append(f"{f.name}:{node.lineno}")
             if isinstance(node, ast.keyword) and node.arg in ("weights_only", "allow_pickle") \
-                    and getattr(node.value, "value", None) is (False if node.arg == "weights_only" else True):
+                    and getattr(node.value, "value", None) is (node.arg != "weights_only"):
                 bad.append(f"{f.name}:{node.lineno} {node.arg}")
     assert not bad, bad
 

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from trainkit import ROOT, as_set_args, kill_at_launcher, run_cli, tiny_overrides
 
+import train.__main__ as cli
 from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
 from core.data import collate, tokenize
 from core.errors import ConfigError, InputError
 from core.model import load_causal_lm, load_classifier
-import train.__main__ as cli
 from train import dapt
 from train.lora import _lora_suffix, apply_lora
 from train.loss import lm_loss_sum
@@ -164,7 +164,6 @@ def test_init_adapter_mismatch_names_the_key(dapt_run, tiny_model, change, error
 
 
 def test_unfinished_adapter_and_cli_errors(dapt_run, tiny_model, tmp_path, capsys):
-    out, _, _ = dapt_run
     half = tmp_path / "half"                       # a DAPT run that has only checkpointed so far
     (half / "checkpoint").mkdir(parents=True)
     base, _, _ = load_classifier(str(tiny_model), 20, ModelArgs(name_or_path=str(tiny_model)), QuantizationArgs(), CPU)

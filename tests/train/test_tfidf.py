@@ -55,6 +55,16 @@ def test_oof_and_test_probabilities_on_the_runs_folds(tmp_path, capsys):
     assert default_spec(out / "oof.csv", names).fallback == 19   # tune / evaluate / blend decode as configured
 
 
+def test_the_baseline_does_not_import_torch():
+    """The TF-IDF baseline, its command and distillation's soft-target source load without torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, train.tfidf_run, train.commands.tfidf, train.distill; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert res.stdout.strip() == "False", res.stderr[-2000:]
+
+
 def test_folds_file_is_followed(tmp_path):
     ds_ids = pd.read_csv(SAMPLE_TRAIN)["index"]
     given = pd.DataFrame({"index": ds_ids, "fold": np.arange(len(ds_ids)) % 2}).sample(frac=1, random_state=0)

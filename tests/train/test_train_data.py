@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -225,7 +226,7 @@ def test_split_by_tokens_covers_rows_within_the_budget(lengths, budget, data):
         assert len(p) >= 1
         assert len(p) == 1 or len(p) * max(lengths[i] for i in p) <= budget
     # Greedy, longest first: a piece is cut only where the next row would break the budget.
-    for a, b in zip(pieces, pieces[1:]):
+    for a, b in itertools.pairwise(pieces):
         assert (len(a) + 1) * lengths[a[0]] > budget
 
 

@@ -76,4 +76,4 @@ def run_cli(args: list[str], env: dict | None = None, timeout: float = 300, modu
     """Run ``python -m train ARGS`` (or a launcher such as torchrun) from the repo root; output captured."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = (launcher or [sys.executable, "-m"]) + [module, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
