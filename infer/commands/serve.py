@@ -11,6 +11,7 @@ import logging
 from dataclasses import asdict
 
 from core.cli import add_verbose_argument
+from infer.commands.extras import require_extra
 from infer.serve.settings import Settings
 
 SERVER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -82,6 +83,7 @@ def server_logging(level: str) -> None:
 
 
 def run(args) -> int:
+    require_extra("serve", "python -m infer serve", "fastapi", "uvicorn", "pydantic", "prometheus_client")
     import uvicorn
 
     from infer.serve.app import create_app

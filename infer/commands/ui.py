@@ -8,7 +8,7 @@ import os
 import sys
 
 from core.cli import add_verbose_argument
-from core.errors import InputError
+from infer.commands.extras import require_extra
 from infer.predict import collect
 from infer.ui import APP, DEFAULT_MAX_CHARS, load_spec, parse_app_args
 
@@ -54,14 +54,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def run(args: argparse.Namespace) -> int:
+    require_extra("ui", "python -m infer ui", "streamlit")
     refs = collect([args.adapter])  # bad adapters fail here, before a server starts
     load_spec(refs[0], args.thresholds)
     cmd = streamlit_command(args)
     parse_app_args(cmd[cmd.index("--") + 1:])  # --max-text-chars / --batch-size checked here, not in the app
-    try:
-        import streamlit  # noqa: F401
-    except ImportError:
-        raise InputError("the web UI needs streamlit (pip install streamlit)") from None
     if args.host not in LOOPBACK:
         print(f"warning: the UI on {args.host} has no key: anyone who can reach it can use the model; put it behind "
               f"`infer serve --api-key-env` (docs/serving.md)", file=sys.stderr, flush=True)
