@@ -29,7 +29,6 @@ import contextlib
 import gc
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -237,18 +236,23 @@ def resolve_base(ref: AdapterRef, base_model: str | None = None) -> str:
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """Silence transformers' load report / progress bars and peft's deprecation noise while loading."""
+    """No weight-loading progress bars while a base model and its adapters load (unless ``--verbose``).
+
+    The known-harmless load warnings (the fresh head's LOAD REPORT, deprecations) are filtered at their source by
+    :mod:`core.quiet` for every command; anything else transformers or peft say while loading still shows.
+    """
+    from core.quiet import libraries_verbose, quiet_by_default
+
+    if libraries_verbose():
+        yield
+        return
+    quiet_by_default()
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
+        yield
     finally:
-        hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
 
 
