@@ -38,14 +38,15 @@ fi
 
 # 1. The base image -----------------------------------------------------------------------------------------------
 if [ "${REBUILD_BASE:-0}" = 1 ] || ! podman image exists "$BASE_IMAGE"; then
-  MIRROR=$(grep -hoE '^(URIs:|deb) +http[^ ]+' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
-           | grep -v security | head -1 | awk '{print $2}')
+  MIRROR=$({ grep -hoE '^(URIs:|deb) +http[^ ]+' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+             || true; } | grep -v security | awk '{print $2; exit}')
+  MIRROR=${MIRROR:-http://deb.debian.org/debian}
   say "debootstrap minbase bookworm from $MIRROR"
   rm -rf "$WORK/rootfs"
   t0=$(date +%s)
   debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
     bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log"
-  tar -C "$WORK/rootfs" -c . | podman import - "$BASE_IMAGE" >/dev/null
+  tar -C "$WORK/rootfs" -c . | podman import - "$BASE_IMAGE" >"$WORK/import.log" 2>&1
   rm -rf "$WORK/rootfs"
   say "base image $BASE_IMAGE in $(( $(date +%s) - t0 )) s"
 fi
