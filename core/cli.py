@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from core.errors import ConfigError, InputError, TrainingError
+from core.offline import no_hub_kernels
 from core.quiet import quiet_libraries
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -58,6 +59,7 @@ def setup_logging(verbose: bool = False) -> None:
         logger.propagate = False
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     quiet_libraries(verbose)  # known-harmless library warnings (core/quiet.py); --verbose shows them
+    no_hub_kernels()  # before any command imports peft / bitsandbytes (core/offline.py)
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser) -> None:

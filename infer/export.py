@@ -122,10 +122,10 @@ def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None 
         InputError: existing ``out``, bad dtype, run folder without ``fold``, missing adapter or base model.
     """
     import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from core.model import load_tokenizer, pick_attention, predict_probs
+    from core.model import load_tokenizer, pick_attention, predict_probs  # before peft: no Hub kernel lookup
+    from peft import PeftModel  # noqa: I001
+    from transformers import AutoConfig, AutoModelForSequenceClassification
     from infer.predict import _quiet_loading, load_refs, pick_device, resolve_base
 
     out = Path(out)

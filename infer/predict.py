@@ -260,9 +260,7 @@ def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None
     """Load the (shared) base model once and every adapter of ``refs`` onto it."""
     import torch
 
-    from core.model import load_classifier, load_tokenizer, no_hub_kernels
-
-    no_hub_kernels()  # before peft imports bitsandbytes: no Hub kernel lookup
+    from core.model import load_classifier, load_tokenizer  # first: no Hub kernel lookup when peft loads bnb
     from peft import PeftModel
 
     keys = {r.base_key() for r in refs}
