@@ -123,9 +123,13 @@ def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None 
     """
     import torch
 
-    from core.model import load_tokenizer, pick_attention, predict_probs  # before peft: no Hub kernel lookup
-    from peft import PeftModel  # noqa: I001
+    from core.offline import no_hub_kernels
+
+    no_hub_kernels()  # before peft imports bitsandbytes: no Hub kernel lookup (library callers skip setup_logging)
+    from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from core.model import load_tokenizer, pick_attention, predict_probs
     from infer.predict import _quiet_loading, load_refs, pick_device, resolve_base
 
     out = Path(out)

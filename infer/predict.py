@@ -260,7 +260,10 @@ def load_refs(refs: list[AdapterRef], device=None, base_model: str | None = None
     """Load the (shared) base model once and every adapter of ``refs`` onto it."""
     import torch
 
-    from core.model import load_classifier, load_tokenizer  # first: no Hub kernel lookup when peft loads bnb
+    from core.model import load_classifier, load_tokenizer
+    from core.offline import no_hub_kernels
+
+    no_hub_kernels()  # before peft imports bitsandbytes: no Hub kernel lookup (library callers skip setup_logging)
     from peft import PeftModel
 
     keys = {r.base_key() for r in refs}
