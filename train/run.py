@@ -4,8 +4,8 @@ Read top to bottom, :func:`train_cv` validates every input before anything is wr
 trains fold after fold (:func:`train_fold`: the 4-bit model with LoRA and a score head, then the step loop of
 :func:`fit`: batch, forward, loss, backward, clip + optimizer step + LR schedule, checkpoint; at each epoch's end
 evaluation on the held-out fold and the ``last`` / ``best`` adapters), and ends with the out-of-fold probabilities
-and the summary (:func:`write_summary`). A distilled run hands it soft targets per fold (:class:`train.distill
-.Distillation`); its final model on every row is its own call (:func:`train_final`).
+and the summary (:func:`write_summary`). In a distilled run, :class:`train.distill.Distillation` hands it the soft
+targets of each fold, and the final model on every row is its own call (:func:`train_final`).
 
 The parts below it: :mod:`train.data` (folds, batch order), :mod:`train.lora`, :mod:`train.loss`,
 :mod:`train.optim` (optimizer, schedule), :mod:`train.checkpoint`, :mod:`train.dist` (torchrun),
