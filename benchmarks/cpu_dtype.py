@@ -3,8 +3,8 @@ RSS, achieved GFLOP/s against this CPU's measured GEMM peak, and the dtype each 
 
 Usage (nothing else running; each mode and repeat in its own process, so peak RSS is clean):
     python -m benchmarks.cpu_dtype                                   # 3 modes x 2 repeats
-    ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.cpu_dtype --modes fp32-4bit,bf16-4bit --repeats 1 --steps 3 \\
-        --predict-rows 64                                            # a CPU without native bf16, emulated
+    ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.cpu_dtype --modes ""  # a CPU without native bf16: GEMM probe
+    ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.cpu_dtype --modes fp32-4bit --repeats 1      # and fp32 there
 
 Modes:
   fp32-4bit   4-bit NF4 weights, fp32 compute (``model.dtype: float32``; ``auto`` on CPUs without native bf16)
@@ -173,9 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         p.error(f"unknown mode(s) {unknown}; choose from {sorted(MODES)}")
+    from core.config import ModelArgs
+    from core.model import pick_dtype
+
     peaks = {"float32": gemm_peak(torch.float32), "bfloat16": gemm_peak(torch.bfloat16)}
+    auto = str(pick_dtype(ModelArgs(dtype="auto"), torch.device("cpu"))).removeprefix("torch.")
     log(f"GEMM peak ({torch.get_num_threads()} threads, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}): "
-        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()) + f"; model.dtype auto -> {auto}")
+    if not modes:  # --modes "": the probe alone (e.g. under an ISA cap, where emulated bf16 steps take many minutes)
+        return 0
     results = []
     for rep in range(args.repeats):
         for mode in modes:

@@ -33,7 +33,8 @@ class ModelArgs:
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     """``auto``: eager for Gemma-2 (attention logit soft-capping), SDPA otherwise."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Compute dtype. ``auto``: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    """Compute dtype. ``auto``: bf16 on GPUs that support it, else fp16 on GPU; on the CPU bf16 where it is native
+    (AVX512-BF16 or AMX), else fp32. A run resolves ``auto`` when it starts and keeps that dtype when resumed."""
     cache_dir: str | None = None
     """Where converted GGUF models are cached; default ``$QLML_CACHE`` or ``~/.cache/qlora-multilabel``."""
 

@@ -15,6 +15,7 @@ The parts below it: :mod:`train.data` (folds, batch order), :mod:`train.lora`, :
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -48,7 +49,7 @@ from train.evaluation import evaluate, fold_decoding, selection_key
 from train.lora import apply_lora, count_parameters
 from train.loss import distill_loss, multilabel_loss, pos_weight_from_labels
 from train.optim import Optimization
-from train.run_dir import BackgroundPush, check_resume, check_run_dir, run_fingerprint, write_run_files
+from train.run_dir import BackgroundPush, check_resume, check_run_dir, launch_info, run_fingerprint, write_run_files
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ class Run:
     descriptions: dict = field(default_factory=dict)
     adapter_info: dict = field(default_factory=dict)
     """Written into every adapter's ``adapter_info.json`` (distillation's provenance)."""
+    dtype: str = "auto"
+    """The compute dtype, resolved when the run started (:func:`train.run_dir.launch_info`)."""
 
 
 # --------------------------------------------------------------------------------------------------------- the run
@@ -193,6 +196,7 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
     descriptions = read_label_descriptions(cfg.data.label_names_csv, label_names)
     check_run_dir(run_dir, resume, label_names)
     allowed = check_resume(run_dir, cfg, env.world_size) if resume else []
+    launch = launch_info(cfg, env, run_dir, resume)
     env.barrier()  # DDP: every rank checks output_dir before rank 0 creates it
     model_path = resolve_model_path(cfg.model, log=logger.info if env.is_main else (lambda m: None))
     tokenizer = load_tokenizer(model_path)
@@ -206,14 +210,15 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
 
     # 2. The run folder: config, labels and fold assignment first, so that a resumed run can check them.
     if env.is_main:
-        write_run_files(run_dir, cfg, ds, fold_of_row, descriptions, allowed, env.world_size)
+        write_run_files(run_dir, cfg, ds, fold_of_row, descriptions, allowed, launch)
     env.barrier()
     push = None
     if cfg.hub.push_checkpoints_to and env.is_main:  # Kaggle's 12-hour limit: the next session resumes from the Hub
         from core.hub import push_checkpoint
 
         push = BackgroundPush(lambda: push_checkpoint(run_dir, cfg.hub.push_checkpoints_to, private=cfg.hub.private))
-    run = Run(cfg, env, decode, run_fingerprint(cfg), callbacks, push, model_path, label_names, descriptions)
+    run = Run(cfg, env, decode, run_fingerprint(cfg), callbacks, push, model_path, label_names, descriptions,
+              dtype=launch["dtype"])
 
     # 3. The rows: the labelled ones, then (distillation) the unlabelled ones in no fold (-1), and the soft targets.
     rows = Rows(token_ids, ds.labels, fold_of_row)
@@ -289,7 +294,8 @@ def train_fold(run: Run, rows: Rows, fold: Fold) -> FoldResult:
     cfg, env = run.cfg, run.env
     fold.folder.mkdir(parents=True, exist_ok=True)
     device_map, max_memory = device_map_for(cfg, env)
-    model, tok, dtype = load_classifier(run.model_path, len(run.label_names), cfg.model, cfg.quantization, env.device,
+    margs = dataclasses.replace(cfg.model, dtype=run.dtype)  # auto resolved once, when the run started
+    model, tok, dtype = load_classifier(run.model_path, len(run.label_names), margs, cfg.quantization, env.device,
                                         device_map=device_map, seed=cfg.train.seed + fold.index, max_memory=max_memory)
     model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
     params = count_parameters(model)

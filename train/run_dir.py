@@ -20,7 +20,7 @@ from train import checkpoint
 logger = logging.getLogger(__name__)
 
 LAUNCH_FILE = "launch.json"
-"""How the run was launched (world size): a resume must use the same."""
+"""How the run was launched (world size, the compute dtype ``model.dtype`` resolved to): a resume must use the same."""
 
 # Keys added after classification checkpoints existed (DAPT's fingerprint has always held decode.strategy).
 LATER_DEFAULTS = {**checkpoint.LATER_DEFAULTS, "decode.strategy": "cascade"}
@@ -37,6 +37,22 @@ def check_run_dir(run_dir: Path, resume: bool, label_names: list[str]) -> None:
         if saved != label_names:
             raise InputError(f"{run_dir / 'label_names.json'}: the run was trained on {len(saved)} labels "
                              f"({saved[:3]}...), the data has {len(label_names)} ({label_names[:3]}...)")
+
+
+def launch_info(cfg: RunConfig, env, run_dir: Path, resume: bool) -> dict:
+    """What :data:`LAUNCH_FILE` records: the world size and the compute dtype. ``model.dtype: auto`` resolves by the
+    hardware once, when the run starts: a resumed run keeps the dtype it started with (a launch file from before the
+    dtype was recorded: fp32 on CPU, which ``auto`` was then), so its checkpoints go on in the same arithmetic."""
+    from core.model import pick_dtype
+
+    dtype = str(pick_dtype(cfg.model, env.device)).removeprefix("torch.")
+    launch_file = run_dir / LAUNCH_FILE
+    if resume and cfg.model.dtype == "auto" and launch_file.is_file():
+        was = json.loads(launch_file.read_text()).get("dtype", "float32" if env.device.type == "cpu" else dtype)
+        if was != dtype:
+            logger.info(f"resume: computing in {was} as the run started (model.dtype auto; {dtype} here now)")
+        dtype = was
+    return {"world_size": env.world_size, "dtype": dtype}
 
 
 def check_resume(run_dir: Path, cfg: RunConfig, world_size: int) -> list:
@@ -77,7 +93,7 @@ def run_fingerprint(cfg: RunConfig) -> str:
 
 
 def write_run_files(run_dir: Path, cfg: RunConfig, ds: Dataset, fold_of_row: np.ndarray, descriptions: dict,
-                    allowed: list, world_size: int) -> None:
+                    allowed: list, launch: dict) -> None:
     """The files a resumed run checks, written before the first fold trains: the fold assignment (``folds.csv``;
     a resume refuses other data or cv settings), the config, the launch (world size) and the labels; the allowed
     changes of a resume go to ``resume_log.json``."""
@@ -95,7 +111,7 @@ def write_run_files(run_dir: Path, cfg: RunConfig, ds: Dataset, fold_of_row: np.
         logger.info(f"resume: allowed changes (recorded in resume_log.json): {checkpoint.describe(allowed)}")
         record_resume(run_dir, allowed)
     write_text(run_dir / "run_config.yaml", cfg.to_yaml())
-    write_json(run_dir / LAUNCH_FILE, {"world_size": world_size})
+    write_json(run_dir / LAUNCH_FILE, launch)
     write_json(run_dir / "label_names.json", {"label_names": ds.label_names, "descriptions": descriptions})
 
 

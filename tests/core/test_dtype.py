@@ -45,7 +45,7 @@ def test_a_torch_without_the_checks_keeps_fp32(monkeypatch):
     assert m.cpu_has_native_bf16() is False
 
 
-@pytest.mark.parametrize("native, expected", [(True, m.CPU_AUTO_BF16), (False, torch.float32)])
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_on_cpu(monkeypatch, native, expected):
     monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: native)
     assert m.pick_dtype(ModelArgs(dtype="auto"), CPU) == expected
@@ -61,3 +61,4 @@ def test_auto_on_gpu(monkeypatch, bf16_gpu, expected):
 def test_explicit_dtype_is_kept(monkeypatch, name):
     monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: True)
     assert m.pick_dtype(ModelArgs(dtype=name), CPU) == getattr(torch, name)
+

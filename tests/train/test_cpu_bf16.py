@@ -1,16 +1,23 @@
 """bf16 compute on the CPU (``model.dtype: bfloat16``; what ``auto`` picks on CPUs with native bf16): a tiny run
-trains with finite losses, and a run killed after a checkpoint resumes to the same adapter as an uninterrupted one."""
+trains with finite losses, a run killed after a checkpoint resumes to the same adapter as an uninterrupted one, and a
+resumed run keeps the compute dtype it started with."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 from trainkit import as_set_args, kill_at_launcher, run_cli, tiny_overrides
+
+import core.model
+from core.config import RunConfig
+from train.run_dir import LAUNCH_FILE, launch_info
 
 
 def bf16_args(model, csv, out) -> list[str]:
@@ -44,3 +51,18 @@ def test_cpu_bf16_trains_finite_and_resumes(tiny_models, small_csv, tmp_path):
         assert a[k].dtype == torch.float32, k  # trainable weights stay fp32; only the compute is bf16
         assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
     assert (whole / "oof.csv").read_text() == (cut / "oof.csv").read_text()
+
+
+@pytest.mark.parametrize("recorded, resume, expected", [
+    ({"world_size": 1, "dtype": "bfloat16"}, True, "bfloat16"),
+    ({"world_size": 1, "dtype": "float32"}, True, "float32"),   # started where auto meant fp32: stays fp32
+    ({"world_size": 1}, True, "float32"),                        # a run from before bf16 on the CPU
+    ({"world_size": 1}, False, "bfloat16"),                      # a new run resolves auto now
+])
+def test_a_resumed_run_keeps_the_dtype_it_started_with(monkeypatch, tmp_path, recorded, resume, expected):
+    monkeypatch.setattr(core.model, "cpu_has_native_bf16", lambda: True)
+    (tmp_path / LAUNCH_FILE).write_text(json.dumps(recorded))
+    env = SimpleNamespace(world_size=1, device=torch.device("cpu"))
+    assert launch_info(RunConfig(), env, tmp_path, resume) == {"world_size": 1, "dtype": expected}
+    pinned = RunConfig.from_dict({"model": {"dtype": "float32"}})
+    assert launch_info(pinned, env, tmp_path, resume)["dtype"] == "float32"
