@@ -16,7 +16,7 @@
 #   2 steps, as tests/infer/test_predict.py does; needs the repo's .venv) whose base model is passed as --base-model.
 # Environment: IMAGE (default localhost/qlml-serve:smoke), WORK (default /tmp/qlml-container-smoke), PORT (8000: the
 #   port the HEALTHCHECK probes), TORCH_WHEELS (a folder holding the torch wheel; default /opt/wheels if it exists),
-#   REBUILD_BASE=1 to redo the debootstrap base.
+#   REBUILD_BASE=1 to redo the debootstrap base, REBUILD=0 to reuse an existing $IMAGE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -63,11 +63,16 @@ if [ -n "$TORCH_WHEELS" ]; then  # e.g. when download.pytorch.org cannot be reac
   cpu_wheel=$(ls "$TORCH_WHEELS" | grep -oE '^torch-[^-]+\+cpu' | head -1 | sed 's/^torch-/torch==/' || true)
   [ -n "$cpu_wheel" ] && build_args+=(--build-arg "TORCH=$cpu_wheel")
 fi
-say "buildah bud --isolation chroot ${build_args[*]}"
-t0=$(date +%s)
-buildah bud --isolation chroot --format docker --layers=false -f Containerfile "${volumes[@]}" "${build_args[@]}" \
-  -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
-say "built $IMAGE in $(( $(date +%s) - t0 )) s; size $(podman image inspect --format '{{.Size}}' "$IMAGE" \
+if [ "${REBUILD:-1}" = 0 ] && podman image exists "$IMAGE"; then
+  say "REBUILD=0: reusing $IMAGE"
+else
+  say "buildah bud --isolation chroot ${build_args[*]}"
+  t0=$(date +%s)
+  buildah bud --isolation chroot --format docker --layers=false -f Containerfile "${volumes[@]}" "${build_args[@]}" \
+    -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+  say "built in $(( $(date +%s) - t0 )) s"
+fi
+say "$IMAGE: size $(podman image inspect --format '{{.Size}}' "$IMAGE" \
   | awk '{printf "%.0f MB", $1/1e6}') (base $(podman image inspect --format '{{.Size}}' "$BASE_IMAGE" \
   | awk '{printf "%.0f MB", $1/1e6}'))"
 
@@ -107,6 +112,10 @@ else
   if [ -n "$BASE_MODEL" ]; then cp -r "$BASE_MODEL" "$WORK/adapters/base-model"; BASE_MODEL_IN=/adapters/base-model; fi
 fi
 
+# The image runs as a non-root user: the mounted files must be readable by it (the safetensors files a run writes are
+# owner-only; with Docker: chmod -R a+rX adapters/ or run with --user "$(id -u)").
+chmod -R a+rX "$WORK/adapters"
+
 # 4. Start the image's entrypoint in its mounted filesystem -----------------------------------------------------------
 MNT=$(podman image mount "$IMAGE")
 SERVER_PID=
@@ -121,7 +130,7 @@ bind() { mount --bind "$1" "$MNT$2"; mounted+=("$MNT$2"); }
 bind "$WORK/adapters" /adapters
 bind /dev /dev
 mount -t proc proc "$MNT/proc"; mounted+=("$MNT/proc")
-for d in /tmp /home/qlml/.cache; do mount -t tmpfs -o mode=1777 tmpfs "$MNT$d"; mounted+=("$MNT$d"); done
+for d in /tmp /home/qlml/.cache /dev/shm; do mount -t tmpfs -o mode=1777 tmpfs "$MNT$d"; mounted+=("$MNT$d"); done
 mkdir -p "$MNT/home/qlml/.cache"
 
 inspect() { podman image inspect --format "$1" "$IMAGE"; }
