@@ -122,7 +122,9 @@ SERVER_PID=
 mounted=()
 cleanup() {
   if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-  for ((i=${#mounted[@]}-1; i>=0; i--)); do umount "${mounted[$i]}" 2>/dev/null || umount -l "${mounted[$i]}" || true; done
+  for ((i=${#mounted[@]}-1; i>=0; i--)); do
+    umount "${mounted[$i]}" 2>/dev/null || umount -l "${mounted[$i]}" || true
+  done
   podman image unmount "$IMAGE" >/dev/null || true
 }
 trap cleanup EXIT
@@ -135,8 +137,9 @@ mkdir -p "$MNT/home/qlml/.cache"
 
 inspect() { podman image inspect --format "$1" "$IMAGE"; }
 mapfile -t ENVS < <(inspect '{{range .Config.Env}}{{println .}}{{end}}' | sed '/^$/d')
-mapfile -t ENTRY < <(inspect '{{json .Config.Entrypoint}}' | python3 -c 'import json,sys; print(*json.load(sys.stdin), sep="\n")')
-mapfile -t HEALTH < <(inspect '{{json .Config.Healthcheck.Test}}' | python3 -c 'import json,sys; print(*json.load(sys.stdin)[1:], sep="\n")')
+json_lines() { python3 -c 'import json, sys; print(*json.load(sys.stdin)[int(sys.argv[1]):], sep="\n")' "$1"; }
+mapfile -t ENTRY < <(inspect '{{json .Config.Entrypoint}}' | json_lines 0)
+mapfile -t HEALTH < <(inspect '{{json .Config.Healthcheck.Test}}' | json_lines 1)  # after "CMD"
 USER_NAME=$(inspect '{{.Config.User}}')
 IDS=$(awk -F: -v u="$USER_NAME" '$1 == u {print $3 ":" $4}' "$MNT/etc/passwd")
 WORKDIR=$(inspect '{{.Config.WorkingDir}}')
