@@ -82,7 +82,7 @@ def test_train_predict_tune_submit_on_user_data(tmp_path, tiny_model, label_name
     spec = run_tune(run / "oof.csv", train_csv, tmp_path / "thresholds.json", n_trials=5, progress=False)
     assert spec.fallback == "argmax" and list(spec.label_names) == label_names
     sub = submit(probs, tmp_path / "submission.csv", thresholds=tmp_path / "thresholds.json", ids=test_csv)
-    assert list(sub["index"]) == list(ids)
+    assert list(sub["review_id"]) == list(ids)  # the run's id column, not the DLS "index"
     targets = [t.split() for t in sub["target"]]
     assert all(len(t) >= 1 for t in targets)  # argmax fallback: every row gets a label
     assert {int(c) for t in targets for c in t} <= set(range(len(label_names)))

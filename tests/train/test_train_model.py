@@ -9,7 +9,7 @@ import torch
 
 from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
 from core.errors import InputError
-from core.model import load_classifier, load_tokenizer, predict_probs, resolve_model_path
+from core.model import cpu_has_native_bf16, load_classifier, load_tokenizer, predict_probs, resolve_model_path
 from train.lora import apply_lora, count_parameters
 from train.optim import build_optimizer
 
@@ -19,6 +19,9 @@ ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def load(path, num_labels=5, seed=0, **margs):
+    """The tiny model loaded on the CPU; fp32 compute unless ``dtype`` says otherwise, so that the padding and batching
+    checks below hold to 1e-5 (bf16 moves a padded row's probabilities by ~1e-3)."""
+    margs.setdefault("dtype", "float32")
     return load_classifier(str(path), num_labels, ModelArgs(name_or_path=str(path), **margs), QuantizationArgs(),
                            CPU, seed=seed)
 
@@ -27,8 +30,8 @@ def load(path, num_labels=5, seed=0, **margs):
 def test_loads_in_4bit_with_fresh_head(tiny_models, arch):
     import bitsandbytes as bnb
 
-    model, tok, dtype = load(tiny_models[arch])
-    assert dtype == torch.float32                                   # CPU default
+    model, tok, dtype = load(tiny_models[arch], dtype="auto")
+    assert dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)  # the CPU default
     assert type(model).__name__.endswith("ForSequenceClassification")
     linear = [m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
     assert linear and all(isinstance(m, bnb.nn.Linear4bit) for m in linear)
@@ -40,8 +43,8 @@ def test_loads_in_4bit_with_fresh_head(tiny_models, arch):
     expected_attn = "eager" if arch == "gemma2" else "sdpa"         # Gemma-2 soft-capping needs eager
     assert model.config._attn_implementation == expected_attn
     # The head's init is seeded: same seed, same head; another seed, another head.
-    again, _, _ = load(tiny_models[arch])
-    other, _, _ = load(tiny_models[arch], seed=1)
+    again, _, _ = load(tiny_models[arch], dtype="auto")
+    other, _, _ = load(tiny_models[arch], seed=1, dtype="auto")
     assert torch.equal(model.score.weight, again.score.weight)
     assert not torch.equal(model.score.weight, other.score.weight)
 
