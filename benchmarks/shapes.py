@@ -19,37 +19,37 @@ from pathlib import Path
 import numpy as np
 
 DLS = "../shared/data/dls/train.csv"
-DLS_DATA = dict(id_column="index", text_template="user assesment: {assessment}\n\nTags: {tags}\n\nReview: {text}",
-                label_prefix="trend_id_res")
+DLS_DATA = {"id_column": "index", "text_template": "user assesment: {assessment}\n\nTags: {tags}\n\nReview: {text}",
+                "label_prefix": "trend_id_res"}
 """The DLS columns and the reference prompt (the benchmarks measure on the DLS data; the toolkit knows none of it)."""
 DLS_FALLBACK = 19
 """Class 19, "no meaning": the reference solution's cascade fallback on the DLS data."""
 SHAPES = {
     # Real shapes; vocab 262144 for the Gemmas so the Gemma 3 tokenizer's ids fit (Gemma-2's is 256000: +1.4%).
-    "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=256, intermediate_size=14336, vocab_size=262144,
-                       query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
-                       final_logit_softcapping=30.0),
-    "gemma-2-27b": dict(model_type="gemma2", hidden_size=4608, num_hidden_layers=46, num_attention_heads=32,
-                        num_key_value_heads=16, head_dim=128, intermediate_size=36864, vocab_size=262144,
-                        query_pre_attn_scalar=144, sliding_window=4096, attn_logit_softcapping=50.0,
-                        final_logit_softcapping=30.0),
+    "gemma-2-9b": {"model_type": "gemma2", "hidden_size": 3584, "num_hidden_layers": 42, "num_attention_heads": 16,
+                       "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336, "vocab_size": 262144,
+                       "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                       "final_logit_softcapping": 30.0},
+    "gemma-2-27b": {"model_type": "gemma2", "hidden_size": 4608, "num_hidden_layers": 46, "num_attention_heads": 32,
+                        "num_key_value_heads": 16, "head_dim": 128, "intermediate_size": 36864, "vocab_size": 262144,
+                        "query_pre_attn_scalar": 144, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                        "final_logit_softcapping": 30.0},
     # Gemma 3 270M text model (the embedded model's config.json); rope and the 5 sliding : 1 full layer_types are
     # Gemma3TextConfig's defaults: rope_theta 1e6 (full), 1e4 (sliding), sliding_window_pattern 6.
-    "gemma-3-270m": dict(model_type="gemma3_text", hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
-                         num_key_value_heads=1, head_dim=256, intermediate_size=2048, vocab_size=262144,
-                         query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=32000,
-                       sliding_window=None),
-    "tiny-gemma2": dict(model_type="gemma2", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=262144,
-                        query_pre_attn_scalar=16, sliding_window=64, attn_logit_softcapping=50.0,
-                        final_logit_softcapping=30.0),
+    "gemma-3-270m": {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18, "num_attention_heads": 4,
+                         "num_key_value_heads": 1, "head_dim": 256, "intermediate_size": 2048, "vocab_size": 262144,
+                         "query_pre_attn_scalar": 256, "sliding_window": 512, "max_position_embeddings": 32768},
+    "mistral-7b": {"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                       "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "vocab_size": 32000,
+                       "sliding_window": None},
+    "tiny-gemma2": {"model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 262144,
+                        "query_pre_attn_scalar": 16, "sliding_window": 64, "attn_logit_softcapping": 50.0,
+                        "final_logit_softcapping": 30.0},
     # The 270M's architecture (5 sliding : 1 full attention layers), tiny: the CPU rehearsal of the 270M's step.
-    "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
-                        num_key_value_heads=1, head_dim=16, intermediate_size=128, vocab_size=262144,
-                        query_pre_attn_scalar=16, sliding_window=64),
+    "tiny-gemma3": {"model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
+                        "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 128, "vocab_size": 262144,
+                        "query_pre_attn_scalar": 16, "sliding_window": 64},
 }
 CONFIGS = {"embedded": "configs/gemma-3-270m/qlora.yaml", "gemma-3-270m": "configs/gemma-3-270m/qlora.yaml",
            "gemma-2-9b": "configs/gemma-2-9b/qlora.yaml",

@@ -24,7 +24,10 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "langua
 PINNED = "transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 'huggingface_hub>=1.0'"
 
 COMMON_SETUP = '''\
-import importlib, json, os, shlex, sys
+import importlib
+import os
+import shlex
+import sys
 from pathlib import Path
 
 PY = sys.executable            # the kernel's interpreter: its pip, its torch
@@ -60,7 +63,9 @@ PINNED = "{PINNED}"
 
 # Install the toolkit and its pinned dependencies, unless it is already importable (a re-run, or a local checkout).
 try:
-    import core.model, infer.predict, train.run  # noqa: F401
+    import core.model  # noqa: F401
+    import infer.predict
+    import train.run  # noqa: F401
     print("qlora-multilabel is already importable:", Path(infer.predict.__file__).parent.parent)
 except ImportError:
     if WHEELS:   # internet off (competition submissions): a Kaggle dataset of wheels, e.g. from `pip download`
@@ -77,7 +82,7 @@ if "HF_TOKEN" not in os.environ:
         from kaggle_secrets import UserSecretsClient
         os.environ["HF_TOKEN"] = UserSecretsClient().get_secret("HF_TOKEN")
         print("HF_TOKEN read from the Kaggle secret")
-    except Exception as e:  # not on Kaggle, or no such secret
+    except Exception as e:  # noqa: BLE001 - not on Kaggle, or no such secret (the client raises several types)
         print(f"no Kaggle secret HF_TOKEN ({type(e).__name__}); using HF_TOKEN / `hf auth login` if any")'''
 
 
@@ -152,6 +157,8 @@ if DAPT_CORPUS:
 print("the CV starts from:", pre or "the config's model")'''),
         new_markdown_cell("## Launch"),
         new_code_cell('''\
+import json
+
 sets = [f"data.train_csv={TRAIN_CSV}", f"output_dir={OUTPUT_DIR}"] + pre
 sets += [f"data.label_names_csv={LABEL_NAMES_CSV}"] if LABEL_NAMES_CSV else []
 sets += [f"cv.folds={json.dumps(FOLDS)}"] if FOLDS is not None else []
@@ -275,7 +282,7 @@ else:
         new_code_cell('''\
 sh(f"{INFER} submit --probs {probs} --out {shlex.quote(SUBMISSION)}"
    + (f" --thresholds {thresholds}" if thresholds else ""))
-print(open(SUBMISSION).read()[:500])'''),
+print(Path(SUBMISSION).read_text()[:500])'''),
     ]
     return _notebook(cells)
 

@@ -31,8 +31,8 @@ SAMPLE_SET_ARGS = ["--set", "data.id_column=index", "--set", f"data.text_templat
                    "--set", "data.label_prefix=trend_id_res", "--set", "decode.fallback=trend_id_res19"]
 
 TINY_ARCHS = ("gemma2", "mistral", "gemma3")
-TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+TINY_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512}
 
 
 def sample_prompts() -> list[str]:
@@ -61,7 +61,7 @@ def build_tokenizer(folder: Path, specials: list[str], pad_token: str | None, bo
                             trainers.WordLevelTrainer(special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
                                                        special_tokens=[(bos, tok.token_to_id(bos))])
-    kwargs = dict(bos_token=bos, eos_token=eos, unk_token=unk)
+    kwargs = {"bos_token": bos, "eos_token": eos, "unk_token": unk}
     if pad_token is not None:
         kwargs["pad_token"] = pad_token
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
@@ -73,8 +73,8 @@ def tiny_config(arch: str, tokenizer):
     """A tiny random-init config of ``arch`` sized to ``tokenizer``."""
     from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig
 
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
     if arch == "gemma2":
         return Gemma2Config(**TINY_SIZES, **ids, sliding_window=16, query_pre_attn_scalar=16,
                             attn_logit_softcapping=50.0, final_logit_softcapping=30.0)

@@ -169,12 +169,12 @@ def read_only_tree(tmp_path):
     if os.geteuid() == 0:
         ro = tmp_path / "ro" / "qlora-multilabel"
         ro.mkdir(parents=True)
-        mounted = subprocess.run(["mount", "--bind", str(src), str(ro)]).returncode == 0 and subprocess.run(
-            ["mount", "-o", "remount,bind,ro", str(ro)]).returncode == 0
+        mounted = subprocess.run(["mount", "--bind", str(src), str(ro)], check=False).returncode == 0 and subprocess.run(
+            ["mount", "-o", "remount,bind,ro", str(ro)], check=False).returncode == 0
         if not mounted:
             pytest.skip("cannot make a read-only tree here (root without mount)")
         yield ro
-        subprocess.run(["umount", str(ro)])
+        subprocess.run(["umount", str(ro)], check=False)
     else:
         for p in [src, *src.rglob("*")]:
             p.chmod(p.stat().st_mode & ~0o222)
@@ -198,7 +198,7 @@ def test_install_from_a_read_only_tree(read_only_tree, tmp_path):
     assert src != str(read_only_tree) and os.access(src, os.W_OK)
     site = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--target", str(site), src], capture_output=True, text=True, timeout=600)
+                          "--target", str(site), src], capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (site / "core" / "model.py").is_file() and (site / "train" / "run.py").is_file()
     assert (site / "infer" / "predict.py").is_file()
