@@ -104,7 +104,7 @@ def run_trainer_toolkit(path: str, model_key: str, ids, labels, steps: int, warm
             output_dir=tmp, per_device_train_batch_size=t.micro_batch_size,
             gradient_accumulation_steps=t.grad_accum_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, fp16=device.type == "cuda" and dtype == torch.float16,
-            bf16=device.type == "cuda" and dtype == torch.bfloat16,
+            bf16=dtype == torch.bfloat16,  # the Trainer's autocast, on a GPU or a CPU with native bf16
             gradient_checkpointing=False,  # apply_lora has set the config's
             max_steps=total, save_strategy="no", report_to=[], logging_steps=50, seed=t.seed,
             remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, **grouping)

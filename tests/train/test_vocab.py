@@ -242,19 +242,20 @@ def test_trimmed_folder_trains_like_any_model(trimmed_bpe):
     import bitsandbytes as bnb
 
     from core.data import collate
-    from core.model import load_classifier
+    from core.model import autocast, load_classifier
     from train.lora import apply_lora
 
     out, report = trimmed_bpe
     path = str(out)
-    model, tok, _ = load_classifier(path, 3, ModelArgs(name_or_path=path), QuantizationArgs(), CPU)
+    model, tok, dtype = load_classifier(path, 3, ModelArgs(name_or_path=path), QuantizationArgs(), CPU)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert model.get_input_embeddings().weight.shape[0] == report["kept_rows"] == model.config.vocab_size
     assert tok.pad_token_id == model.config.pad_token_id is not None
     model = apply_lora(model, LoraArgs(r=2, alpha=4, dropout=0.0), grad_checkpointing=False)
     batch = collate([tok(t)["input_ids"] for t in read_corpus([SAMPLE_TEST]).texts[:4]], tok.pad_token_id,
                     labels=[[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
-    loss = model(**batch).loss
+    with autocast(CPU, dtype):  # as the training step runs it (bf16 compute on CPUs with native bf16)
+        loss = model(**batch).loss
     loss.backward()
     assert torch.isfinite(loss)
 
