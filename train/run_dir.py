@@ -1,5 +1,5 @@
 """The run folder of cross-validated training (``output_dir``): when it may be used, what a resume may change, the
-files a resumed run checks (config, labels, fold assignment, world size), and the Hub pushes of its checkpoints."""
+files a resumed run checks (config, labels, fold assignment, world size) or keeps (compute dtype), and the Hub pushes of its checkpoints."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from train import checkpoint
 logger = logging.getLogger(__name__)
 
 LAUNCH_FILE = "launch.json"
-"""How the run was launched (world size, the compute dtype ``model.dtype`` resolved to): a resume must use the same."""
+"""How the run was launched: the world size (a resume must use the same) and the compute dtype ``model.dtype``
+resolved to (a resume keeps it)."""
 
 # Keys added after classification checkpoints existed (DAPT's fingerprint has always held decode.strategy).
 LATER_DEFAULTS = {**checkpoint.LATER_DEFAULTS, "decode.strategy": "cascade"}
