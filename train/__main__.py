@@ -7,6 +7,7 @@ Commands (each in train/commands/<name>.py, which runs the library module named 
     distill     a student learning from teacher runs' soft targets        train/run.py + train/distill.py
     trim-vocab  shrink the embedding matrix to the corpus                 train/vocab.py
     prune       drop decoder layers / MLP channels by importance          train/prune.py
+    holdout     set labelled rows aside (inner.csv / outer.csv)           train/data.py
 
 Usage:
     python -m train --config configs/gemma-3-270m/qlora.yaml [--set train.lr=1e-4 --set cv.folds=[0]] [--resume]
@@ -23,9 +24,9 @@ import argparse
 import sys
 
 from core.cli import run_command, setup_logging
-from train.commands import cv, dapt, distill, prune, tfidf, trim_vocab
+from train.commands import cv, dapt, distill, holdout, prune, tfidf, trim_vocab
 
-COMMANDS = (cv, dapt, tfidf, distill, trim_vocab, prune)
+COMMANDS = (cv, dapt, tfidf, distill, trim_vocab, prune, holdout)
 
 
 def build_parser() -> argparse.ArgumentParser:
