@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from core.cli import add_verbose_argument
+from core.cli import add_verbose_argument, module_doc
 from core.config import RunConfig, add_config_arguments
-from train import prune as library
-from train.prune import prune
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="drop decoder layers / MLP channels by importance",
-                              description=library.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=module_doc("train.prune"), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--model", help="model folder or Hub id (model.name_or_path); default: the config's model")
     p.add_argument("--keep-layers", type=int, required=True, help="decoder layers to keep (the most influential)")
@@ -34,5 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
+    from train.prune import prune
+
     prune(cfg, args.data, args.out, args.keep_layers, args.mlp_keep, args.max_rows, args.batch_size)
     return 0

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from core.cli import add_verbose_argument
+from core.cli import add_verbose_argument, module_doc
 from core.config import RunConfig, add_config_arguments
 from core.errors import InputError
-from train import tfidf_run
 from train.commands.distill import add_teacher_arguments, teacher_overrides
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("tfidf", help="TF-IDF + logistic-regression baseline, same folds",
-                              description=tfidf_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=module_doc("train.tfidf_run"), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--folds", help="folds CSV (index, fold), e.g. an LLM run's folds.csv; default: the config's split")
@@ -34,5 +33,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.targets_from and not cfg.distill.teachers:
         raise InputError("--targets-from needs --teacher (a distilled student)")
+    from train import tfidf_run
+
     tfidf_run.main(cfg, args.out, args.folds, args.test, args.c, targets_from=args.targets_from)
     return 0

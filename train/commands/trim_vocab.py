@@ -9,17 +9,15 @@ import argparse
 import json
 from pathlib import Path
 
-from core.cli import add_verbose_argument
+from core.cli import add_verbose_argument, module_doc
 from core.config import DEFAULT_TEMPLATE, ModelArgs
 from core.errors import InputError
-from train import vocab
 from train.data import read_corpus, split_paths
-from train.vocab import ID_MAP, TRIM_REPORT, trim_vocab
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("trim-vocab", help="shrink the embedding matrix to the corpus",
-                              description=vocab.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=module_doc("train.vocab"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder, Hub id in the local cache, or embedded:gemma-3-270m "
                                    "(default: the --config's model.name_or_path)")
     p.add_argument("--config", help="run config YAML: its model and data.text_template are the defaults")
@@ -44,6 +42,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from train.vocab import ID_MAP, TRIM_REPORT, trim_vocab
+
     margs, template = ModelArgs(), DEFAULT_TEMPLATE
     if args.config:
         from core.config import RunConfig
