@@ -11,6 +11,7 @@ Subcommands (each one module of ``infer/commands/``: its arguments, and the libr
     serve     HTTP API over trained adapter(s), micro-batched             (infer/commands/serve.py)
     export    merge one adapter into its base: a plain transformers folder (infer/commands/export.py)
     ui        web UI (Streamlit) for one adapter: a review form and a CSV tab (infer/commands/ui.py)
+    audit     duplicates, label conflicts, likely label errors, empty rows  (infer/commands/audit.py)
 
 Exit status: 0 on success, 2 on bad input (``error: <message>`` on stderr; nothing is written).
 """
@@ -24,12 +25,12 @@ from core.cli import run_command, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from infer.commands import blend, evaluate, export, predict, pull, push, serve, submit, tune, ui
+    from infer.commands import audit, blend, evaluate, export, predict, pull, push, serve, submit, tune, ui
 
     parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (predict, push, pull, tune, submit, evaluate, blend, serve, export, ui):
+    for command in (predict, push, pull, tune, submit, evaluate, blend, serve, export, ui, audit):
         command.register(sub)
     return parser
 
