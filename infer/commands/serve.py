@@ -11,7 +11,7 @@ import logging
 from dataclasses import asdict
 
 from core.cli import add_verbose_argument
-from infer.commands.extras import require_extra
+from core.extras import require_extra
 from infer.serve.settings import Settings
 
 SERVER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -8,7 +8,7 @@ import os
 import sys
 
 from core.cli import add_verbose_argument
-from infer.commands.extras import require_extra
+from core.extras import require_extra
 from infer.predict import collect
 from infer.ui import APP, DEFAULT_MAX_CHARS, load_spec, parse_app_args
 

@@ -1,4 +1,5 @@
-"""The optional parts of the install: a command whose extra is missing says which one to install (exit 2)."""
+"""The optional parts of the install: a command (or a setting, such as ``train.report_to: [tensorboard]``) whose
+extra or package is missing says which one to install (exit 2)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,13 @@ def require_extra(extra: str, command: str, *modules: str) -> None:
             raise InputError(f"{command} needs the '{extra}' extra ({name} is not installed): "
                              f"pip install 'qlora-multilabel[{extra}]' (or pip install -e '.[{extra}]' in a clone)"
                              ) from None
+
+
+def require_package(module: str, what: str, distribution: str | None = None) -> None:
+    """Import ``module`` (a package no extra of this project installs, e.g. ``wandb``) or raise an
+    :class:`InputError` saying that ``what`` needs it and how to install it (``distribution``: its pip name)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise InputError(f"{what} needs the {module} package, which is not installed: "
+                         f"pip install {distribution or module}") from None
