@@ -6,7 +6,10 @@ the tuned thresholds (``--thresholds``), and writes beside it (``--out-dir``, de
 * ``<stem>.eval.json``: the table, per-class F1 and the threshold curve;
 * ``<stem>.per_class_f1.png``: per-class F1 bars (default cascade, and tuned when given);
 * ``<stem>.threshold_curve.png``: exact match and micro-F1 of plain thresholds 0.05 .. 0.95, with the cascade's
-  (and the tuned decoding's) scores as horizontal lines.
+  (and the tuned decoding's) scores as horizontal lines;
+* ``<stem>.reliability.png``: the reliability (calibration) diagram over every (row, label) pair: the fraction of
+  positives against the mean probability in 10 equal-width bins, the pairs per bin below; its expected calibration
+  error (ECE) and Brier score are printed and in the JSON (``calibration``).
 
 ``--baseline OTHER.csv`` (another model's probabilities for the same rows, e.g. another run's ``oof.csv``) adds the
 paired difference in exact match, this file minus the baseline, with a 95% bootstrap interval over the rows, for 0.5
@@ -51,7 +54,25 @@ def evaluate_arrays(probs: np.ndarray, labels: np.ndarray, label_names: Sequence
              "micro_f1": [micro_f1(labels, threshold(probs, t)) for t in CURVE]}
     positives = dict(zip(label_names, map(int, np.asarray(labels).sum(axis=0))))
     return {"rows": len(labels), "metrics": metrics, "per_class_f1": per_class, "positives": positives,
-            "curve": curve}
+            "curve": curve, "calibration": calibration(probs, labels)}
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict:
+    """Reliability of the probabilities over every (row, label) pair (pure): per non-empty bin of equal width, the
+    mean probability and the fraction of positives (:func:`sklearn.calibration.calibration_curve`) and the pairs in
+    it; the expected calibration error (the bins' ``|fraction positive - mean probability|`` weighted by their pairs)
+    and the Brier score (:func:`sklearn.metrics.brier_score_loss`)."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    y = np.asarray(labels).astype(int).ravel()
+    p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), 0.0, 1.0)
+    fraction, mean = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    pairs = np.bincount(np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], p), minlength=n_bins)  # sklearn's bins
+    pairs = pairs[pairs > 0]
+    return {"bins": n_bins, "mean_probability": mean.tolist(), "fraction_positive": fraction.tolist(),
+            "pairs": pairs.tolist(), "ece": float(np.sum(pairs / len(p) * np.abs(fraction - mean))),
+            "brier": float(brier_score_loss(y, p, pos_label=1))}
 
 
 def compare(probs: np.ndarray, baseline: np.ndarray, labels: np.ndarray, default: ThresholdSpec) -> dict:
@@ -151,6 +172,31 @@ def plot_curve(result: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_reliability(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = result["calibration"]
+    fig, (ax, bars) = plt.subplots(2, 1, figsize=(6.4, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="perfectly calibrated")
+    ax.plot(c["mean_probability"], c["fraction_positive"], marker="o", color="tab:blue",
+            label=f"this file: ECE {c['ece']:.4f}, Brier {c['brier']:.4f}")
+    ax.set(ylabel="fraction of positives", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    width = 1 / c["bins"]  # each bar over its bin (the bin that holds its mean probability)
+    centers = (np.minimum(np.floor(np.asarray(c["mean_probability"]) * c["bins"]), c["bins"] - 1) + 0.5) * width
+    bars.bar(centers, c["pairs"], width=width * 0.9, color="tab:blue", alpha=0.6)
+    bars.set(yscale="log", xlabel=f"mean predicted probability ({c['bins']} bins)", ylabel="(row, label) pairs")
+    bars.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | None = None,
              out_dir: str | Path | None = None, fallback=None, baseline: str | Path | None = None,
              id_column: str | None = None) -> dict:
@@ -179,10 +225,14 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     out_dir = probs.parent if out_dir is None else Path(out_dir)
     stem = probs.stem
     files = {"json": out_dir / f"{stem}.eval.json", "per_class_png": out_dir / f"{stem}.per_class_f1.png",
-             "curve_png": out_dir / f"{stem}.threshold_curve.png"}
+             "curve_png": out_dir / f"{stem}.threshold_curve.png",
+             "reliability_png": out_dir / f"{stem}.reliability.png"}
     note = "" if len(ids) == len(label_ids) else f" ({len(ids)} of the {len(label_ids)} labelled rows)"
     logger.info(f"evaluate: {len(ids)} rows x {len(names)} classes of {probs} against {labels}{note}")
     logger.info(table(result["metrics"]))
+    cal = result["calibration"]
+    logger.info(f"calibration over {len(ids) * len(names)} (row, label) pairs: ECE {cal['ece']:.4f}, "
+                f"Brier {cal['brier']:.4f} ({cal['bins']} bins)")
     if baseline is not None:
         logger.info("\n".join(compare_lines(comparison, baseline)))
     reason = optimistic_reason(probs)
@@ -199,6 +249,7 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     title = f"{probs.name}: {len(ids)} rows"
     plot_per_class(result, files["per_class_png"], f"per-class F1, {title}", run_descriptions(probs, names))
     plot_curve(result, files["curve_png"], f"score vs global threshold, {title}")
+    plot_reliability(result, files["reliability_png"], f"reliability, {title}")
     write_json(files["json"], {"probs": str(probs), "labels": str(labels),
                                "thresholds": None if thresholds is None else str(thresholds), **result,
                                "files": {k: str(v) for k, v in files.items() if k != "json"}})

@@ -14,7 +14,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate", help="metrics table and plots of a probability file against labels",
         description="Exact match and micro/macro/weighted F1 of 0.5 thresholding, the default cascade and tuned "
-                    "thresholds; per-class F1 bar chart and score-vs-threshold curve as PNG, metrics as JSON.")
+                    "thresholds; per-class F1 bar chart, score-vs-threshold curve and reliability (calibration) "
+                    "diagram as PNG, metrics as JSON.")
     p.add_argument("--probs", required=True, help="probability CSV (e.g. RUN/oof.csv)")
     p.add_argument("--labels", required=True, help="labelled CSV with the same ids")
     p.add_argument("--thresholds", help="thresholds.json from python -m infer tune")
