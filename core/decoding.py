@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("cascade", "sets")
 """The decoding strategies a thresholds file holds (``python -m infer tune --strategy``)."""
 
+THRESHOLDS_FILE = "thresholds.json"
+"""An adapter folder's own tuned decoding (a final model's, a merged adapter's: tuned on the out-of-fold
+probabilities of the folds behind it). ``serve``, ``ui`` and ``submit`` decode that adapter's probabilities with it
+unless ``--thresholds`` names another file (:func:`own_thresholds`)."""
+
 
 def read_thresholds(path: str | Path) -> ThresholdSpec | SetDecoder:
     """Read and validate a ``thresholds.json``: a cascade (``ThresholdSpec.to_dict()`` + meta, files without a
@@ -116,6 +121,26 @@ def adapter_spec(ref, thresholds: str | Path | None = None) -> ThresholdSpec | S
             list(ref.label_names).index(spec.label_names[spec.fallback])
         spec = ThresholdSpec(tuple(ref.label_names), spec.start, spec.stop, spec.step, fb, offsets, spec.meta)
     return spec
+
+
+def own_thresholds(folders: Sequence[str | Path]) -> str | None:
+    """The :data:`THRESHOLDS_FILE` of one adapter folder, or None (several adapters, e.g. a fold average, have no
+    decoding of their own)."""
+    if len(folders) == 1 and (Path(folders[0]) / THRESHOLDS_FILE).is_file():
+        path = str(Path(folders[0]) / THRESHOLDS_FILE)
+        logger.info(f"decoding with {path}, the adapter's own tuned thresholds (--thresholds chooses another)")
+        return path
+    return None
+
+
+def probs_thresholds(probs_path: str | Path) -> str | None:
+    """:func:`own_thresholds` of the adapter that wrote a probability file (its ``.meta.json``'s ``adapters``)."""
+    try:
+        meta = json.loads(meta_path(probs_path).read_text(encoding="utf-8"))
+        folders = [a["folder"] for a in meta["adapters"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return own_thresholds(folders) if folders and all(isinstance(f, str) for f in folders) else None
 
 
 def run_config_of(probs_path: str | Path) -> tuple[RunConfig | None, str]:

@@ -4,6 +4,7 @@ The transport (tokens, cached snapshots, training checkpoints) is ``core.hub``; 
 
 Usage:
     python -m infer push adapters/gemma-3-270m --repo user/dls-gemma-270m [--private] [--dry-run]
+    python -m infer push RUN/final/last --repo user/dls-final        # one adapter folder (final, merged) at the root
     python -m infer pull user/dls-gemma-270m            # prints the local folder (in the standard HF cache)
     python -m infer predict --adapter user/dls-gemma-270m --input test.csv --out probs.csv
     python -m train --config ... --resume hub:user/dls-gemma-270m-ckpt   # restore a run, then continue it
@@ -34,8 +35,9 @@ from pathlib import Path
 
 import huggingface_hub as hf
 
-from core.adapter import base_model_id, card_data, finished_folds, render_card
+from core.adapter import base_model_id, card_data, finished_folds, is_adapter_folder, read_adapter, render_card
 from core.config import RunConfig
+from core.decoding import THRESHOLDS_FILE
 from core.errors import ConfigError, InputError
 from core.hub import HubError, check_repo_id, one_line, require_online, require_token
 
@@ -75,6 +77,8 @@ def upload_plan(run_dir: str | Path, repo: str, base_model: str | None = None,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"run folder not found: {run_dir}")
+    if is_adapter_folder(run_dir):
+        return adapter_upload_plan(run_dir, base_model, thresholds)
     for name in ("run_config.yaml", "label_names.json"):
         if not (run_dir / name).is_file():
             raise InputError(f"{run_dir}: not a run folder (missing {name})")
@@ -104,6 +108,21 @@ def upload_plan(run_dir: str | Path, repo: str, base_model: str | None = None,
                 files.append(UploadFile(f"fold_{k}/{keep}/{rel.as_posix()}", f))
     card = run_card(run_dir, repo, cfg, [k for k, _ in folds], thresholds, base_model=base_model)
     return [UploadFile("README.md", content=card.encode("utf-8"))] + files
+
+
+def adapter_upload_plan(folder: Path, base_model: str | None = None,
+                        thresholds: str | Path | None = None) -> list[UploadFile]:
+    """One adapter folder (a final model ``RUN/final/last``, a merged adapter) at the repo root: its files as they are
+    (its ``README.md`` is its model card), ``thresholds`` replacing its own ``thresholds.json``."""
+    if base_model is not None:
+        raise InputError(f"--base-model: {folder} is an adapter folder; its model card (README.md) names its base")
+    read_adapter(folder)  # complete and readable, or an InputError naming what is missing
+    if thresholds is not None and not Path(thresholds).is_file():
+        raise InputError(f"{thresholds}: thresholds file not found")
+    files = [UploadFile(f.relative_to(folder).as_posix(), f) for f in sorted(folder.rglob("*"))
+             if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)
+             and not (thresholds is not None and f.relative_to(folder).as_posix() == THRESHOLDS_FILE)]
+    return files + ([UploadFile(THRESHOLDS_FILE, Path(thresholds))] if thresholds is not None else [])
 
 
 def build_upload_folder(plan: list[UploadFile], dest: str | Path) -> Path:

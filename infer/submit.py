@@ -101,6 +101,10 @@ def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = N
     if fmt not in FORMATS:
         raise InputError(f"unknown submission format {fmt!r} (choose from {', '.join(FORMATS)})")
     probs_id = str(pd.read_csv(probs, nrows=0).columns[0])
+    if thresholds is None:  # probabilities of one final / merged adapter: its own tuned thresholds.json
+        from core.decoding import probs_thresholds
+
+        thresholds = probs_thresholds(probs)
     spec = load_decoding(probs, names, thresholds, fallback)
     if list(spec.label_names) != list(names):  # same set (checked), other order: follow the thresholds
         pos = {n: j for j, n in enumerate(names)}

@@ -36,7 +36,7 @@ import numpy as np
 
 from core.adapter import AdapterRef
 from core.data import format_prompt, template_fields
-from core.decoding import adapter_default_spec, adapter_spec
+from core.decoding import adapter_default_spec, adapter_spec, own_thresholds
 from core.errors import InputError
 from core.sets import SetDecoder, cascade_of
 from core.thresholds import ThresholdSpec
@@ -336,7 +336,7 @@ class Backend:
         from infer.predict import collect, load_refs
 
         refs = collect([cfg.adapter])
-        spec = load_spec(refs[0], cfg.thresholds)
+        spec = load_spec(refs[0], cfg.thresholds or own_thresholds([r.folder for r in refs]))
         predictor = None
         if cfg.api is None:
             predictor = load_refs(refs, device=cfg.device, base_model=cfg.base_model)

@@ -12,7 +12,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("push", help="upload a trained run (adapters + model card) to the Hugging Face Hub",
                               description="Upload a run folder's finished fold adapters, run files and a generated "
                                           "model card to a Hub model repo, in one commit.")
-    p.add_argument("run_dir", help="run folder (output_dir of python -m train)")
+    p.add_argument("run_dir", help="run folder (output_dir of python -m train), or one adapter folder (RUN/final/last, "
+                                   "a merged adapter)")
     p.add_argument("--repo", required=True, help="Hub repo id, user/name (created if needed)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--dry-run", action="store_true", help="print the files and sizes; no network")

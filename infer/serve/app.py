@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from core.adapter import AdapterRef
 from core.data import format_prompt
-from core.decoding import adapter_spec
+from core.decoding import adapter_spec, own_thresholds
 from core.errors import InputError
 from core.io import versions
 from core.sets import SetDecoder
@@ -263,6 +263,8 @@ def create_app(predictor_factory: Callable | None = None, settings: Settings | N
 
         refs = collect(settings.adapters, settings.weights)
     refs = list(refs)
+    if settings.thresholds is None:  # one final / merged adapter: its own tuned thresholds.json
+        settings.thresholds = own_thresholds([r.folder for r in refs])
     if predictor_factory is None:
         from infer.predict import load_refs
 
