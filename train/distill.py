@@ -26,11 +26,11 @@ The teachers' probabilities are written to ``RUN/teachers/t{j}_fold_{k}.csv`` (+
 fold trains and read back from there, so a resumed run uses exactly the same targets; ``RUN/teachers/teachers.json``
 and every adapter's ``adapter_info.json`` (key ``distill``) name the teachers.
 
-``--final`` (``distill.final``) also trains the submission student ``RUN/final/last`` after the folds: every labelled
-and unlabelled row, its targets each teacher's fold models averaged over all folds (``RUN/teachers/t{j}_final.csv``;
-every teacher fold must be finished), the same steps per epoch as a fold would take on all rows, no validation
-(``train.keep=last``). It is not part of ``oof.csv``; its adapter is what ``python -m infer predict --adapter
-RUN/final/last`` submits with (the CV estimate is the folds').
+``--final`` (``cv.final``, the final model of any run: :func:`train.run.train_final`) also trains the submission
+student ``RUN/final/last`` after the folds: every labelled and unlabelled row, its targets each teacher's fold models
+averaged over all folds (``RUN/teachers/t{j}_final.csv``; every teacher fold must be finished), the folds' epochs,
+no validation (``train.keep=last``). It is not part of ``oof.csv``; its adapter is what ``python -m infer predict
+--adapter RUN/final/last`` submits with (the CV estimate is the folds'; its ``thresholds.json`` is tuned on them).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from train import tfidf
 logger = logging.getLogger(__name__)
 
 TEACHER_DIR = "teachers"
-FINAL_DIR = "final"
 EPS = 1e-6
 
 
@@ -146,13 +145,13 @@ def read_teachers(cfg: RunConfig, ds: Dataset, fold_of_row: np.ndarray, folds: l
             names = json.loads(labels_file.read_text())["label_names"] if labels_file.is_file() else None
             teacher = Teacher(j, path, "run", tcfg, float(w))
             done = {k for k, _ in finished_folds(path, tcfg.train.keep)}
-            need = sorted(set(folds) | (set(range(cfg.cv.n_folds)) if d.final else set()))
+            need = sorted(set(folds) | (set(range(cfg.cv.n_folds)) if cfg.cv.final else set()))
             missing = [k for k in need if k not in done]
             if missing:
                 raise InputError(f"distill teacher {spec}: fold(s) {missing} have no finished "
                                  f"{tcfg.train.keep!r} adapter (fold_K/metrics.json and fold_K/{tcfg.train.keep}/); "
                                  f"the student's fold k needs the teacher's fold-k model"
-                                 + (" (distill.final needs every fold)" if d.final else ""))
+                                 + (" (cv.final needs every fold)" if cfg.cv.final else ""))
         elif info.get("produced_by") == "python -m train tfidf":
             try:
                 tcfg = RunConfig.from_dict(info["config"], source=str(summary))

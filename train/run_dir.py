@@ -1,5 +1,6 @@
 """The run folder of cross-validated training (``output_dir``): when it may be used, what a resume may change, the
-files a resumed run checks (config, labels, fold assignment, world size) or keeps (compute dtype), and the Hub pushes of its checkpoints."""
+files a resumed run checks (config, labels, fold assignment, world size) or keeps (compute dtype), where the final
+model goes, and the Hub pushes of its checkpoints."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from core.io import write_json, write_text
 from train import checkpoint
 
 logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+"""The final model of a run (``cv.final``: :func:`train.run.train_final`): ``RUN/final/last`` is its adapter."""
 
 LAUNCH_FILE = "launch.json"
 """How the run was launched: the world size (a resume must use the same) and the compute dtype ``model.dtype``

@@ -89,7 +89,7 @@ def main(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | 
     soft = None
     if cfg.distill.teachers:  # a distilled student: validate the teachers before any work
         if test_ds is not None:  # the test model learns from every teacher fold (fold-averaged targets)
-            cfg.distill.final = True
+            cfg.cv.final = True
         soft = Distillation.read(cfg, ds, fold_of, uniq)
     logger.info(f"tfidf: {len(ds.ids)} rows x {len(ds.label_names)} classes from {ds.path}; {len(uniq)} folds "
                 f"({source})" + (f"; distilled from {len(soft.teachers)} teacher(s), alpha {cfg.distill.alpha}, "

@@ -86,8 +86,8 @@ def test_distill_config_checks():
                      ({"unlabelled_csv": "u.csv", "alpha": 1.0}, "distill.alpha=1")]:
         with pytest.raises(ConfigError, match=key):
             RunConfig.from_dict({"distill": {**base["distill"], **bad}})
-    with pytest.raises(ConfigError, match="distill.final needs train.keep=last"):
-        RunConfig.from_dict({"distill": {**base["distill"], "final": True}, "train": {"keep": "best"}})
+    with pytest.raises(ConfigError, match="distill.final moved to cv.final"):
+        RunConfig.from_dict({"distill": {**base["distill"], "final": True}})
     with pytest.raises(ConfigError, match="needs distill.teachers"):
         RunConfig.from_dict({"distill": {"unlabelled_csv": "u.csv"}})
     with pytest.raises(ConfigError, match="unknown"):
@@ -173,6 +173,7 @@ def test_student_of_fold_k_learns_only_from_teacher_fold_k(tiny_model, data, tmp
 
 
 def test_final_student_trains_on_every_row_with_fold_averaged_teachers(tiny_model, data, tmp_path, monkeypatch):
+    import train.merge
     import train.run
 
     teacher = fake_teacher_run(tmp_path / "teacher", tiny_config_for(tiny_model, data / "train.csv", tmp_path / "t"))
@@ -190,11 +191,13 @@ def test_final_student_trains_on_every_row_with_fold_averaged_teachers(tiny_mode
 
     monkeypatch.setattr(distill, "predict_fold", fake_predict)
     monkeypatch.setattr(train.run, "train_fold", spy_train_fold)
+    tuned = []   # the final model's thresholds: python -m infer tune on the student's out-of-fold rows
+    monkeypatch.setattr(train.merge, "tune_thresholds", lambda *a, **k: tuned.append(a) or {"meta": {}})
     raw = tiny_overrides(tiny_model, data / "train.csv", tmp_path / "student", train__num_epochs=1,
                          train__max_steps=2, distill={"teachers": [str(teacher)],
                                                       "unlabelled_csv": str(data / "unlabelled.csv")})
     train.run.main(RunConfig.from_dict(raw))        # fold 0 only ...
-    raw["distill"]["final"] = True                  # ... then the final student added on resume (allowed)
+    raw["cv"]["final"] = True                       # ... then the final student added on resume (allowed)
     summary = train.run.main(RunConfig.from_dict(raw), resume=True)
     assert calls[1:] == [(0, 80), (1, 80), (2, 80)]  # every teacher fold scores every row once
     targets, trained, held_out = captured["final student"]   # the final student: every row, none held out
@@ -207,7 +210,9 @@ def test_final_student_trains_on_every_row_with_fold_averaged_teachers(tiny_mode
     assert json.loads((final / "metrics.json").read_text())["samples"] == 2 * 8
     assert summary["final"]["adapter"] == str(final / "last") and summary["folds"] == [0]
     assert len(pd.read_csv(tmp_path / "student" / "oof.csv")) == 21   # the final student is not out of fold
-    assert "distill.final" in (tmp_path / "student" / "resume_log.json").read_text()
+    assert "cv.final" in (tmp_path / "student" / "resume_log.json").read_text()
+    assert [a[0] for a in tuned] == [tmp_path / "student" / "oof.csv"]
+    assert json.loads((final / "last" / "thresholds.json").read_text())["meta"] == {}
 
 
 def test_tfidf_teacher_is_refit_without_fold_k(tiny_model, data, monkeypatch):

@@ -6,6 +6,7 @@ Usage:
     torchrun --nproc_per_node 2 -m train --config configs/gemma-2-9b/qlora.yaml      # DDP, one 4-bit copy per GPU
     python -m train --config configs/gemma-3-270m/qlora.yaml --print-config          # resolved config, no training
     python -m train --config CFG --resume hub:USER/NAME      # pull the run's checkpoints from the Hub, then continue
+    python -m train --config CFG --final [--resume]          # also the model to ship: every row, RUN/final/last
 
 Exit status: 0 on success, 2 on bad input (config, data, paths), 1 when training fails.
 """
@@ -26,12 +27,26 @@ def register(subparsers) -> None:
     add_config_arguments(p)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="hub:USER/NAME",
                    help="continue the run in output_dir (or pull its checkpoints from the Hub first)")
+    add_final_argument(p)
     add_verbose_argument(p)
     p.set_defaults(func=run)
 
 
+def add_final_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--final", action="store_true",
+                   help="after the folds, also train the final model on every row (distilling: the unlabelled ones "
+                        "too, fold-averaged teachers) with the folds' settings and epochs (cv.final; RUN/final/last, "
+                        "its thresholds tuned on the out-of-fold probabilities); may be added on --resume: only the "
+                        "final model then trains")
+
+
+def final_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides of ``args.overrides``, then ``cv.final=true`` with ``--final``."""
+    return [*args.overrides, *(["cv.final=true"] if args.final else [])]
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    cfg = RunConfig.from_yaml(args.config, final_overrides(args))
     if args.print_config:
         print(cfg.to_yaml())
         return 0

@@ -11,6 +11,7 @@ from core.cli import add_verbose_argument
 from core.config import RunConfig, add_config_arguments
 from core.errors import InputError
 from train import distill
+from train.commands.cv import add_final_argument
 
 
 def register(subparsers) -> None:
@@ -18,8 +19,7 @@ def register(subparsers) -> None:
                               description=distill.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     add_teacher_arguments(p)
-    p.add_argument("--final", action="store_true", help="also train the final student on every row, fold-averaged "
-                   "teachers (distill.final; RUN/final/last)")
+    add_final_argument(p)
     p.add_argument("--resume", action="store_true", help="continue the student run in output_dir")
     add_verbose_argument(p)
     p.set_defaults(func=run)
@@ -27,9 +27,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """A student run with ``distill.*`` from the command line (see :mod:`train.distill`)."""
-    overrides = teacher_overrides(args)
-    if args.final:
-        overrides.append("distill.final=true")
+    overrides = teacher_overrides(args) + (["cv.final=true"] if args.final else [])
     cfg = RunConfig.from_yaml(args.config, overrides)
     if args.print_config:
         print(cfg.to_yaml())
