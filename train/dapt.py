@@ -4,8 +4,9 @@ unlabelled in-domain text, then start classification fine-tuning from it (``lora
 
 Read top to bottom, :func:`main` validates the corpus and the output folder, tokenizes and holds ``eval_rows`` rows
 out, loads the 4-bit causal LM with a fresh LoRA adapter, runs the step loop (batch, forward, loss, backward, clip +
-optimizer step + LR schedule, checkpoint) and writes the adapter folder, which replaces the checkpoint. The command
-line and what each setting does: :mod:`train.commands.dapt`.
+optimizer step + LR schedule, checkpoint) and writes the adapter folder, which replaces the checkpoint (with the
+loss curve, ``curves.png``, and the trackers' logs of ``train.report_to``, ``logs/``: :mod:`train.tracking`). The
+command line and what each setting does: :mod:`train.commands.dapt`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from core.data import collate, tokenize
 from core.errors import ConfigError, InputError
 from core.io import atomic_dir, versions, write_json, write_text
 from core.model import load_causal_lm, load_tokenizer, resolve_model_path
-from train import checkpoint
+from train import checkpoint, curves, tracking
 from train.callbacks import Callbacks
 from train.checkpoint import Progress, step_seed
 from train.data import batch_order, rank_steps, read_corpus
@@ -50,7 +51,7 @@ INFO_FILE = "dapt_info.json"
 _RESUME_FREE = ("output_dir", "data.train_csv", "data.id_column", "data.label_prefix",
                 "data.label_columns", "data.label_names_csv", "model.num_labels", "lora.init_adapter", "loss.",
                 "cv.", "hub.", "distill.", "train.head_lr", "train.save_every_steps", "train.keep",
-                "train.parallel", "train.eval_batch_size", "train.nan_guard_steps")
+                "train.parallel", "train.eval_batch_size", "train.nan_guard_steps", "train.report_to")
 
 
 @dataclass
@@ -116,6 +117,7 @@ def train_dapt(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool,
     t_start = time.time()
     t = cfg.train
     # 1. Validate inputs before anything is written.
+    tracking.check(cfg.train.report_to)
     if cfg.lora.init_adapter:
         raise ConfigError("lora.init_adapter is for classification training (python -m train); DAPT starts "
                           "from a fresh LoRA adapter: unset it (--set lora.init_adapter=)")
@@ -180,9 +182,13 @@ def train_dapt(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool,
         if eval_ids:
             state.eval_loss_start = corpus_loss(model, eval_ids, tok.pad_token_id, t.eval_batch_size, dtype)
             logger.info(f"dapt: held-out loss before training {state.eval_loss_start:.4f}")
+    tracker = tracking.Tracker.start(cfg, out, "", state.step, metrics=("eval/loss",))  # out/logs
+    if not resumed and state.eval_loss_start is not None:
+        tracker.log_eval(0, {"loss": state.eval_loss_start})
 
     def save_checkpoint() -> None:
         opt.save(ckpt, state, fp)
+        tracker.flush()
         for cb in callbacks.on_checkpoint:
             cb(state, resumed)
 
@@ -200,6 +206,7 @@ def train_dapt(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool,
                    desc=f"dapt epoch {epoch + 1}/{t.num_epochs}", file=sys.stderr, dynamic_ncols=True)
         t0 = time.perf_counter()
         for g in range(first, len(steps)):
+            t_step = time.perf_counter()
             torch.manual_seed(step_seed(t.seed, 0, state.step, 0))  # dropout: reproducible after a resume
             # Forward + backward of each micro-batch: the summed next-token loss, over the step's target tokens.
             step_tokens = sum(int(lengths[r] - 1) for rows in steps[g] for r in rows)
@@ -216,6 +223,8 @@ def train_dapt(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool,
             grad_norm = opt.step()
             state.step += 1
             state.batch = (g + 1) * t.grad_accum_steps
+            tracker.log_step(tracking.step_row(state.step, mean_loss, opt.lr, grad_norm,
+                                               sum(len(rows) for rows in steps[g]), time.perf_counter() - t_step))
             for cb in callbacks.on_step:
                 cb(state, mean_loss)
             check_finite(mean_loss, state.step, t.nan_guard_steps, dtype, "dapt")
@@ -236,6 +245,9 @@ def train_dapt(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool,
 
     # 5. The adapter folder, atomically (it replaces the checkpoint).
     eval_end = corpus_loss(model, eval_ids, tok.pad_token_id, t.eval_batch_size, dtype) if eval_ids else None
+    if eval_end is not None:
+        tracker.log_eval(state.step, {"loss": eval_end})
+    tracker.close()
     losses = state.losses
     tail = losses[-max(1, len(losses) // 10):]
     info = {
@@ -259,6 +271,11 @@ def train_dapt(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool,
         tok.save_pretrained(tmp)
         write_text(tmp / "run_config.yaml", cfg.to_yaml())
         write_json(tmp / INFO_FILE, info)
+        if (out / tracking.LOGS).is_dir():  # the trackers' logs stay in the adapter folder that replaces out
+            shutil.copytree(out / tracking.LOGS, tmp / tracking.LOGS)
+        if losses:
+            curves.plot_dapt(losses, tmp / curves.CURVES_FILE, f"DAPT {out.resolve().name}: {state.step} steps",
+                             state.eval_loss_start, eval_end)
     msg = (f"dapt: {state.step} steps, loss {info['first_loss']:.4f} (first step) -> "
            f"{info['mean_loss_last_10pct']:.4f} (mean of the last {len(tail)}), "
            f"{info['seconds_per_step']} s/step")

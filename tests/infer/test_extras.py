@@ -88,3 +88,22 @@ print("ok", len(commands))
 """
     r = run_without(blocked, code)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("tracker, command, says", [
+    ("tensorboard", [], ("train.report_to: [tensorboard] needs the 'track' extra (tensorboard is not installed): "
+                         "pip install 'qlora-multilabel[track]'")),
+    ("tensorboard", ["dapt", "--corpus", "data/sample_test.csv"], "needs the 'track' extra"),
+    ("wandb", [], "train.report_to: [wandb] needs the wandb package, which is not installed: pip install wandb"),
+    ("mlflow", [], "pip install mlflow"),
+])
+def test_a_tracker_without_its_package_exits_2_before_any_model_loads(tmp_path, tracker, command, says):
+    """The model path does not exist: the tracker's package is checked first, and nothing is written."""
+    out = tmp_path / "run"
+    argv = [*command, "--set", f"model.name_or_path={tmp_path / 'no-model'}", "--set", f"output_dir={out}",
+            "--set", f"train.report_to=[{tracker}]"]
+    r = run_without(EXTRA_MODULES.get("track") if tracker == "tensorboard" else (tracker,),
+                    f"from train.__main__ import main\nsys.exit(main({argv!r}))")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().startswith("error: ") and says in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
