@@ -1,7 +1,8 @@
 """The Kaggle notebooks, executed headless on CPU (nbclient, the venv's python3 kernel) with injected parameters:
 the real embedded Gemma 3 270M, 2 optimizer steps on a 60-row slice of data/sample_train.csv, fold 0, push in
---dry-run mode; then predict / tune / submit from the trained run folder. Also: the committed notebooks are what
-notebooks/build_notebooks.py generates."""
+--dry-run mode; then predict / tune / submit from the trained run folder. Both call ``python -m train pipeline``
+(the train notebook its trim-vocab / DAPT / CV steps, the submit notebook predict .. submit from finished runs).
+Also: the committed notebooks are what notebooks/build_notebooks.py generates."""
 
 from __future__ import annotations
 
@@ -76,18 +77,19 @@ def trained(tmp_path_factory):
 
 def test_train_notebook(trained):
     work, _, nb, nb2, _ = trained
-    run = work / "run"
+    run = work / "run" / "cv"
     assert (run / "fold_0" / "last" / "adapter_model.safetensors").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["folds"] == [0] and summary["config"]["train"]["max_steps"] == 2
     assert summary["config"]["data"]["train_csv"] == str(work / "train60.csv")
     out = text_of(nb)
-    assert "launcher python; resume: no" in out or "launcher torchrun" in out or "launcher split" in out
+    assert "GPU(s); launcher python" in out or "launcher torchrun" in out or "launcher split" in out
+    assert "[1/1] cv: python -m train --config" in out   # the pipeline ran the CV alone (no trim-vocab / DAPT)
     assert "qlora-multilabel is already importable" in out
     assert "dry run: would upload to https://huggingface.co/user/qlml-notebook-test" in out
     assert "fold_0/last/adapter_model.safetensors" in out and "README.md" in out
     out2 = text_of(nb2)
-    assert "resume: --resume" in out2 and "fold 0: already done, skipped" in out2
+    assert "[1/1] cv: done, skipped" in out2   # the second run: the pipeline finds the CV finished
 
 
 @pytest.mark.parametrize("blend", [False, True], ids=["llm", "llm+tfidf,sets"])
@@ -96,10 +98,10 @@ def test_submit_notebook(trained, tmp_path, blend):
     test_csv = tmp_path / "test20.csv"
     pd.read_csv(ROOT / "data" / "sample_test.csv").head(20).to_csv(test_csv, index=False)
     nb = run_notebook("kaggle_submit.ipynb", {
-        "TOOLKIT": str(ROOT), "ADAPTERS": str(work / "run"), "TEST_CSV": str(test_csv), "TRAIN_CSV": str(train_csv),
-        "WORK_DIR": str(tmp_path), "SUBMISSION": str(tmp_path / "submission.csv"), "BATCH_SIZE": 8,
-        "INFER": params["INFER"], "TFIDF_BLEND": blend, "STRATEGY": "sets" if blend else "cascade"}, tmp_path)
-    probs = pd.read_csv(tmp_path / "test_probs.csv")
+        "TOOLKIT": str(ROOT), "ADAPTERS": str(work / "run" / "cv"), "TEST_CSV": str(test_csv),
+        "TRAIN_CSV": str(train_csv), "WORK_DIR": str(tmp_path), "BATCH_SIZE": 8, "INFER": params["INFER"],
+        "TFIDF_BLEND": blend, "STRATEGY": "sets" if blend else "cascade"}, tmp_path)
+    probs = pd.read_csv(tmp_path / "probs" / "run.csv")
     assert list(probs["index"]) == list(pd.read_csv(test_csv)["index"])
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     sub = pd.read_csv(tmp_path / "submission.csv")
@@ -109,7 +111,7 @@ def test_submit_notebook(trained, tmp_path, blend):
     if blend:  # TF-IDF on the run's folds, blended on its OOF, the decoding tuned on the blend
         assert (tmp_path / "tfidf" / "test_probs.csv").is_file()
         meta = json.loads((tmp_path / "blend.csv.meta.json").read_text())
-        assert meta["inputs"] == [str(tmp_path / "test_probs.csv"), str(tmp_path / "tfidf" / "test_probs.csv")]
+        assert meta["inputs"] == [str(tmp_path / "probs" / "run.csv"), str(tmp_path / "tfidf" / "test_probs.csv")]
         assert "blend + sets (nested)" in out and thresholds["strategy"] == "sets"
         assert thresholds["meta"]["oof"] == str(tmp_path / "blend_oof.csv")
     else:
@@ -130,15 +132,15 @@ def test_train_notebook_dapt_first_then_submit_with_moved_base(tmp_path):
         "LABEL_NAMES_CSV": str(ROOT / "data" / "sample_trends.csv"), "OUTPUT_DIR": str(run), "FOLDS": [0], "TINY": True,
         "TRIM_VOCAB": True, "DAPT_CORPUS": str(test_csv),
         "INFER": None}, tmp_path)
-    base, dapt = tmp_path / "run-base", tmp_path / "run-dapt"
+    base, dapt = run / "base", run / "dapt"
     trim = json.loads((base / "trim_report.json").read_text())
     assert trim["kept_rows"] < trim["original_rows"]
     info = json.loads((dapt / "dapt_info.json").read_text())
     assert info["steps"] == 2 and info["model"] == str(base)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / "cv" / "summary.json").read_text())
     assert summary["config"]["model"]["name_or_path"] == str(base)
     assert summary["config"]["lora"]["init_adapter"] == str(dapt)
-    assert "the CV starts from: ['model.name_or_path=" in text_of(nb)
+    assert "[1/3] trim-vocab: python -m train trim-vocab" in text_of(nb) and "[3/3] cv: " in text_of(nb)
 
     moved = tmp_path / "attached" / "run-base"   # as a Kaggle dataset: the recorded path no longer exists
     moved.parent.mkdir()
@@ -146,9 +148,8 @@ def test_train_notebook_dapt_first_then_submit_with_moved_base(tmp_path):
     sub_dir = tmp_path / "submit"
     sub_dir.mkdir()
     run_notebook("kaggle_submit.ipynb", {
-        "TOOLKIT": str(ROOT), "ADAPTERS": str(run), "BASE_MODEL": str(moved), "TEST_CSV": str(test_csv),
-        "TRAIN_CSV": str(train_csv), "WORK_DIR": str(sub_dir), "SUBMISSION": str(sub_dir / "submission.csv"),
-        "BATCH_SIZE": 8, "INFER": None}, sub_dir)
+        "TOOLKIT": str(ROOT), "ADAPTERS": str(run / "cv"), "BASE_MODEL": str(moved), "TEST_CSV": str(test_csv),
+        "TRAIN_CSV": str(train_csv), "WORK_DIR": str(sub_dir), "BATCH_SIZE": 8, "INFER": None}, sub_dir)
     assert len(pd.read_csv(sub_dir / "submission.csv")) == 20
 
 
