@@ -18,6 +18,7 @@
 #   loraplus  LoRA+: the B matrices at 16x the adapters' lr (train.lora_plus_ratio=16)
 #   headlr the head at the adapters' lr (train.head_lr unset; the shipped config gives the head 1e-3)
 #   adam8  bitsandbytes' 8-bit AdamW (what train.optimizer=auto picks on a GPU) instead of torch's AdamW
+#   headdesc  the score head initialised from the label descriptions (model.head_init=descriptions, issue 38)
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
@@ -80,6 +81,7 @@ for step in $STEPS; do
     loraplus) run_cfg loraplus --set train.lora_plus_ratio=16 ;;
     headlr) run_cfg headlr --set train.head_lr=null ;;
     adam8) run_cfg adam8 --set train.optimizer=adamw_8bit ;;
+    headdesc) run_cfg headdesc --set model.head_init=descriptions ;;
     seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
