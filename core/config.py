@@ -30,6 +30,10 @@ class ModelArgs:
     """GGUF file inside ``name_or_path`` (or an absolute path); converted once to a cached HF folder."""
     num_labels: int | None = None
     """Number of classes; ``None`` takes it from the data's label columns."""
+    head_init: Literal["random", "descriptions"] = "random"
+    """How the ``score`` head's rows start: ``random`` (transformers' init, seeded per fold) or ``descriptions``: each
+    class's row is the model's pooled hidden state of its ``data.label_names_csv`` name (its label name where it has
+    none), centred over the classes and scaled so the logits start at the random head's scale (:mod:`train.head_init`)."""
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     """``auto``: eager for Gemma-2 (attention logit soft-capping), SDPA otherwise."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -160,6 +164,14 @@ class TrainArgs:
     """``split``: GiB of each GPU the weights may fill; the rest is headroom for activations and the optimizer (a T4
     has 15 usable: 12 leaves 3, so transformers' placement spreads the 27B's ~15 GB of 4-bit weights over both GPUs
     instead of filling GPU 0 first)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get the scalars of each optimizer step and epoch, as transformers' ``report_to``:
+    ``tensorboard`` (the ``track`` extra; event files in ``output_dir/logs``), ``wandb``, ``mlflow``; ``[all]``:
+    every one of them installed; ``[]`` or ``[none]``: none (docs/training.md, "Tracking and curves")."""
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""The names ``train.report_to`` takes (besides ``all`` and ``none``)."""
 
 
 @dataclass
@@ -170,6 +182,10 @@ class CVArgs:
     seed: int | None = None
     """Seed of the fold split; ``None`` = ``train.seed``. Set it to vary ``train.seed`` (LoRA init, batch order)
     while keeping the split, so runs of different seeds are paired on the same folds."""
+    final: bool = False
+    """After the folds, also train the model to ship, ``output_dir/final/last``: every labelled row (and, distilling,
+    every unlabelled one, on the fold-averaged teachers), the same settings and epochs as a fold, nothing held out
+    (needs ``train.keep=last``); its ``thresholds.json`` is tuned on the folds' out-of-fold probabilities."""
 
 
 @dataclass
@@ -197,9 +213,6 @@ class DistillArgs:
     unlabelled_csv: str | None = None
     """Rows without labels (the template's columns and the id column): added to the training rows of every fold
     (never to a validation fold) with the teachers' soft targets."""
-    final: bool = False
-    """After the folds, also train the submission student ``output_dir/final/last`` on every labelled and
-    unlabelled row, its targets each teacher's fold models averaged (needs every teacher fold; no validation)."""
 
 
 @dataclass
@@ -235,22 +248,34 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-        raw: dict[str, Any] = {}
-        source = "<defaults>"
-        if path is not None:
-            path = Path(path)
-            source = str(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: top level must be a mapping of sections")
-        for item in overrides or []:
-            apply_override(raw, item)
+        raw, source = read_yaml(path, overrides)
         return cls.from_dict(raw, source=source)
+
+
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    """A config file's mapping (``{}`` without a file) with the ``key=value`` overrides applied, and its name for
+    messages. With :func:`build`, how every config dataclass is loaded (the run's, the pipeline's)."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return raw, source
+
+
+def build(cls: type, raw: dict[str, Any], source: str = "<dict>") -> Any:
+    """The config dataclass ``cls`` from a mapping: unknown keys and wrong types raise ConfigError naming the key."""
+    return _build(cls, raw or {}, prefix="", source=source)
 
 
 def add_config_arguments(parser) -> None:
@@ -275,9 +300,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
-REMOVED_KEYS = {"data.test_csv": None, "train.log_every_steps": 10}
+REMOVED_KEYS = {"data.test_csv": None, "train.log_every_steps": 10, "distill.final": False}
 """Keys that did nothing and were removed; a saved ``run_config.yaml`` that has them at their old default still
 loads (older adapter folders), any other value is an error like any unknown key."""
+
+MOVED_KEYS = {"distill.final": "cv.final"}
+"""Keys that moved: any value other than the old default (:data:`REMOVED_KEYS`) is an error naming the new key."""
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
@@ -287,6 +315,11 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    moved = [(prefix + k, MOVED_KEYS[prefix + k]) for k in unknown if prefix + k in MOVED_KEYS]
+    if moved:
+        raise ConfigError(f"{source}: " + "; ".join(f"{old} moved to {new} (one final model for plain and distilled "
+                                                     f"runs): set {new} instead (or pass --final)"
+                                                     for old, new in moved))
     if unknown:
         keys = ", ".join(prefix + k for k in unknown)
         raise ConfigError(f"{source}: unknown config key(s): {keys} (known: {', '.join(sorted(names))})")
@@ -386,9 +419,14 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         problems.append(f"train.split_gpu_memory_gib must be > 0, got {t.split_gpu_memory_gib}")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    unknown = [r for r in t.report_to if r not in (*TRACKERS, "all", "none")]
+    if unknown or (len(t.report_to) > 1 and {"all", "none"} & set(t.report_to)):
+        problems.append(f"train.report_to must list trackers of {list(TRACKERS)}, or be [all] or [none], "
+                        f"got {t.report_to}")
     problems += _distill_problems(cfg.distill)
-    if cfg.distill.final and t.keep != "last":
-        problems.append("distill.final needs train.keep=last (the final student has no validation rows)")
+    if cv.final and t.keep != "last":
+        problems.append("cv.final needs train.keep=last (the final model has no validation rows to pick a best "
+                        "epoch: it trains the folds' epochs)")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -407,8 +445,6 @@ def _distill_problems(d: DistillArgs) -> list[str]:
             problems.append(f"distill.teacher_weights must be >= 0 with a positive sum, got {d.teacher_weights}")
     if not d.teachers and d.unlabelled_csv:
         problems.append("distill.unlabelled_csv needs distill.teachers (unlabelled rows learn from soft targets only)")
-    if d.final and not d.teachers:
-        problems.append("distill.final needs distill.teachers")
     if d.teachers and d.unlabelled_csv and d.alpha == 1:
         problems.append("distill.alpha=1 (hard labels only) gives distill.unlabelled_csv's rows no loss; "
                         "lower alpha or drop the unlabelled rows")

@@ -8,6 +8,8 @@ Commands (each in train/commands/<name>.py, which runs the library module named 
     trim-vocab  shrink the embedding matrix to the corpus                 train/vocab.py
     prune       drop decoder layers / MLP channels by importance          train/prune.py
     holdout     set labelled rows aside (inner.csv / outer.csv)           train/data.py
+    merge       fold adapters (and seeds) merged into one adapter         train/merge.py
+    pipeline    the best pipeline in one command (trim-vocab .. submit)   train/pipeline.py
 
 Usage:
     python -m train --config configs/gemma-3-270m/qlora.yaml [--set train.lr=1e-4 --set cv.folds=[0]] [--resume]
@@ -24,9 +26,9 @@ import argparse
 import sys
 
 from core.cli import run_command, setup_logging
-from train.commands import cv, dapt, distill, holdout, prune, tfidf, trim_vocab
+from train.commands import cv, dapt, distill, holdout, merge, pipeline, prune, tfidf, trim_vocab
 
-COMMANDS = (cv, dapt, tfidf, distill, trim_vocab, prune, holdout)
+COMMANDS = (cv, dapt, tfidf, distill, trim_vocab, prune, holdout, merge, pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -163,9 +163,9 @@ def fingerprint(*parts: Any) -> str:
 
 RESUME_FREE = ("output_dir", "hub.", "cv.folds", "data.label_names_csv", "train.save_every_steps",
                "train.eval_batch_size", "train.nan_guard_steps", "train.keep", "train.max_tokens_per_micro_batch",
-               "train.grad_checkpointing", "train.parallel", "distill.final")
+               "train.grad_checkpointing", "train.parallel", "train.report_to", "cv.final")
 """Settings that do not change what a run computes (save cadence, Hub, logging, which folds: more folds of the same
-split, evaluation batch size, same-gradient memory levers, adding the final distilled student): a resumed run may
+split, evaluation batch size, same-gradient memory levers, adding the final model: ``cv.final``): a resumed run may
 change them, and the change is recorded. Every other key (model, quantization, lora, data, decode, loss, train.lr /
 epochs / micro-batch / accum / seed ..., cv.n_folds) is refused."""
 
@@ -184,7 +184,7 @@ def _free(key: str, free: tuple[str, ...]) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
 
 
-LATER_DEFAULTS = {"train.lora_plus_ratio": None, "cv.seed": None}
+LATER_DEFAULTS = {"train.lora_plus_ratio": None, "cv.seed": None, "model.head_init": "random"}
 """Keys added after checkpoints existed: left out of a checkpoint's fingerprint at their default, so checkpoints
 written before the key existed still resume."""
 

@@ -5,7 +5,8 @@ trains fold after fold (:func:`train_fold`: the 4-bit model with LoRA and a scor
 :func:`fit`: batch, forward, loss, backward, clip + optimizer step + LR schedule, checkpoint; at each epoch's end
 evaluation on the held-out fold and the ``last`` / ``best`` adapters), and ends with the out-of-fold probabilities
 and the summary (:func:`write_summary`). In a distilled run, :class:`train.distill.Distillation` hands it the soft
-targets of each fold, and the final model on every row is its own call (:func:`train_final`).
+targets of each fold; the final model on every row (``cv.final``, plain or distilled) is its own call
+(:func:`train_final`), its thresholds tuned on the out-of-fold probabilities (:func:`tune_final`).
 
 The parts below it: :mod:`train.data` (folds, batch order), :mod:`train.lora`, :mod:`train.loss`,
 :mod:`train.optim` (optimizer, schedule), :mod:`train.checkpoint`, :mod:`train.dist` (torchrun),
@@ -34,22 +35,32 @@ from tqdm.auto import tqdm
 from core.adapter import save_adapter
 from core.config import RunConfig
 from core.data import Dataset, collate, read_csv, read_label_descriptions, tokenize
+from core.decoding import THRESHOLDS_FILE
 from core.errors import ConfigError, InputError, TrainingError
 from core.io import OPTIMISTIC_KEY, atomic_path, keep_best_reason, versions, write_json, write_probs
 from core.metrics import scores
 from core.model import autocast, input_device, load_classifier, load_tokenizer, predict_probs, resolve_model_path
 from core.thresholds import ThresholdSpec, threshold
-from train import checkpoint
+from train import checkpoint, curves, tracking
 from train.callbacks import Callbacks
 from train.checkpoint import Progress, step_seed
 from train.data import batch_order, make_folds, rank_steps, split_by_tokens
 from train.dist import DistEnv, allreduce_grads, broadcast_trainable, check_finite, device_map_for, setup_dist
-from train.distill import FINAL_DIR, Distillation, SoftTargets
+from train.distill import Distillation, SoftTargets
 from train.evaluation import evaluate, fold_decoding, selection_key
+from train.head_init import init_score_head
 from train.lora import apply_lora, count_parameters
 from train.loss import distill_loss, multilabel_loss, pos_weight_from_labels
 from train.optim import Optimization
-from train.run_dir import BackgroundPush, check_resume, check_run_dir, launch_info, run_fingerprint, write_run_files
+from train.run_dir import (
+    FINAL_DIR,
+    BackgroundPush,
+    check_resume,
+    check_run_dir,
+    launch_info,
+    run_fingerprint,
+    write_run_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +113,9 @@ class FoldProgress(Progress):
     history: list = field(default_factory=list)
     """Per-epoch evaluation rows."""
     best: dict | None = None
+    log_history: list = field(default_factory=list)
+    """Per optimizer step, :func:`train.tracking.step_row`: loss (rank 0's rows), learning rate, gradient norm, rows/s
+    (what ``curves.png`` draws and the trackers get)."""
 
 
 @dataclass
@@ -121,8 +135,11 @@ class FoldResult:
     """The kept adapter's (``train.keep``) probabilities of ``val_index`` (rank 0 only)."""
     step_log: list = field(default_factory=list)
     """(end time, rows, real tokens, padded tokens) per optimizer step of this call (not in ``metrics.json``)."""
+    log_history: list = field(default_factory=list)
+    """Per optimizer step: loss, learning rate, gradient norm, rows/s (:attr:`FoldProgress.log_history`)."""
 
-    METRICS = ("fold", "history", "best", "steps", "samples", "real_tokens", "padded_tokens", "train_seconds")
+    METRICS = ("fold", "history", "best", "steps", "samples", "real_tokens", "padded_tokens", "train_seconds",
+               "log_history")
 
     def metrics(self) -> dict:
         """The contents of ``metrics.json``."""
@@ -132,7 +149,7 @@ class FoldResult:
     def load(cls, folder: Path, val_index: np.ndarray, keep: str) -> FoldResult:
         """A fold finished earlier: its ``metrics.json`` and the kept adapter's validation probabilities."""
         saved = json.loads((folder / "metrics.json").read_text())
-        return cls(**{k: saved[k] for k in cls.METRICS}, val_index=val_index,
+        return cls(**{k: saved[k] for k in cls.METRICS if k in saved}, val_index=val_index,  # older: no log_history
                    probs=np.load(folder / f"val_probs_{keep}.npy"))
 
 
@@ -184,6 +201,7 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
     env = setup_dist(cfg.train.parallel)
     run_dir = Path(cfg.output_dir)
     # 1. Validate every input before anything is written.
+    tracking.check(cfg.train.report_to)
     ds = read_csv(cfg.data.train_csv, cfg.data)
     label_names = ds.label_names
     if cfg.model.num_labels is not None and cfg.model.num_labels != len(label_names):
@@ -241,9 +259,9 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
             continue
         results.append(train_fold(run, rows, Fold.cv(k, rows, folder, targets.get(k))))
 
-    # 5. Distillation's final model: every row, the teachers' fold models averaged.
+    # 5. The final model (cv.final): every row, the folds' settings; distilling, the teachers' fold models averaged.
     summary_extra = dict(run.adapter_info)
-    if soft is not None and cfg.distill.final:
+    if cfg.cv.final:
         summary_extra["final"] = train_final(run, rows, soft, run_dir)
 
     # 6. Out-of-fold probabilities and the summary.
@@ -252,6 +270,9 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
     summary = {}
     if env.is_main:
         summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode, summary_extra)
+        if cfg.cv.final:
+            summary = tune_final(cfg, run_dir, summary)
+        curves.write_run_curves(run_dir)
     env.barrier()
     if env.world_size > 1:
         torch.distributed.destroy_process_group()
@@ -268,21 +289,47 @@ def log_start(cfg: RunConfig, ds: Dataset, token_ids: list[list[int]], folds: li
     logger.info(cfg.to_yaml())
 
 
-def train_final(run: Run, rows: Rows, soft: Distillation, run_dir: Path) -> dict:
-    """The final model of a distilled run (``distill.final``) into ``run_dir/final``: every labelled and unlabelled
-    row, the teachers' fold models averaged as targets, nothing held out (``train.keep=last``). It is not part of
-    the out-of-fold estimate; returns what the summary records about it."""
+def train_final(run: Run, rows: Rows, soft: Distillation | None, run_dir: Path) -> dict:
+    """The final model (``cv.final``) into ``run_dir/final``: every row of ``rows`` (distilling: the unlabelled ones
+    too, the teachers' fold models averaged as targets), the folds' settings and epochs, nothing held out
+    (``train.keep=last``). A fold trains on (k-1)/k of the labelled rows; this model on all of them, so it takes
+    1/(k-1) more steps per epoch. Its checkpoints resume like a fold's. It is not part of the out-of-fold estimate;
+    returns what the summary records about it."""
     folder = run_dir / FINAL_DIR
+    name = "final model" if soft is None else "final student"
     if (folder / "metrics.json").is_file():
-        logger.info("final student: already done, skipped")
+        logger.info(f"{name}: already done, skipped")
     else:
         every_row = np.arange(len(rows.token_ids))
-        # Seeded after the folds (index n_folds): the same steps per epoch as a fold would take on all rows.
-        final = Fold(run.cfg.cv.n_folds, "final student", folder, every_row, every_row[:0],
-                     soft.final_targets(run_dir, run.env), {"final": True})
+        targets = soft.final_targets(run_dir, run.env) if soft is not None else None
+        # Seeded after the folds (index n_folds): its own head init, dropout and checkpoint fingerprint.
+        final = Fold(run.cfg.cv.n_folds, name, folder, every_row, every_row[:0], targets,
+                     {"final": True, "rows": len(every_row)})
         train_fold(run, rows, final)
-    return {"adapter": str(folder / "last"), "rows_labelled": len(soft.ds.ids), "rows_unlabelled": soft.n_unlabelled,
-            "targets": "each teacher's fold models averaged (teachers/t{j}_final.csv)"}
+    out = {"adapter": str(folder / "last"), "epochs": run.cfg.train.num_epochs,
+           "rows_labelled": len(rows.labels) if soft is None else len(soft.ds.ids)}
+    if soft is not None:
+        out.update(rows_unlabelled=soft.n_unlabelled,
+                   targets="each teacher's fold models averaged (teachers/t{j}_final.csv)")
+    return out
+
+
+def tune_final(cfg: RunConfig, run_dir: Path, summary: dict) -> dict:
+    """The final model's ``thresholds.json`` (:data:`core.decoding.THRESHOLDS_FILE`, which ``serve`` and ``submit``
+    decode its probabilities with), tuned on the out-of-fold probabilities just written: the final model never
+    scored a row it did not train on, the fold models did. Rewritten on every (resumed) run, as ``oof.csv`` is."""
+    from train.merge import tune_thresholds
+
+    adapter = Path(summary["final"]["adapter"])
+    oof_rows = f"folds {summary['folds']} of {run_dir}" + ("" if len(summary["folds"]) == cfg.cv.n_folds else
+                                                            f" (of {cfg.cv.n_folds}: not every row)")
+    doc = tune_thresholds(run_dir / "oof.csv", cfg.data.train_csv, run_dir / "folds.csv", cfg.decode.strategy, True,
+                          {"for": str(adapter), "tuned_on": f"out-of-fold probabilities of {oof_rows}: each row "
+                           "predicted by the fold model that did not train on it, never by the final model"})
+    write_json(adapter / THRESHOLDS_FILE, doc)
+    summary["final"]["thresholds"] = str(adapter / THRESHOLDS_FILE)
+    write_json(run_dir / "summary.json", summary)
+    return summary
 
 
 # -------------------------------------------------------------------------------------------------------- one model
@@ -298,6 +345,8 @@ def train_fold(run: Run, rows: Rows, fold: Fold) -> FoldResult:
     model, tok, dtype = load_classifier(run.model_path, len(run.label_names), margs, cfg.quantization, env.device,
                                         device_map=device_map, seed=cfg.train.seed + fold.index, max_memory=max_memory)
     model = apply_lora(model, cfg.lora, cfg.train.grad_checkpointing)
+    if cfg.model.head_init == "descriptions":  # every rank the same rows; fit() broadcasts rank 0's (train.head_init)
+        init_score_head(model, tok, run.label_names, run.descriptions, cfg.data, dtype, cfg.train.eval_batch_size)
     params = count_parameters(model)
     if env.is_main:
         logger.info(f"{fold.name}: {params['trainable']:,} trainable of {params['total']:,} parameters, "
@@ -360,11 +409,13 @@ def fit(run: Run, rows: Rows, fold: Fold, model, tokenizer, dtype: torch.dtype,
     else:
         state = FoldProgress()
         broadcast_trainable(opt.params, env.world_size)  # ranks agree because rank 0 says so, not by equal seeds
+    tracker = tracking.Tracker.start(cfg, fold.folder.parent, fold.folder.name, state.step, enabled=env.is_main)
 
     def save_checkpoint() -> None:
         """Rank 0 writes the checkpoint (and pushes it); every rank waits for it, then the test hooks run."""
         if env.is_main:
             opt.save(ckpt, state, fingerprint)
+            tracker.flush()
             if run.push is not None:
                 run.push()
         env.barrier()
@@ -387,6 +438,7 @@ def fit(run: Run, rows: Rows, fold: Fold, model, tokenizer, dtype: torch.dtype,
                    dynamic_ncols=True)
         t0 = time.perf_counter()
         for g in range(first, len(steps)):
+            t_step = time.perf_counter()
             torch.manual_seed(step_seed(t.seed, fold.index, state.step, env.rank))  # dropout, the same after a resume
             rows_in_step = sum(len(b) for b in steps[g])
             loss_sum, real_before, padded_before = 0.0, state.real_tokens, state.padded_tokens
@@ -418,6 +470,9 @@ def fit(run: Run, rows: Rows, fold: Fold, model, tokenizer, dtype: torch.dtype,
             grad_norm = opt.step()
             state.step += 1
             state.batch = (g + 1) * t.grad_accum_steps
+            state.log_history.append(tracking.step_row(state.step, mean_loss, opt.lr, grad_norm, step_rows[g],
+                                                       time.perf_counter() - t_step))
+            tracker.log_step(state.log_history[-1])
             for cb in run.callbacks.on_step:
                 cb(state, mean_loss)
             check_finite(mean_loss, state.step, t.nan_guard_steps, dtype, fold.name, env.world_size)
@@ -444,6 +499,7 @@ def fit(run: Run, rows: Rows, fold: Fold, model, tokenizer, dtype: torch.dtype,
             metrics = evaluate(probs, rows.labels[val_idx], decode)
             row = {"epoch": epoch + 1, "step": state.step, **metrics}
             state.history.append(row)
+            tracker.log_eval(state.step, metrics)
             sets_em = f", {metrics['sets/exact_match']:.4f} sets" if "sets/exact_match" in metrics else ""
             logger.info(f"{fold.name} epoch {epoch + 1}: exact-match {metrics['t0.5/exact_match']:.4f} @0.5, "
                         f"{metrics['cascade/exact_match']:.4f} cascade{sets_em}; micro-F1 "
@@ -458,11 +514,12 @@ def fit(run: Run, rows: Rows, fold: Fold, model, tokenizer, dtype: torch.dtype,
         env.barrier()
         state.epoch, state.batch = epoch + 1, 0
         save_checkpoint()
+    tracker.close()
 
     probs = np.load(fold.folder / f"val_probs_{t.keep}.npy") if env.is_main and len(val_idx) else None
     return FoldResult(fold.index, state.history, state.best, state.step, state.samples, state.real_tokens,
                       state.padded_tokens, state.train_seconds, val_index=val_idx, probs=probs,
-                      step_log=state.step_log)
+                      step_log=state.step_log, log_history=state.log_history)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
