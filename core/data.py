@@ -286,7 +286,8 @@ def read_label_descriptions(path: str | Path | None, label_names: Sequence[str])
     df = pd.read_csv(path)
     if df.shape[1] < 2:
         raise InputError(f"{path}: needs at least two columns (class id, name)")
-    by_id = {str(k): str(v) for k, v in zip(df.iloc[:, 0], df.iloc[:, 1])}
+    # An empty name cell reads as NaN: that class has no description (not the text "nan").
+    by_id = {str(k): str(v).strip() for k, v in zip(df.iloc[:, 0], df.iloc[:, 1]) if pd.notna(v) and str(v).strip()}
     out = {}
     for i, name in enumerate(label_names):
         suffix = re.search(r"(\d+)$", name)

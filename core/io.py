@@ -207,6 +207,12 @@ def write_probs(path: str | Path, ids: Sequence, probs: np.ndarray, label_names:
                                      "versions": versions()})
 
 
+def probs_id_column(path: str | Path) -> str:
+    """The id column of a probability file (its first column: the run's ``data.id_column``), for files derived from
+    it (a blend keeps its inputs' id column)."""
+    return str(pd.read_csv(path, nrows=0).columns[0])
+
+
 def _read_csv_checked(path: Path, what: str) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import InputError
-from core.io import align_ids, progress_bar, read_labels, read_probs, write_probs
+from core.io import align_ids, probs_id_column, progress_bar, read_labels, read_probs, write_probs
 from core.metrics import OBJECTIVES, objective_score, scores
 from core.thresholds import ARGMAX, DEFAULT_FALLBACK, Fallback, cascade_steps, decode_global
 
@@ -227,10 +227,11 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
         meta["config"] = cfg.to_dict()
     written = []
     if probs is not None:
-        write_probs(out, test_ids, blend_probs(tests, weights), names, meta=meta)
+        write_probs(out, test_ids, blend_probs(tests, weights), names, meta=meta, id_column=probs_id_column(probs[0]))
         written.append(str(out))
     if out_oof is not None:
-        write_probs(out_oof, oof_ids, blended_oof, names, meta={**meta, "kind": "blend (out-of-fold)"})
+        write_probs(out_oof, oof_ids, blended_oof, names, meta={**meta, "kind": "blend (out-of-fold)"},
+                    id_column=probs_id_column(oof[0]))
         written.append(str(out_oof))
     if written:
         logger.info("wrote " + ", ".join(written))

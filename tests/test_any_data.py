@@ -141,9 +141,9 @@ def test_the_pipeline_on_user_data(tmp_path, tiny_model, capsys):
                               str(out / "tfidf" / "test_probs.csv")]
     assert json.loads((out / "thresholds.json").read_text())["strategy"] == "sets"
     sub = pd.read_csv(out / "submission.csv")
-    # The user's rows in their order. (Their column is named after blend.csv's id column, which infer blend writes
-    # as ``index`` whatever the run's data.id_column: a known gap of infer blend, not of the pipeline.)
-    assert list(sub.iloc[:, 0]) == list(pd.read_csv(test_csv)["review_id"])
+    # The user's rows in their order, under their own id column (the blend keeps its inputs' id column).
+    assert list(sub["review_id"]) == list(pd.read_csv(test_csv)["review_id"])
+    assert pd.read_csv(out / "tfidf" / "oof.csv", nrows=0).columns[0] == "review_id"
     assert {int(c) for t in sub["target"] for c in str(t).split()} <= {0, 1, 2}
 
     assert main(argv) == 0

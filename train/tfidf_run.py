@@ -144,7 +144,7 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, so
             f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions(),
             "config": cfg.to_dict(), **extra}  # config: infer tune / evaluate / blend read its decode section
     summary = {**meta, "C": c, "rows": int(done.sum()), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold}
-    write_probs(tmp / "oof.csv", ds.ids[done], oof[done], ds.label_names, meta=meta)
+    write_probs(tmp / "oof.csv", ds.ids[done], oof[done], ds.label_names, meta=meta, id_column=cfg.data.id_column)
     pd.DataFrame({"index": ds.ids, "fold": fold_of}).to_csv(tmp / "folds.csv", index=False)
     if test_ds is not None:
         if soft:
@@ -154,5 +154,5 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, so
         else:
             probs = fit_predict(ds.texts, ds.labels, test_ds.texts, c, cfg.train.seed)
         write_probs(tmp / "test_probs.csv", test_ds.ids, probs, ds.label_names,
-                    meta={**meta, "kind": "test", "test_csv": test_ds.path})
+                    meta={**meta, "kind": "test", "test_csv": test_ds.path}, id_column=cfg.data.id_column)
     return summary

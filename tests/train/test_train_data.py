@@ -153,6 +153,9 @@ def test_label_descriptions(tmp_path):
     assert read_label_descriptions(None, names) == {}
     with pytest.raises(InputError, match="missing.csv"):
         read_label_descriptions(tmp_path / "missing.csv", names)
+    # an empty name cell is no description (pandas reads it as NaN; it must not become the text "nan")
+    (tmp_path / "names.csv").write_text("id,name\n0,fast delivery\n1,\n2,  \n", encoding="utf-8")
+    assert read_label_descriptions(tmp_path / "names.csv", ["lab0", "lab1", "lab2"]) == {"lab0": "fast delivery"}
 
 
 # --- folds ------------------------------------------------------------------------------------------------------
