@@ -20,8 +20,9 @@ HERE = Path(__file__).resolve().parent
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
-# Exact versions the toolkit was tested with (pyproject.toml allows the compatible ranges).
-PINNED = "transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 'huggingface_hub>=1.0'"
+# Exact versions the toolkit was tested with (pyproject.toml allows the compatible ranges); transformers >= 5.25
+# converts the embedded GGUF's tokenizer correctly (older versions split words into letters: docs/notes).
+PINNED = "transformers==5.25.0 peft==0.21.2 bitsandbytes==0.50.2 'huggingface_hub>=1.0'"
 
 COMMON_SETUP = '''\
 import importlib
