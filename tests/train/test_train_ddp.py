@@ -40,10 +40,11 @@ def test_ddp_completes_with_one_set_of_artifacts(ddp_run):
     out, res = ddp_run
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     assert "world size 2 on cpu" in res.stdout
-    assert res.stdout.count("wrote ") == 1                       # only rank 0 writes and logs
+    wrote = [line for line in res.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 2 and "summary.json" in wrote[0] and wrote[1].endswith("curves.png")  # rank 0 only, once
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "fold_0", "folds.csv", "label_names.json", "launch.json", "oof.csv", "oof.csv.meta.json", "run_config.yaml",
-        "summary.json"])
+        "curves.png", "fold_0", "folds.csv", "label_names.json", "launch.json", "oof.csv", "oof.csv.meta.json",
+        "run_config.yaml", "summary.json"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["folds"] == [0] and 0 <= summary["oof_metrics"]["cascade/micro_f1"] <= 1
     metrics = json.loads((out / "fold_0" / "metrics.json").read_text())
