@@ -7,25 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from trainkit import tiny_config_for
+from trainkit import Killed, kill_at, tiny_config_for
 
-from train.callbacks import Callbacks
 from train.curves import CURVES_FILE, run_curves, smooth, write_run_curves
 from train.run import FoldResult, main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
-
-class Killed(Exception):
-    pass
-
-
-def kill_at(step: int) -> Callbacks:
-    def on_checkpoint(progress, resumed):
-        if not resumed and progress.step == step:
-            raise Killed
-
-    return Callbacks(on_checkpoint=[on_checkpoint])
 
 
 def image_size(path) -> tuple[int, int]:

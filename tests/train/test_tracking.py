@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from trainkit import ROOT, tiny_config_for
+from trainkit import ROOT, Killed, kill_at, tiny_config_for
 
 from core.config import RunConfig
 from core.errors import ConfigError
@@ -74,19 +74,10 @@ def test_a_resumed_run_shows_each_step_once(tiny_model, small_csv, tmp_path, tb_
     resumed run hides them (purge_step) and its own steps 5-10 are the ones shown, as in an uninterrupted run."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from train.callbacks import Callbacks
-
-    class Killed(Exception):
-        pass
-
-    def kill(progress, resumed):
-        if not resumed and progress.step == 4:
-            raise Killed
-
     out = tmp_path / "run"
     cfg = tiny_config_for(tiny_model, small_csv, out, train__report_to=["tensorboard"], train__save_every_steps=2)
     with pytest.raises(Killed):
-        main(cfg, callbacks=Callbacks(on_checkpoint=[kill]))
+        main(cfg, callbacks=kill_at(4))
     stale = SummaryWriter(str(out / "logs" / "fold_0"))  # what the interrupted process had written after step 4
     for step in (5, 6):
         stale.add_scalar("train/loss", 99.0, step)
@@ -157,22 +148,13 @@ def test_mlflow_local_store_gets_the_scalars_and_a_resume_continues_its_run(tiny
     pytest.importorskip("mlflow")  # "when installed": no extra of this project installs it
     from mlflow.tracking import MlflowClient
 
-    from train.callbacks import Callbacks
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill(progress, resumed):
-        if not resumed and progress.step == 4:
-            raise Killed
 
     out = tmp_path / "run"
     cfg = tiny_config_for(tiny_model, small_csv, out, train__report_to=["mlflow"], train__save_every_steps=2)
     with pytest.raises(Killed):
-        main(cfg, callbacks=Callbacks(on_checkpoint=[kill]))
+        main(cfg, callbacks=kill_at(4))
     main(cfg, resume=True)
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'logs' / 'mlflow.db'}")  # the default store
     experiment = client.get_experiment_by_name("run")

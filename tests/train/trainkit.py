@@ -77,3 +77,18 @@ def run_cli(args: list[str], env: dict | None = None, timeout: float = 300, modu
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = (launcher or [sys.executable, "-m"]) + [module, *args]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+class Killed(Exception):
+    """Raised by :func:`kill_at`: the in-process stand-in for a killed training."""
+
+
+def kill_at(step: int):
+    """Callbacks that stop a (not resumed) run right after its checkpoint at optimizer step ``step``."""
+    from train.callbacks import Callbacks
+
+    def on_checkpoint(progress, resumed):
+        if not resumed and progress.step == step:
+            raise Killed
+
+    return Callbacks(on_checkpoint=[on_checkpoint])
