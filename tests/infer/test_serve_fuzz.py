@@ -75,7 +75,8 @@ other_content_types = st.one_of(
     st.sampled_from(["application/json; charset=utf-8", "APPLICATION/JSON", "text/plain",
                      "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml",
                      "application/json; charset=latin-1", "application/jsonx", "", None]),
-    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30),
+    # Printable ASCII; stripped because a header value may not begin or end with a space (httpx refuses to send it).
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30).map(str.strip),
 )
 # Mostly JSON, so that most cases reach the body's parsing and validation rather than the 415.
 content_types = st.integers(0, 9).flatmap(lambda i: st.just("application/json") if i < 7 else other_content_types)
