@@ -27,8 +27,8 @@ from core.config import RunConfig
 from core.data import read_csv
 from core.io import read_folds
 from core.metrics import exact_match
+from core.threshold_search import tune_thresholds
 from core.thresholds import ThresholdSpec
-from infer.search import tune_thresholds
 from train.tfidf import fit_predict
 
 DLS = "../shared/data/dls"

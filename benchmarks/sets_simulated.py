@@ -21,7 +21,7 @@ import pandas as pd
 
 from benchmarks.shapes import DLS
 from core.io import write_probs
-from infer.tune import run_tune
+from core.tuning import run_tune
 
 MODELS = {"weak": ((1.0, 3.0), 1.6), "strong": ((2.0, 4.5), 1.3)}
 """(separability range, noise sd) of the simulated models."""

@@ -94,8 +94,8 @@ def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence
     the default cascade, rotate; the left-out predictions are pooled.
 
     ``strategy`` (``"cascade"`` or ``"sets"``): also tune the decoding on each fold's blended training rows (as
-    :func:`infer.search.nested_estimate`, same ``seed``, ``tune_kwargs`` passed on) and score the left-out fold with
-    it: the honest figure of blend + ``tune`` together. Its result is under ``"decoding"``.
+    :func:`core.threshold_search.nested_estimate`, same ``seed``, ``tune_kwargs`` passed on) and score the left-out
+    fold with it: the honest figure of blend + ``tune`` together. Its result is under ``"decoding"``.
 
     Returns ``{"folds", "per_fold": [{"fold", "rows", "weights", objective}], "pooled": scores}`` (+ ``"decoding"``).
     """
@@ -116,7 +116,7 @@ def nested_blend(oofs: Sequence[np.ndarray], labels: np.ndarray, folds: Sequence
                          objective: float(objective_score(y[test], pred[test], objective))})
     out = {"folds": len(uniq), "per_fold": per_fold, "pooled": scores(y, pred)}
     if strategy is not None:
-        from infer.search import nested_estimate
+        from core.threshold_search import nested_estimate
 
         weights = {r["fold"]: r["weights"] for r in per_fold}
 
@@ -158,7 +158,7 @@ def run_blend(probs: str | Sequence[str], oof: str | Sequence[str], labels: str 
     blended file(s). ``tune_decoding`` (``cascade`` / ``sets``): the nested estimate also tunes the decoding on each
     fold's blended training rows, as ``tune --strategy`` would (the fallback tuned too unless ``fallback`` is given)."""
     from core.decoding import STRATEGIES, default_spec, labels_id_column, run_config_of
-    from infer.search import check_honest, resolve_folds
+    from core.threshold_search import check_honest, resolve_folds
 
     oof = _split(oof, "--oof")
     probs = None if probs is None else _split(probs, "--probs")  # None: measure the blend on OOF rows only

@@ -46,9 +46,9 @@ def user_csv(path: Path, label_names: list[str], n: int, seed: int, labelled: bo
 ])
 def test_train_predict_tune_submit_on_user_data(tmp_path, tiny_model, label_names, explicit, capsys):
     from core.cli import setup_logging
+    from core.tuning import run_tune
     from infer.predict import predict
     from infer.submit import submit
-    from infer.tune import run_tune
     from train.run import main as run_main
 
     setup_logging()  # the run's messages on stdout, as the command line has them

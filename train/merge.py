@@ -29,9 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +44,6 @@ from core.io import OPTIMISTIC_KEY, atomic_dir, check_out_dir, optimistic_reason
 logger = logging.getLogger(__name__)
 
 METHODS = ("cat", "svd")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -312,32 +308,20 @@ def mean_oof(sources: list[Source], work: Path) -> tuple[Path, bool]:
 
 def tune_thresholds(oof: Path, labels: str | Path, folds: Path, strategy: str, nested: bool,
                     provenance: dict) -> dict:
-    """``thresholds.json`` contents tuned on ``oof`` by ``python -m infer tune`` (the defaults: exact match, seeded;
-    the nested estimate of the gain unless ``nested`` is False), its report logged; ``provenance`` is added to its
-    ``meta`` under ``adapter_thresholds``.
-
-    ``train`` never imports ``infer`` (tests/test_layering.py): the tuner runs as its command, as a user would.
+    """``thresholds.json`` contents tuned on ``oof`` by :func:`core.tuning.run_tune` with ``python -m infer tune``'s
+    defaults (exact match, seeded; the nested estimate of the gain unless ``nested`` is False), its report logged;
+    ``provenance`` is added to its ``meta`` under ``adapter_thresholds``. Nothing is written: the caller writes it.
 
     Raises:
         InputError: the tuner failed (its message).
     """
-    with tempfile.TemporaryDirectory(prefix="qlml-tune-") as tmp:
-        target = Path(tmp) / THRESHOLDS_FILE
-        cmd = [sys.executable, "-m", "infer", "tune", "--oof", str(oof), "--labels", str(labels), "--folds",
-               str(folds), "--strategy", strategy, "--out", str(target), "--no-progress"]
-        if not nested:
-            cmd.append("--no-nested")
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        logger.info(f"thresholds: python -m infer tune --oof {oof} --labels {labels} --folds {folds}"
-                    + ("" if nested else " --no-nested"))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path},
-                              check=False)
-        for line in proc.stdout.splitlines():
-            logger.info(f"  {line}")
-        if proc.returncode != 0 or not target.is_file():
-            tail = " ".join(proc.stderr.strip().splitlines()[-3:])
-            raise InputError(f"tuning thresholds on {oof} failed (python -m infer tune exited {proc.returncode}): "
-                             f"{tail}")
-        doc = json.loads(target.read_text(encoding="utf-8"))
+    from core.tuning import run_tune  # here: it imports scikit-learn (1 s), which merging adapters never needs
+
+    logger.info(f"thresholds: tuned on {oof} (labels {labels}, folds {folds}" + ("" if nested else ", not nested")
+                + ")")
+    try:
+        doc = run_tune(oof, labels, None, folds=folds, strategy=strategy, nested=nested, progress=False).to_dict()
+    except (InputError, ConfigError) as e:
+        raise InputError(f"tuning thresholds on {oof} failed: {e}") from e
     doc.setdefault("meta", {})["adapter_thresholds"] = provenance
     return doc

@@ -1,6 +1,6 @@
 """``python -m infer tune``: tune the cascade (or set) decoding on out-of-fold probabilities.
 
-The work is :func:`infer.tune.run_tune`; the search itself is :mod:`infer.search`.
+The work is :func:`core.tuning.run_tune`; the search itself is :mod:`core.threshold_search`.
 
 Usage:
     python -m infer tune --oof RUN/oof.csv --labels train.csv --out thresholds.json [--folds RUN/folds.csv]
@@ -16,8 +16,8 @@ from core.decoding import STRATEGIES
 from core.errors import InputError
 from core.io import check_out_file
 from core.metrics import OBJECTIVES
-from infer.search import DEFAULT_KFOLD, DEFAULT_SHRINK, DEFAULT_TRIALS
-from infer.tune import run_tune
+from core.threshold_search import DEFAULT_KFOLD, DEFAULT_SHRINK, DEFAULT_TRIALS
+from core.tuning import run_tune
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -161,7 +161,7 @@ def test_tune_sets_is_leave_one_out_and_deterministic():
 
 def test_sets_beat_the_tuned_cascade_on_correlated_labels():
     """Nested estimate (tuned on 4 folds, scored on the 5th, rotated; priors from the 4 folds only)."""
-    from infer.search import kfold, nested_estimate
+    from core.threshold_search import kfold, nested_estimate
 
     probs, y = correlated_data()
     est = nested_estimate(probs, y, kfold(len(y), 5, 0), n_trials=25, strategy="sets")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from core.threshold_search import _ClassSearch
 from core.thresholds import (
     ThresholdSpec,
     cascade,
@@ -19,7 +20,6 @@ from core.thresholds import (
     resolve_fallback,
     threshold,
 )
-from infer.search import _ClassSearch
 
 # The reference solution's thresholds, as literal floats.
 REFERENCE = [0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]

@@ -1,6 +1,6 @@
-"""infer.search and infer.blend as pure functions: tuning improves the in-sample score where the best thresholds are far
-from the reference cascade, is reproducible, shrinks per-class offsets of rare classes, and the nested estimate
-runs; blending prefers the better model."""
+"""core.threshold_search and infer.blend as pure functions: tuning improves the in-sample score where the best
+thresholds are far from the reference cascade, is reproducible, shrinks per-class offsets of rare classes, and the
+nested estimate runs; blending prefers the better model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from core.metrics import exact_match, micro_f1, objective_score
+from core.threshold_search import kfold, nested_estimate, search_offsets, shrink_factors, tune_thresholds
 from core.thresholds import ThresholdSpec, cascade
 from infer.blend import blend_probs, search_weights
-from infer.search import kfold, nested_estimate, search_offsets, shrink_factors, tune_thresholds
 
 NAMES = tuple(f"trend_id_res{j}" for j in range(20))
 

@@ -170,6 +170,25 @@ def test_merge_of_two_runs_library(run, small_csv, tmp_path, monkeypatch):
     assert ref.cfg.lora.r == 16 and ref.head_labels == 20
 
 
+def test_tune_thresholds_runs_the_tuner_in_process_and_writes_nothing(run, small_csv, tmp_path):
+    """core.tuning's run_tune called directly: the thresholds document with its provenance, no file written beside
+    the run; a tuner failure is an InputError carrying the tuner's message."""
+    from core.thresholds import ThresholdSpec
+
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    doc = merge.tune_thresholds(run / "oof.csv", small_csv, run / "folds.csv", "cascade", False, {"for": "x"})
+    spec = ThresholdSpec.from_dict(doc)
+    assert spec.label_names == tuple(read_adapter(run / "fold_0" / "last").label_names)
+    meta = doc["meta"]
+    assert meta["adapter_thresholds"] == {"for": "x"} and meta["nested"] is None
+    assert meta["produced_by"] == "python -m infer tune" and meta["oof"] == str(run / "oof.csv")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    bad = tmp_path / "labels.csv"
+    bad.write_text("id,other\n0,1\n")
+    with pytest.raises(InputError, match=r"tuning thresholds on .*oof\.csv failed: .*labels\.csv"):
+        merge.tune_thresholds(run / "oof.csv", bad, run / "folds.csv", "cascade", True, {})
+
+
 def test_merge_command(run, tmp_path):
     out = tmp_path / "merged"
     res = run_cli(["merge", "--run", str(run), "--out", str(out)])

@@ -1,5 +1,6 @@
-"""The search behind ``python -m infer tune``: cascade thresholds tuned on labelled probabilities, and the nested
-estimate of the gain.
+"""The threshold search behind :func:`core.tuning.run_tune` (``python -m infer tune``, a final or merged adapter's
+thresholds) and ``infer blend``: cascade thresholds tuned on labelled probabilities, and the nested estimate of the
+gain.
 
 What is tuned (objective: exact-match accuracy by default, micro-F1 on request):
 
@@ -18,7 +19,7 @@ The tuning functions are pure and deterministic (the same inputs and seed give t
 :func:`resolve_folds` and :func:`check_honest` read the files a nested estimate needs.
 
 Python:
-    from infer.search import tune_thresholds, nested_estimate
+    from core.threshold_search import tune_thresholds, nested_estimate
     spec = tune_thresholds(probs, labels, label_names, objective="exact_match", n_trials=200, seed=0)
     est = nested_estimate(probs, labels, folds, label_names)
 """

@@ -1,15 +1,17 @@
-"""Tune a run's decoding end to end: what ``python -m infer tune`` (:mod:`infer.commands.tune`) does, as a
-function.
+"""Tune a run's decoding end to end, from files: what ``python -m infer tune`` does, and what ``train`` tunes a
+final or merged adapter's ``thresholds.json`` with (:func:`train.merge.tune_thresholds`).
 
-:func:`run_tune` reads an out-of-fold probability file and its labels, tunes the cascade (:mod:`infer.search`), gives
-an honest nested estimate of the gain, and writes ``thresholds.json`` (nothing is written unless everything
-succeeds). ``strategy="sets"`` adds set decoding (:mod:`core.sets`: each row's label set chosen among the sets seen
-in the labels, the tuned cascade's set and the top singletons / pairs, by likelihood + lambda * log prior),
-grid-tuned on top of the tuned cascade with leave-one-out priors, as a third column of the nested estimate (each
-fold's priors from its training rows only); the file written is then the set decoder (``"strategy": "sets"``).
+:func:`run_tune` reads an out-of-fold probability file and its labels, tunes the cascade
+(:mod:`core.threshold_search`), gives an honest nested estimate of the gain, and writes ``thresholds.json`` (nothing
+is written unless everything succeeds; with ``out=None`` nothing at all: the caller writes the returned decoder).
+``strategy="sets"`` adds set decoding (:mod:`core.sets`: each row's label set chosen among the sets seen in the
+labels, the tuned cascade's set and the top singletons / pairs, by likelihood + lambda * log prior), grid-tuned on
+top of the tuned cascade with leave-one-out priors, as a third column of the nested estimate (each fold's priors
+from its training rows only); the file written is then the set decoder (``"strategy": "sets"``). The report is
+logged, never printed.
 
 Python:
-    from infer.tune import run_tune
+    from core.tuning import run_tune
     spec = run_tune("RUN/oof.csv", "train.csv", "thresholds.json")
 """
 
@@ -24,8 +26,7 @@ from core.errors import InputError
 from core.io import align_ids, read_labels, read_oof, versions, write_json
 from core.metrics import OBJECTIVES, scores
 from core.sets import SetDecoder, is_sets, tune_sets
-from core.thresholds import ARGMAX, ThresholdSpec, fallback_name
-from infer.search import (
+from core.threshold_search import (
     DEFAULT_KFOLD,
     DEFAULT_SHRINK,
     DEFAULT_TRIALS,
@@ -34,16 +35,18 @@ from infer.search import (
     resolve_folds,
     tune_thresholds,
 )
+from core.thresholds import ARGMAX, ThresholdSpec, fallback_name
 
 logger = logging.getLogger(__name__)
 
 
-def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | Path | None = None,
+def run_tune(oof: str | Path, labels: str | Path, out: str | Path | None, folds: str | Path | None = None,
              objective: str = "exact_match", n_trials: int = DEFAULT_TRIALS, seed: int = 0,
              fallback: str | int | None = None, per_class: bool = True, shrink: float = DEFAULT_SHRINK,
              kfolds: int = DEFAULT_KFOLD, nested: bool = True, progress: bool = True,
              id_column: str | None = None, strategy: str = "cascade") -> ThresholdSpec | SetDecoder:
-    """Read, validate, tune, estimate and write ``out`` (nothing is written unless everything succeeds).
+    """Read, validate, tune, estimate and write ``out`` (nothing is written unless everything succeeds; ``out=None``:
+    only returned).
 
     ``strategy="sets"`` also tunes set decoding on top of the tuned cascade (its candidate), reports it as a third
     column and writes the :class:`core.sets.SetDecoder` (priors from every labelled out-of-fold row).
@@ -96,9 +99,13 @@ def run_tune(oof: str | Path, labels: str | Path, out: str | Path, folds: str | 
             estimate["pooled"]["tuned"][objective]:
         logger.info(f"note: set decoding does not beat the tuned cascade in the nested estimate ({objective} "
                     f"{estimate['pooled']['sets'][objective]:.4f} vs {estimate['pooled']['tuned'][objective]:.4f}); "
-                    f"{out} holds the set decoding as asked: tune without --strategy sets to keep the cascade")
-    write_json(out, result.to_dict())
-    logger.info(f"wrote {out} ({time.time() - t0:.1f} s)")
+                    f"{out or 'the result'} holds the set decoding as asked: tune without --strategy sets to keep "
+                    f"the cascade")
+    if out is None:
+        logger.info(f"tuned ({time.time() - t0:.1f} s)")
+    else:
+        write_json(out, result.to_dict())
+        logger.info(f"wrote {out} ({time.time() - t0:.1f} s)")
     return result
 
 
