@@ -7,12 +7,15 @@ Usage:
     python -m train merge --run RUN --method cat --out RUN/merged_cat      # and/or svd
     python -m benchmarks.outer --outer OUTER --run RUN --model final=RUN/final/last \\
         --model merged_cat=RUN/merged_cat [--model ...] [--out-dir RUN/outer_eval]
+        [--probs NAME=PROBS.csv:THRESHOLDS.json ...] [--versus NAME]
 
 Each model predicts ``OUTER/outer.csv`` with ``python -m infer predict`` (kept in ``--out-dir``: a rerun reuses the
 files); the tuned cascade is ``python -m infer tune`` on the run's OOF (the CV's folds, inner rows only), applied to
-every model alike. Prints, per model: exact match with the run's default cascade and the tuned one, the paired
-difference from (a) with a 95% bootstrap interval, and prediction rows/s of the input (the fold average pays k
-models per row; model loading excluded).
+every model alike. ``--probs`` adds probabilities already predicted for the outer rows (e.g. a pipeline's
+``blend.csv``), whose "tuned" column decodes with their own thresholds file (e.g. the pipeline's
+``thresholds.json``, tuned on its own OOF). Prints, per model: exact match with the run's default cascade and the
+tuned one, the paired difference from (a) (or from the model ``--versus`` names) with a 95% bootstrap interval, and
+prediction rows/s of the input (the fold average pays k models per row; model loading excluded).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="the CV run on inner.csv: (a) is its fold average")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=ADAPTER",
                     help="another model to score (repeatable): an adapter folder or a run folder")
+    ap.add_argument("--probs", action="append", default=[], metavar="NAME=PROBS.csv:THRESHOLDS.json",
+                    help="probabilities of the outer rows already predicted, decoded with their own thresholds")
+    ap.add_argument("--versus", default="fold average", help="the model the others are paired with (default (a))")
     ap.add_argument("--out-dir", help="where the probabilities go (default RUN/outer_eval)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args(argv)
@@ -48,32 +54,41 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir or run / "outer_eval")
     out.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig.from_yaml(run / "run_config.yaml", [])
-    models = [("fold average", str(run))] + [tuple(m.split("=", 1)) for m in args.model]
+    models = [("fold average", str(run), None)] + [(*m.split("=", 1), None) for m in args.model]
+    models += [(name, *spec.rsplit(":", 1)) for name, spec in (p.split("=", 1) for p in args.probs)]
 
     thresholds = out / "thresholds.json"
     if not thresholds.exists():
         sh("-m", "infer", "tune", "--oof", str(run / "oof.csv"), "--labels", str(outer / "inner.csv"),
            "--out", str(thresholds), "--no-progress")
     tuned = read_thresholds(thresholds)
-    rows = []
-    preds = {}
-    for name, adapter in models:
-        probs_path = out / f"{name.replace(' ', '_')}.csv"
+    rows, preds, first_ids = [], {}, []
+    for name, adapter, own in models:
+        probs_path = Path(adapter) if own else out / f"{name.replace(' ', '_')}.csv"
+        if own and not probs_path.is_file():
+            raise SystemExit(f"--probs {name}: no such file {probs_path}")
         if not probs_path.exists():
             sh("-m", "infer", "predict", "--adapter", adapter, "--input", str(outer / "outer.csv"),
                "--out", str(probs_path))
         ids, probs, names = read_probs(probs_path)
+        first_ids = first_ids if rows else list(ids)
+        if list(ids) != first_ids:
+            raise SystemExit(f"{probs_path}: not the rows of {rows[0]['model']!r} in the same order")
         _, labels = read_labels(outer / "outer.csv", names, probs_path, id_column=cfg.data.id_column)
         meta = json.loads(Path(f"{probs_path}.meta.json").read_text())
         default = ThresholdSpec.from_decode(names, cfg.decode)
-        preds[name] = {"cascade": default.decode(probs), "tuned": tuned.decode(probs)}
-        rows.append({"model": name, "adapters": len(meta["adapters"]), "rows": len(ids),
-                     "rows_per_s": round(len(ids) / meta["seconds"]["predict"], 2), "labels": labels})
-    base = preds["fold average"]
+        own_tuned = read_thresholds(own) if own else tuned
+        preds[name] = {"cascade": default.decode(probs), "tuned": own_tuned.decode(probs)}
+        seconds = meta.get("seconds", {}).get("predict")  # a blend's file has no prediction time of its own
+        rows.append({"model": name, "adapters": len(meta.get("adapters", [])), "rows": len(ids),
+                     "rows_per_s": round(len(ids) / seconds, 2) if seconds else None, "labels": labels})
+    base = preds[args.versus]
     table = []
-    print(f"\n{rows[0]['rows']} outer rows of {outer} ; run {run} ; tuned cascade from {thresholds}")
-    print(f"{'model':<14} {'adapters':>8} {'EM cascade':>10} {'EM tuned':>9} {'vs (a) cascade, 95% CI':>30} "
-          f"{'vs (a) tuned, 95% CI':>30} {'rows/s':>7}")
+    print(f"\n{rows[0]['rows']} outer rows of {outer} ; run {run} ; tuned cascade from {thresholds} "
+          f"(--probs: their own) ; paired with {args.versus!r}")
+    width = max(14, *(len(r["model"]) for r in rows))
+    print(f"{'model':<{width}} {'adapters':>8} {'EM cascade':>10} {'EM tuned':>9} {'vs cascade, 95% CI':>30} "
+          f"{'vs tuned, 95% CI':>30} {'rows/s':>7}")
     for r in rows:
         y = r.pop("labels")
         line = dict(r)
@@ -81,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             d = paired_difference(y, base[dec], preds[r["model"]][dec])
             line[f"em_{dec}"], line[f"vs_a_{dec}"] = d["exact_match_b"], d
         fmt = lambda d: f"{d['difference']:+.4f} ({d['low']:+.4f} .. {d['high']:+.4f})"
-        print(f"{r['model']:<14} {r['adapters']:>8} {line['em_cascade']:>10.4f} {line['em_tuned']:>9.4f} "
-              f"{fmt(line['vs_a_cascade']):>30} {fmt(line['vs_a_tuned']):>30} {r['rows_per_s']:>7.1f}")
+        print(f"{r['model']:<{width}} {r['adapters']:>8} {line['em_cascade']:>10.4f} {line['em_tuned']:>9.4f} "
+              f"{fmt(line['vs_a_cascade']):>30} {fmt(line['vs_a_tuned']):>30} {r['rows_per_s'] or '-':>7}")
         table.append(line)
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
