@@ -3,7 +3,7 @@
 Prints a metrics table (exact match, micro/macro/weighted F1) for plain 0.5 thresholding, the default cascade and
 the tuned thresholds (``--thresholds``), and writes beside it (``--out-dir``, default the probability file's folder):
 
-* ``<stem>.eval.json``: the table, per-class F1 and the threshold curve;
+* ``<stem>.eval.json``: the table, per-class F1, the threshold curve and the two breakdowns below;
 * ``<stem>.per_class_f1.png``: per-class F1 bars (default cascade, and tuned when given);
 * ``<stem>.threshold_curve.png``: exact match and micro-F1 of plain thresholds 0.05 .. 0.95, with the cascade's
   (and the tuned decoding's) scores as horizontal lines;
@@ -11,13 +11,23 @@ the tuned thresholds (``--thresholds``), and writes beside it (``--out-dir``, de
   positives against the mean probability in 10 equal-width bins, the pairs per bin below; its expected calibration
   error (ECE) and Brier score are printed and in the JSON (``calibration``).
 
+After the table, for the default cascade (and the tuned decoding), two breakdowns (:mod:`core.metrics`; in the JSON
+as ``by_label_count`` and ``rare_class_f1``, per decoding):
+
+* per true label count (0, 1, 2, 3, 4 or more; empty groups left out): the rows, their share, their exact match, the
+  mean number of labels predicted for them and the share of them predicted with as many labels as they have
+  (:func:`core.metrics.by_label_count`): whether the misses are the multi-label rows;
+* rare vs frequent classes: a class is rare when at least one and at most ``--rare-max-prevalence`` (default 0.01)
+  of the rows have it; per group the classes, their positives, their mean F1 and how many have F1 < 0.3 and F1 = 0
+  (:func:`core.metrics.rare_class_f1`; classes without a positive are in neither group).
+
 ``--baseline OTHER.csv`` (another model's probabilities for the same rows, e.g. another run's ``oof.csv``) adds the
 paired difference in exact match, this file minus the baseline, with a 95% bootstrap interval over the rows, for 0.5
 thresholding and the default cascade: whether one model beats the other or the gap is noise.
 
 Usage:
     python -m infer evaluate --probs oof.csv --labels train.csv [--thresholds thresholds.json] [--out-dir DIR]
-                             [--baseline other_oof.csv]
+                             [--baseline other_oof.csv] [--rare-max-prevalence 0.01]
 """
 
 from __future__ import annotations
@@ -30,7 +40,15 @@ from pathlib import Path
 import numpy as np
 
 from core.io import align_ids, atomic_path, optimistic_reason, read_labels, read_probs, write_json
-from core.metrics import exact_match, micro_f1, paired_difference, per_class_f1, scores
+from core.metrics import (
+    by_label_count,
+    exact_match,
+    micro_f1,
+    paired_difference,
+    per_class_f1,
+    rare_class_f1,
+    scores,
+)
 from core.sets import SetDecoder, is_sets
 from core.thresholds import ThresholdSpec, fallback_name, threshold
 
@@ -41,20 +59,28 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_arrays(probs: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
-                    default: ThresholdSpec, tuned: ThresholdSpec | SetDecoder | None = None) -> dict:
-    """Metrics of the decodings, per-class F1 and the plain-threshold curve (pure)."""
+                    default: ThresholdSpec, tuned: ThresholdSpec | SetDecoder | None = None,
+                    rare_max_prevalence: float = 0.01) -> dict:
+    """Metrics of the decodings, per-class F1, the plain-threshold curve and, for the default cascade and the tuned
+    decoding, the breakdowns by true label count and over rare / frequent classes (pure)."""
     decodings = {"threshold 0.5": threshold(probs, 0.5), "default cascade": default.decode(probs)}
     if tuned is not None:
         decodings["tuned"] = tuned.decode(probs)
     metrics = {k: scores(labels, v) for k, v in decodings.items()}
     per_class = {k: dict(zip(label_names, map(float, per_class_f1(labels, v)))) for k, v in decodings.items()
                  if k != "threshold 0.5"}
+    counts, rare = {}, {}
+    for k in per_class:
+        counts[k] = by_label_count(labels, decodings[k])
+        rare[k] = rare_class_f1(labels, decodings[k], rare_max_prevalence)
+        rare[k]["rare"]["names"] = [label_names[j] for j in rare[k]["rare"]["indices"]]
     curve = {"threshold": list(CURVE),
              "exact_match": [exact_match(labels, threshold(probs, t)) for t in CURVE],
              "micro_f1": [micro_f1(labels, threshold(probs, t)) for t in CURVE]}
     positives = dict(zip(label_names, map(int, np.asarray(labels).sum(axis=0))))
     return {"rows": len(labels), "metrics": metrics, "per_class_f1": per_class, "positives": positives,
-            "curve": curve, "calibration": calibration(probs, labels)}
+            "curve": curve, "calibration": calibration(probs, labels), "by_label_count": counts,
+            "rare_class_f1": rare}
 
 
 def calibration(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict:
@@ -95,6 +121,41 @@ def table(metrics: dict) -> str:
     for name, m in metrics.items():
         lines.append(f"{name:<18}" + "".join(f"{m[k]:>13.4f}" for k in METRICS))
     return "\n".join(lines)
+
+
+def breakdown_lines(result: dict) -> list[str]:
+    """The breakdowns of :func:`evaluate_arrays` as two small tables, the decodings side by side: one line per true
+    label count, then one line each for the rare and the frequent classes."""
+    counts, rare = result["by_label_count"], result["rare_class_f1"]
+    kinds = list(counts)
+    first = rare[kinds[0]]  # which classes are rare depends on the labels only: the same for every decoding
+
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # names and counts as they are
+
+    def row(head: str, cells: list[list]) -> str:
+        return f"{head:<22}" + "".join("  |" + "".join(f"{cell(c):>13}" for c in cs) for cs in cells)
+
+    def title_row() -> str:
+        return f"{'':<22}" + "".join(f"  |{k:>39}" for k in kinds)
+
+    cols = ("exact_match", "mean_predicted", "count_right")
+    lines = ["rows by true label count (count_right: the share predicted with as many labels as they truly have):",
+             title_row(), row(f"{'labels':<8}{'rows':>7}{'share':>7}",
+                              [("exact_match", "mean_pred", "count_right")] * len(kinds))]
+    for i, g in enumerate(counts[kinds[0]]):
+        lines.append(row(f"{g['labels']:<8}{g['rows']:>7}{g['share']:>7.1%}",
+                         [[counts[k][i][c] for c in cols] for k in kinds]))
+    lines += [f"classes by positives (rare: at least 1 and at most {first['max_prevalence']:g} of the "
+              + f"{first['rows']} rows; {first['absent']} classes without a positive left out):", title_row(),
+              row(f"{'classes':<9}{'n':>3}{'positives':>10}",
+                  [("mean_f1", f"f1 < {first['low_f1']:g}", "f1 = 0")] * len(kinds))]
+    for group in ("rare", "frequent"):
+        g = first[group]
+        span = f"{g['min_positives']}..{g['max_positives']}" if g["classes"] else "-"
+        lines.append(row(f"{group:<9}{g['classes']:>3}{span:>10}",
+                         [[rare[k][group][c] for c in ("mean_f1", "below_low_f1", "zero_f1")] for k in kinds]))
+    return lines
 
 
 def class_labels(names: Sequence[str], positives: dict, descriptions: dict | None = None, width: int = 40) -> list[str]:
@@ -199,7 +260,7 @@ def plot_reliability(result: dict, path: Path, title: str) -> None:
 
 def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | None = None,
              out_dir: str | Path | None = None, fallback=None, baseline: str | Path | None = None,
-             id_column: str | None = None) -> dict:
+             id_column: str | None = None, rare_max_prevalence: float = 0.01) -> dict:
     """Read and validate, score, print the table, then write the JSON and the two PNGs."""
     from core.decoding import labels_id_column
     from infer.submit import load_decoding
@@ -218,7 +279,7 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     if baseline is not None:  # every row of --probs must be in the baseline; its columns follow --probs
         base_ids, base_p, _ = read_probs(baseline, names)
         comparison = compare(p, base_p[align_ids(probs, ids, baseline, base_ids)], y, default)
-    result = evaluate_arrays(p, y, names, default, tuned)
+    result = evaluate_arrays(p, y, names, default, tuned, rare_max_prevalence)
     if baseline is not None:
         result["baseline"] = {"probs": str(baseline), **comparison}
     probs = Path(probs)
@@ -230,6 +291,7 @@ def evaluate(probs: str | Path, labels: str | Path, thresholds: str | Path | Non
     note = "" if len(ids) == len(label_ids) else f" ({len(ids)} of the {len(label_ids)} labelled rows)"
     logger.info(f"evaluate: {len(ids)} rows x {len(names)} classes of {probs} against {labels}{note}")
     logger.info(table(result["metrics"]))
+    logger.info("\n".join(breakdown_lines(result)))
     cal = result["calibration"]
     logger.info(f"calibration over {len(ids) * len(names)} (row, label) pairs: ECE {cal['ece']:.4f}, "
                 f"Brier {cal['brier']:.4f} ({cal['bins']} bins)")

@@ -237,7 +237,7 @@ def test_evaluate_prints_the_table_and_writes_pngs_and_metrics(data, capsys):
     assert run(tune_args(data, thr, "--no-nested"), capsys)[0] == 0
     out_dir = data["dir"] / "eval"
     code, stdout, _ = run(["evaluate", "--probs", data["oof"], "--labels", data["labels"], "--thresholds", thr,
-                           "--out-dir", out_dir], capsys)
+                           "--out-dir", out_dir, "--rare-max-prevalence", 0.06], capsys)
     assert code == 0
     for row in ("threshold 0.5", "default cascade", "tuned", "exact_match", "micro_f1", "macro_f1", "weighted_f1"):
         assert row in stdout
@@ -250,9 +250,30 @@ def test_evaluate_prints_the_table_and_writes_pngs_and_metrics(data, capsys):
     from core.thresholds import cascade
 
     assert m["metrics"]["default cascade"] == pytest.approx(scores(data["y"], cascade(data["p"])))
+    # the breakdowns by true label count and over rare / frequent classes, per decoding, in the JSON and printed
+    from core.metrics import by_label_count, rare_class_f1
+
+    assert set(m["by_label_count"]) == set(m["rare_class_f1"]) == {"default cascade", "tuned"}
+    assert m["by_label_count"]["default cascade"] == by_label_count(data["y"], cascade(data["p"]))  # floats: JSON exact
+    rare = m["rare_class_f1"]["default cascade"]   # 7 of the 20 classes have at most 6% of the 240 rows (10..14)
+    expected = rare_class_f1(data["y"], cascade(data["p"]), max_prevalence=0.06)
+    assert rare["rare"]["names"] == [NAMES[j] for j in expected["rare"]["indices"]] and rare["rare"]["classes"] == 7
+    assert rare["rare"]["mean_f1"] == expected["rare"]["mean_f1"] and rare["max_prevalence"] == 0.06
+    assert "rows by true label count" in stdout and "classes by positives" in stdout
+    lines = stdout.splitlines()
+    for g in m["by_label_count"]["tuned"]:   # one line per group: label count, rows, ..., the tuned exact match
+        assert any(line.startswith(f"{g['labels']} ") and f"{g['rows']}" in line and f"{g['exact_match']:.4f}" in line
+                   for line in lines)
+    assert any(line.startswith("rare ") and " 7 " in line and f"{expected['rare']['mean_f1']:.4f}" in line
+               for line in lines)
+    code, _, err = run(["evaluate", "--probs", data["oof"], "--labels", data["labels"], "--rare-max-prevalence", 0,
+                        "--out-dir", data["dir"] / "ev0"], capsys)
+    assert code == 2 and "--rare-max-prevalence" in err and not (data["dir"] / "ev0").exists()
     # default --out-dir: beside the probability file
     assert run(["evaluate", "--probs", data["oof"], "--labels", data["labels"]], capsys)[0] == 0
     assert (data["dir"] / "oof.eval.json").is_file() and (data["dir"] / "oof.threshold_curve.png").is_file()
+    assert json.loads((data["dir"] / "oof.eval.json").read_text())["rare_class_f1"]["default cascade"]["rare"][
+        "classes"] == 0   # the default 1% of 240 rows: no class is that rare
 
 
 def test_evaluate_against_a_baseline_prints_the_paired_difference(data, capsys):
