@@ -17,12 +17,18 @@ flagged (docs/audit.md):
   probabilities says the given labels are likely wrong; ``label_quality`` (cleanlab's multi-label self-confidence
   score, low = suspect) and ``suspect_labels`` (``-name``: given but likely absent, ``+name``: likely missing) say why.
 * ``test_exact_in_train`` / ``test_near_in_train``: a row of the unlabelled test CSV duplicates labelled rows.
+
+Two training-label files follow from the flags (``data.train_labels_csv`` of ``python -m train``, which trains on
+them and still scores the original labels): ``train_labels_dropped.csv``, the labelled CSV without the rows flagged
+for one of ``drop`` (:data:`DROP_REASONS` by default), and ``train_labels_majority.csv``, every row, those of an
+exact-duplicate group given the group's per-class majority (:func:`majority_fix`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 import unicodedata
 import warnings
@@ -49,7 +55,10 @@ HIST_FLOOR = 0.5
 ON_CHOICES = ("text", "prompt")
 REASONS = ("empty_text", "punctuation_only", "exact_duplicate", "near_duplicate", "exact_conflict", "near_conflict",
            "label_issue", "test_exact_in_train", "test_near_in_train")
-OUTPUTS = ("flagged.csv", "summary.json", "audit.png")
+DROP_REASONS = ("empty_text", "punctuation_only", "exact_conflict", "near_conflict", "label_issue")
+"""The reasons that leave a row out of ``train_labels_dropped.csv`` by default: duplicates whose labels agree stay."""
+DROPPED_FILE, MAJORITY_FILE = "train_labels_dropped.csv", "train_labels_majority.csv"
+OUTPUTS = ("flagged.csv", "summary.json", "audit.png", DROPPED_FILE, MAJORITY_FILE)
 _BLANK_CATEGORIES = ("P", "Z", "C")  # punctuation, separators (spaces), control / format characters
 
 
@@ -152,6 +161,19 @@ def majority(labels: np.ndarray) -> np.ndarray:
     return (2 * labels.sum(axis=0) > len(labels)).astype(np.int8)
 
 
+def majority_fix(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Labels with each exact-duplicate group's rows (``groups`` >= 0, :func:`exact_groups`) given the group's
+    per-class majority vote; a tie keeps the row's own label, a row in no group (-1) keeps its labels (pure)."""
+    labels = np.asarray(labels)
+    out = labels.copy()
+    for g in np.unique(groups[groups >= 0]):
+        rows = np.flatnonzero(groups == g)
+        twice = 2 * labels[rows].sum(axis=0)
+        out[np.ix_(rows, twice > len(rows))] = 1
+        out[np.ix_(rows, twice < len(rows))] = 0
+    return out
+
+
 def label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Confident learning on out-of-fold probabilities (cleanlab, multi-label).
 
@@ -191,6 +213,10 @@ class Audit:
     nearest: np.ndarray
     """Each labelled row's highest similarity to a different text (NaN below :data:`HIST_FLOOR`)."""
     quality: np.ndarray | None
+    exact_group: np.ndarray | None = None
+    """Each labelled row's exact-duplicate group (:func:`exact_groups`; -1: none)."""
+    row_reasons: list[list[str]] | None = None
+    """Each labelled row's reasons (empty: not flagged)."""
 
 
 def _rows_by_key(keys: Sequence[str | None]) -> dict[str, list[int]]:
@@ -339,7 +365,8 @@ def audit(train: Dataset, train_raw: Sequence[str], compared: Sequence[str], *, 
     }
     if test_ids is not None:
         summary["test_counts"] = reason_counts(flagged, "test")
-    return Audit(flagged=flagged, summary=summary, nearest=nearest, quality=quality_all)
+    return Audit(flagged=flagged, summary=summary, nearest=nearest, quality=quality_all, exact_group=groups,
+                 row_reasons=reasons)
 
 
 def reason_counts(flagged: pd.DataFrame, file: str) -> dict[str, int]:
@@ -433,13 +460,42 @@ def plot(result: Audit, path: Path, near_threshold: float) -> None:
     plt.close(fig)
 
 
+def check_drop(drop: Sequence[str]) -> list[str]:
+    """The reasons of ``--drop``, checked: each must be one a labelled row can have."""
+    known = [r for r in REASONS if not r.startswith("test_")]
+    bad = [r for r in drop if r not in known]
+    if bad:
+        raise InputError(f"--drop: unknown reason(s) {bad} (a labelled row's reasons: {', '.join(known)})")
+    return list(drop)
+
+
+def training_label_files(path: str | Path, train: Dataset, result: Audit,
+                         drop: Sequence[str] = DROP_REASONS) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The two training-label files for ``data.train_labels_csv`` (every column of the labelled CSV, cells verbatim):
+    the rows flagged for none of ``drop``, and every row with each exact-duplicate group's majority labels
+    (:func:`majority_fix`; only the label cells of the rows it changes are rewritten, as 0/1); and what the summary
+    says of them."""
+    df = pd.read_csv(path, keep_default_na=False, dtype=str)  # verbatim: no float or NaN rewriting
+    df.columns = ["" if re.fullmatch(r"Unnamed: \d+", c) else c for c in df.columns]  # a nameless column stays so
+    dropped = np.array([any(r in drop for r in rs) for rs in result.row_reasons], dtype=bool)
+    fixed = majority_fix(train.labels, result.exact_group)
+    changed = (fixed != train.labels).any(axis=1)
+    majority_df = df.copy()
+    majority_df.loc[changed, train.label_names] = fixed[changed].astype(str)
+    info = {"drop_reasons": list(drop), "dropped_rows": int(dropped.sum()), "kept_rows": int((~dropped).sum()),
+            "majority_rows_changed": int(changed.sum()), "majority_labels_changed": int((fixed != train.labels).sum()),
+            "majority_of": "exact-duplicate groups, per class; a tie keeps the row's own label"}
+    return df[~dropped], majority_df, info
+
+
 def run_audit(labels: str | Path, out: str | Path, cfg: RunConfig, config_source: str, *,
               oof: str | Path | None = None, test: str | Path | None = None, on: str = "text",
-              near_threshold: float = NEAR_THRESHOLD) -> Audit:
-    """Read the inputs, audit them and write ``flagged.csv``, ``summary.json`` and ``audit.png`` into ``out`` (all
-    or nothing)."""
+              near_threshold: float = NEAR_THRESHOLD, drop: Sequence[str] = DROP_REASONS) -> Audit:
+    """Read the inputs, audit them and write ``flagged.csv``, ``summary.json``, ``audit.png`` and the training-label
+    files (:func:`training_label_files`) into ``out`` (all or nothing)."""
     if on not in ON_CHOICES:
         raise InputError(f"--on must be one of {ON_CHOICES}, got {on!r}")
+    drop = check_drop(drop)
     start = time.perf_counter()
     data = cfg.data
     train = read_csv(labels, data)
@@ -457,6 +513,7 @@ def run_audit(labels: str | Path, out: str | Path, cfg: RunConfig, config_source
         if note:
             logger.info(f"note: {oof}: {note}; its label issues are understated")
     result = audit(train, raw, compared, near_threshold=near_threshold, oof_source=str(oof), **kw)
+    dropped, majority_df, label_files = training_label_files(labels, train, result, drop)
     elapsed = time.perf_counter() - start
     result.summary = {
         "kind": "data audit", **result.summary,
@@ -470,13 +527,16 @@ def run_audit(labels: str | Path, out: str | Path, cfg: RunConfig, config_source
                                      "filter_by='prune_by_noise_rate')" if oof is not None else None,
                      "label_quality": "cleanlab.multilabel_classification.get_label_quality_scores "
                                       "(self_confidence)" if oof is not None else None},
-        "oof_note": note, "data": dataclasses.asdict(data), "label_names": list(train.label_names),
+        "training_labels": label_files, "oof_note": note, "data": dataclasses.asdict(data),
+        "label_names": list(train.label_names),
         "elapsed_s": round(elapsed, 2), "versions": versions(("numpy", "pandas", "scikit-learn", "cleanlab")),
     }
     with atomic_dir(out) as tmp:
         result.flagged.to_csv(tmp / "flagged.csv", index=False)
         write_json(tmp / "summary.json", result.summary)
         plot(result, tmp / "audit.png", near_threshold)
+        dropped.to_csv(tmp / DROPPED_FILE, index=False)
+        majority_df.to_csv(tmp / MAJORITY_FILE, index=False)
     return result
 
 
@@ -498,5 +558,9 @@ def summary_lines(result: Audit, out: str | Path) -> list[str]:
                  f"labels")
     if s["oof_rows"] is None:
         lines.append("  label_issue: not checked (pass --oof)")
-    lines.append(f"wrote {Path(out) / 'flagged.csv'}, summary.json, audit.png")
+    t = s["training_labels"]
+    lines.append(f"  training labels (data.train_labels_csv): {DROPPED_FILE} keeps {t['kept_rows']} rows "
+                 f"({t['dropped_rows']} dropped for {' '.join(t['drop_reasons']) or 'no reason'}); {MAJORITY_FILE} "
+                 f"changes the labels of {t['majority_rows_changed']} rows (exact-duplicate majority)")
+    lines.append(f"wrote {Path(out) / 'flagged.csv'}, summary.json, audit.png, {DROPPED_FILE}, {MAJORITY_FILE}")
     return lines

@@ -18,6 +18,7 @@ from infer.audit import (
     exact_groups,
     label_issues,
     majority,
+    majority_fix,
     near_pairs,
     near_text,
     normalise_text,
@@ -110,6 +111,10 @@ def test_exact_groups_conflicts_majority():
     assert conflicts([(0, 1), (0, 2), (1, 2)], y) == {0: [2], 2: [0, 1], 1: [2]}
     assert majority(np.array([[1, 0, 1], [1, 1, 0], [0, 0, 1]])).tolist() == [1, 0, 1]
     assert majority(np.array([[1, 0], [0, 1]])).tolist() == [0, 0]  # a tie is no majority
+    y = np.array([[1, 0, 1], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 1, 1]])
+    fixed = majority_fix(y, np.array([0, 0, 0, 1, 1, -1]))
+    # group 0: per class 2/3, 1/3, 2/3; group 1 (a pair): every class a tie, each row keeps its own; row 5: no group
+    assert fixed.tolist() == [[1, 0, 1], [1, 0, 1], [1, 0, 1], [1, 0, 0], [0, 1, 0], [0, 1, 1]]
 
 
 def test_near_pairs_threshold():
@@ -175,7 +180,13 @@ def test_audit_flags_every_planted_case(tmp_path, capsys):
     assert summary["data"]["id_column"] == "rid" and summary["label_names"] == LABELS
     assert summary["settings"]["near_threshold"] == 0.9 and "cleanlab" in summary["versions"]
     assert (out / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in out.iterdir()) == ["audit.png", "flagged.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["audit.png", "flagged.csv", "summary.json",
+                                                     "train_labels_dropped.csv", "train_labels_majority.csv"]
+    # The rows to train on: the conflicts, the empty rows and the label issue go; agreeing duplicates stay.
+    kept = pd.read_csv(out / "train_labels_dropped.csv")
+    assert set(train["rid"]) - set(kept["rid"]) == {3, 4, 5, 6, 7, 8, 110}
+    assert list(kept.columns) == list(train.columns) and summary["training_labels"]["dropped_rows"] == 7
+    assert pd.read_csv(out / "train_labels_majority.csv").equals(pd.read_csv(tmp_path / "train.csv"))  # pairs tie
 
     # An earlier audit's folder is replaced; without --oof no label issue is claimed.
     code, stdout, err = run(["audit", "--labels", tmp_path / "train.csv", "--config", tmp_path / "cfg.yaml",
@@ -184,6 +195,7 @@ def test_audit_flags_every_planted_case(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert "label_issue" not in summary["counts"] and "not checked" in stdout
     assert "label_issue" not in pd.read_csv(out / "flagged.csv")["reasons"].str.cat(sep=" ")
+    assert 110 in set(pd.read_csv(out / "train_labels_dropped.csv")["rid"])  # no --oof: no label issue to drop
 
 
 def test_on_prompt_compares_the_whole_prompt(tmp_path, capsys):
@@ -223,6 +235,7 @@ def test_config_comes_from_the_run_beside_the_oof(tmp_path, capsys):
     ("out_is_file", "--out"),
     ("out_has_other_files", "holds other files (keep.txt)"),
     ("threshold", "--near-threshold must be in (0, 1]"),
+    ("drop", "--drop: unknown reason(s) ['test_exact_in_train']"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, needle):
     train = write_data(tmp_path)
@@ -252,7 +265,55 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, needle):
         (out / "keep.txt").write_text("x")
     elif case == "threshold":
         extra = ["--near-threshold", "1.5"]
+    elif case == "drop":
+        extra = ["--drop", "exact_conflict,test_exact_in_train"]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     code, _, err = run(["audit", "--labels", labels, "--config", cfg, "--out", out, *extra], capsys)
     assert code == 2 and err.startswith("error: ") and needle in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_training_label_files(tmp_path, capsys):
+    """A hand-made CSV: a three-row duplicate group that disagrees, a conflicting pair, an agreeing pair and an empty
+    row; the files to train on keep every column verbatim."""
+    rows = [(1, "007", "Долго", [1, 0, 0, 0]), (2, "t", "долго", [1, 0, 0, 0]), (3, "t", "ДОЛГО", [0, 1, 0, 0]),
+            (4, "t", "Хорошо", [0, 1, 1, 0]), (5, "", "хорошо", [0, 1, 0, 0]),
+            (6, "t", "", [0, 0, 0, 1]),
+            (7, "t", "Курьер молодец", [0, 0, 1, 1]), (8, "t", "курьер молодец", [0, 0, 1, 1])]
+    rng = np.random.default_rng(1)
+    rows += [(100 + k, "t", random_text(rng), list(np.eye(4, dtype=int)[k % 4])) for k in range(12)]
+    train = pd.DataFrame([{"rid": i, "title": t, "body": b, **dict(zip(LABELS, y))} for i, t, b, y in rows])
+    train.to_csv(tmp_path / "train.csv")  # with a nameless index column, as the DLS train.csv has
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    out = tmp_path / "audit"
+    code, stdout, err = run(["audit", "--labels", tmp_path / "train.csv", "--config", tmp_path / "cfg.yaml",
+                             "--out", out], capsys)
+    assert code == 0, err
+    assert "train_labels_dropped.csv keeps 14 rows (6 dropped" in stdout
+    header = (tmp_path / "train.csv").read_text().splitlines()[0]
+    assert header.startswith(",rid,title") and (out / "train_labels_dropped.csv").read_text().startswith(header)
+    raw = pd.read_csv(out / "train_labels_dropped.csv", dtype=str, keep_default_na=False)
+    assert raw["rid"].tolist() == ["7", "8", *[str(100 + k) for k in range(12)]]  # 1-6 dropped, the order kept
+    majority_csv = out / "train_labels_majority.csv"
+    fixed = pd.read_csv(majority_csv, dtype=str, keep_default_na=False)
+    assert fixed["title"].tolist()[:5] == ["007", "t", "t", "t", ""]  # cells verbatim (no 7, no nan)
+    expected = pd.read_csv(tmp_path / "train.csv", dtype=str, keep_default_na=False)
+    expected.loc[2, LABELS] = ["1", "0", "0", "0"]  # row 3 takes its group's majority; the pair 4/5 ties: each keeps
+    assert fixed.equals(expected)                   # its own labels
+    summary = json.loads((out / "summary.json").read_text())["training_labels"]
+    assert (summary["kept_rows"], summary["majority_rows_changed"], summary["majority_labels_changed"]) == (14, 1, 2)
+
+    # --drop: only the empty rows; the training files are usable as data.train_labels_csv of the same data
+    code, stdout, err = run(["audit", "--labels", tmp_path / "train.csv", "--config", tmp_path / "cfg.yaml",
+                             "--drop", "empty_text,punctuation_only", "--out", out], capsys)
+    assert code == 0, err
+    assert set(pd.read_csv(out / "train_labels_dropped.csv")["rid"]) == set(train["rid"]) - {6}
+
+    from core.config import RunConfig
+    from core.data import read_csv
+    from train.data import read_training_labels
+
+    for name, not_trained, relabelled in (("train_labels_dropped.csv", 1, 0), ("train_labels_majority.csv", 0, 1)):
+        cfg = RunConfig.from_yaml(tmp_path / "cfg.yaml", [f"data.train_labels_csv={out / name}"])
+        tl = read_training_labels(cfg.data, read_csv(tmp_path / "train.csv", cfg.data))
+        assert (int((~tl.trained).sum()), tl.relabelled) == (not_trained, relabelled)
