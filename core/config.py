@@ -72,6 +72,12 @@ class LoraArgs:
 class DataArgs:
     train_csv: str = "data/sample_train.csv"
     """Labelled CSV: an id column, the template's text columns and one 0/1 column per class."""
+    train_labels_csv: str | None = None
+    """Labels to TRAIN on (e.g. ``infer audit``'s ``train_labels_dropped.csv``): its rows are matched by id to
+    ``train_csv``'s; a row of ``train_csv`` absent from it is not trained on (in any fold, nor in the final model);
+    its label columns (the same as ``train_csv``'s) replace ``train_csv``'s for training only. The folds, the held-out
+    fold's evaluation, ``oof.csv``'s scores, ``summary.json`` and everything downstream stay ``train_csv``'s, so a run
+    with and one without it are paired row for row. ``None``: train on ``train_csv``'s labels."""
     id_column: str = "id"
     """The column holding each row's id (any name; ids must be unique)."""
     text_template: str = DEFAULT_TEMPLATE

@@ -48,7 +48,7 @@ RUN_FILE = "dapt_run.json"
 INFO_FILE = "dapt_info.json"
 
 # Settings that do not change what a DAPT run computes: a resumed run may differ in these.
-_RESUME_FREE = ("output_dir", "data.train_csv", "data.id_column", "data.label_prefix",
+_RESUME_FREE = ("output_dir", "data.train_csv", "data.train_labels_csv", "data.id_column", "data.label_prefix",
                 "data.label_columns", "data.label_names_csv", "model.num_labels", "lora.init_adapter", "loss.",
                 "cv.", "hub.", "distill.", "train.head_lr", "train.save_every_steps", "train.keep",
                 "train.parallel", "train.eval_batch_size", "train.nan_guard_steps", "train.report_to")

@@ -1,5 +1,5 @@
-"""Training data and its order: multilabel-stratified folds, length-grouped batches, each rank's optimizer steps,
-token-budget pieces, unlabelled corpora."""
+"""Training data and its order: multilabel-stratified folds, the labels trained on (``data.train_labels_csv``),
+length-grouped batches, each rank's optimizer steps, token-budget pieces, unlabelled corpora."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.config import DEFAULT_TEMPLATE
-from core.data import format_value, template_fields
+from core.config import DEFAULT_TEMPLATE, DataArgs
+from core.data import Dataset, format_value, label_columns, template_fields
 from core.errors import InputError
+from core.io import align_ids, py_scalar
 
 
 def make_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -56,6 +57,81 @@ def holdout_split(labels: np.ndarray, frac: float, seed: int) -> np.ndarray:
     held = np.zeros(len(labels), dtype=bool)
     held[out] = True
     return held
+
+
+@dataclass
+class TrainingLabels:
+    """``data.train_labels_csv`` over the rows of ``data.train_csv``: what the models train on (the folds and every
+    score stay ``data.train_csv``'s)."""
+
+    path: str
+    labels: np.ndarray
+    """rows x classes 0/1 in ``data.train_csv``'s row order: the file's labels (``data.train_csv``'s on the rows it
+    lacks, which are not trained on)."""
+    trained: np.ndarray
+    """False on the rows of ``data.train_csv`` the file lacks: not trained on in any fold, nor in the final model."""
+    relabelled: int
+    """Rows trained on with other labels than ``data.train_csv``'s."""
+
+    def describe(self) -> dict:
+        """What ``summary.json`` records about it."""
+        return {"csv": self.path, "rows": len(self.trained), "rows_not_trained": int((~self.trained).sum()),
+                "rows_relabelled": self.relabelled}
+
+
+def read_training_labels(args: DataArgs, ds: Dataset) -> TrainingLabels | None:
+    """``args.train_labels_csv`` (None when unset) matched by id to ``ds`` (``data.train_csv`` read by
+    :func:`core.data.read_csv`).
+
+    Raises:
+        InputError: the file is missing or unreadable, has no rows, no id column, an empty or duplicate id, an id
+            not in ``data.train_csv``, other label columns than ``data.train_csv``'s, or a label other than 0/1
+            (each message names the file, and the row, id or column).
+    """
+    if args.train_labels_csv is None:
+        return None
+    path = str(args.train_labels_csv)
+    where = f"{path} (data.train_labels_csv)"
+    if not Path(path).is_file():
+        raise InputError(f"{where}: file not found")
+    try:
+        df = pd.read_csv(path, keep_default_na=True)
+    except Exception as e:  # noqa: BLE001 - pandas raises many kinds
+        raise InputError(f"{where}: cannot read CSV: {e}") from None
+    if len(df) == 0:
+        raise InputError(f"{where}: no rows: nothing to train on")
+    if args.id_column not in df.columns:
+        raise InputError(f"{where}: no id column {args.id_column!r} (data.id_column; columns: "
+                         f"{list(df.columns)[:12]})")
+    ids = df[args.id_column]
+    if ids.isna().any():
+        raise InputError(f"{where}: empty id in column {args.id_column!r} at row {int(ids.isna().idxmax()) + 2}")
+    dup = ids.duplicated()
+    if dup.any():
+        raise InputError(f"{where}: duplicate id {py_scalar(ids[dup].iloc[0])!r} in column {args.id_column!r} at row "
+                         f"{int(dup.idxmax()) + 2}")
+    cols = label_columns(df, args, where)
+    if args.label_columns is None and args.label_prefix is None:  # detected: not one where data.train_csv has it
+        others = {str(c) for c in pd.read_csv(ds.path, nrows=0).columns} - set(ds.label_names)
+        cols = [c for c in cols if c not in others]
+    missing = [c for c in ds.label_names if c not in cols]
+    extra = [c for c in cols if c not in ds.label_names]
+    if missing or extra:
+        raise InputError(f"{where}: the label columns must be those of {ds.path} (data.train_csv): " + "; ".join(
+            ([f"missing {missing[:10]}"] if missing else []) + ([f"extra {extra[:10]}"] if extra else [])))
+    raw = df[ds.label_names]
+    numeric = raw.apply(pd.to_numeric, errors="coerce")
+    ok = (numeric.isin([0, 1]) & numeric.notna()).to_numpy()
+    if not ok.all():
+        r, c = np.argwhere(~ok)[0]
+        raise InputError(f"{where}: row {r + 2} (id {py_scalar(ids.iloc[r])!r}) column {ds.label_names[c]!r}: label "
+                         f"value {py_scalar(raw.iloc[r, c])!r} is not 0 or 1")
+    pos = align_ids(where, ids.to_numpy(), ds.path, ds.ids)  # an id not in data.train_csv names its row
+    labels = ds.labels.copy()
+    labels[pos] = numeric.to_numpy(dtype=labels.dtype)
+    trained = np.zeros(len(ds.ids), dtype=bool)
+    trained[pos] = True
+    return TrainingLabels(path, labels, trained, int((labels != ds.labels).any(axis=1).sum()))
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,

@@ -44,7 +44,7 @@ from core.thresholds import ThresholdSpec, threshold
 from train import checkpoint, curves, tracking
 from train.callbacks import Callbacks
 from train.checkpoint import Progress, step_seed
-from train.data import batch_order, make_folds, rank_steps, split_by_tokens
+from train.data import TrainingLabels, batch_order, make_folds, rank_steps, read_training_labels, split_by_tokens
 from train.dist import DistEnv, allreduce_grads, broadcast_trainable, check_finite, device_map_for, setup_dist
 from train.distill import Distillation, SoftTargets
 from train.evaluation import evaluate, fold_decoding, selection_key
@@ -71,9 +71,23 @@ class Rows:
 
     token_ids: list[list[int]]
     labels: np.ndarray
-    """rows x classes 0/1 (zeros on unlabelled rows)."""
+    """rows x classes 0/1 trained on (zeros on unlabelled rows; ``data.train_labels_csv``'s where it is set)."""
     fold_of_row: np.ndarray
     """The fold of each row; -1: in no fold (an unlabelled row is trained on in every fold, never evaluated)."""
+    scored_labels: np.ndarray | None = None
+    """The labels a held-out row is scored on: ``data.train_csv``'s (None: ``labels``)."""
+    trained: np.ndarray | None = None
+    """False on the rows trained on in no fold (absent from ``data.train_labels_csv``); None: every row is."""
+
+    def __post_init__(self):
+        self.scored_labels = self.labels if self.scored_labels is None else self.scored_labels
+        self.trained = np.ones(len(self.token_ids), dtype=bool) if self.trained is None else self.trained
+
+    def train_on(self, tl: TrainingLabels) -> Rows:
+        """These rows trained on ``data.train_labels_csv`` (its labels, only its rows), still scored as before."""
+        labels, trained = self.labels.copy(), self.trained.copy()
+        labels[:len(tl.labels)], trained[:len(tl.trained)] = tl.labels, tl.trained  # the labelled rows come first
+        return Rows(self.token_ids, labels, self.fold_of_row, self.scored_labels, trained)
 
 
 @dataclass
@@ -96,8 +110,8 @@ class Fold:
 
     @classmethod
     def cv(cls, k: int, rows: Rows, folder: Path, targets: SoftTargets | None = None) -> Fold:
-        """Fold ``k``: trained on every row outside it, evaluated on its own rows."""
-        return cls(k, f"fold {k}", folder, train_idx=np.flatnonzero(rows.fold_of_row != k),
+        """Fold ``k``: trained on every row outside it (that is trained on at all), evaluated on its own rows."""
+        return cls(k, f"fold {k}", folder, train_idx=np.flatnonzero((rows.fold_of_row != k) & rows.trained),
                    val_idx=np.flatnonzero(rows.fold_of_row == k), targets=targets, adapter_info={"fold": k})
 
 
@@ -212,6 +226,7 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
     except ValueError as e:
         raise ConfigError(f"decode.fallback: {e}") from None
     descriptions = read_label_descriptions(cfg.data.label_names_csv, label_names)
+    train_labels = read_training_labels(cfg.data, ds)  # data.train_labels_csv; the folds stay data.train_csv's
     check_run_dir(run_dir, resume, label_names)
     allowed = check_resume(run_dir, cfg, env.world_size) if resume else []
     launch = launch_info(cfg, env, run_dir, resume)
@@ -225,6 +240,10 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
     soft = Distillation.read(cfg, ds, fold_of_row, folds) if cfg.distill.teachers else None
     if env.is_main:
         log_start(cfg, ds, token_ids, folds, env)
+        if train_labels is not None:
+            t = train_labels.describe()
+            logger.info(f"training labels from {t['csv']}: {t['rows_not_trained']} of {t['rows']} rows not trained "
+                        f"on, {t['rows_relabelled']} trained on changed labels (scored on {ds.path}'s labels)")
 
     # 2. The run folder: config, labels and fold assignment first, so that a resumed run can check them.
     if env.is_main:
@@ -248,6 +267,8 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
             rows = Rows(token_ids + tokenize(soft.unlabelled.texts, tokenizer, cfg.data.max_length),
                         soft.labels_all, soft.folds_all)
         run.adapter_info = {"distill": soft.provenance(folds, run_dir if env.is_main else None)}
+    if train_labels is not None:  # train on its rows and labels; the held-out rows are scored on data.train_csv's
+        rows = rows.train_on(train_labels)
 
     # 4. Fold by fold; a fold with metrics.json finished earlier and is read back.
     results = []
@@ -261,6 +282,8 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
 
     # 5. The final model (cv.final): every row, the folds' settings; distilling, the teachers' fold models averaged.
     summary_extra = dict(run.adapter_info)
+    if train_labels is not None:
+        summary_extra["train_labels"] = train_labels.describe()
     if cfg.cv.final:
         summary_extra["final"] = train_final(run, rows, soft, run_dir)
 
@@ -269,7 +292,8 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
         push.close()
     summary = {}
     if env.is_main:
-        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode, summary_extra)
+        summary = write_summary(cfg, run_dir, ds, label_names, results, time.time() - t_start, decode, summary_extra,
+                                rows)
         if cfg.cv.final:
             summary = tune_final(cfg, run_dir, summary)
         curves.write_run_curves(run_dir)
@@ -300,14 +324,14 @@ def train_final(run: Run, rows: Rows, soft: Distillation | None, run_dir: Path) 
     if (folder / "metrics.json").is_file():
         logger.info(f"{name}: already done, skipped")
     else:
-        every_row = np.arange(len(rows.token_ids))
+        every_row = np.flatnonzero(rows.trained)
         targets = soft.final_targets(run_dir, run.env) if soft is not None else None
         # Seeded after the folds (index n_folds): its own head init, dropout and checkpoint fingerprint.
         final = Fold(run.cfg.cv.n_folds, name, folder, every_row, every_row[:0], targets,
                      {"final": True, "rows": len(every_row)})
         train_fold(run, rows, final)
     out = {"adapter": str(folder / "last"), "epochs": run.cfg.train.num_epochs,
-           "rows_labelled": len(rows.labels) if soft is None else len(soft.ds.ids)}
+           "rows_labelled": int(rows.trained.sum()) - (0 if soft is None else soft.n_unlabelled)}
     if soft is not None:
         out.update(rows_unlabelled=soft.n_unlabelled,
                    targets="each teacher's fold models averaged (teachers/t{j}_final.csv)")
@@ -496,7 +520,7 @@ def fit(run: Run, rows: Rows, fold: Fold, model, tokenizer, dtype: torch.dtype,
             probs = predict_probs(model, [rows.token_ids[i] for i in val_idx], tokenizer.pad_token_id,
                                   t.eval_batch_size, dtype, desc=f"{fold.name} eval")
             model.train()
-            metrics = evaluate(probs, rows.labels[val_idx], decode)
+            metrics = evaluate(probs, rows.scored_labels[val_idx], decode)
             row = {"epoch": epoch + 1, "step": state.step, **metrics}
             state.history.append(row)
             tracker.log_eval(state.step, metrics)
@@ -531,8 +555,10 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_summary(cfg: RunConfig, run_dir: Path, ds: Dataset, label_names: list[str], results: list[FoldResult],
-                  seconds: float, decode: ThresholdSpec, extra: dict | None = None) -> dict:
-    """Out-of-fold probabilities of the trained folds + a summary JSON (metrics, throughput, provenance)."""
+                  seconds: float, decode: ThresholdSpec, extra: dict | None = None,
+                  trained_on: Rows | None = None) -> dict:
+    """Out-of-fold probabilities of the trained folds + a summary JSON (metrics, throughput, provenance), scored on
+    ``ds``'s labels. ``trained_on``: the rows the folds trained on (set decoding's priors); None: all of ``ds``."""
     idx = np.concatenate([r.val_index for r in results])
     probs = np.concatenate([np.asarray(r.probs) for r in results])
     order = np.argsort(idx)
@@ -546,12 +572,15 @@ def write_summary(cfg: RunConfig, run_dir: Path, ds: Dataset, label_names: list[
     oof = {f"t0.5/{k}": v for k, v in scores(y, threshold(probs, 0.5)).items()}
     oof.update({f"cascade/{k}": v for k, v in scores(y, decode.decode(probs)).items()})
     if cfg.decode.strategy == "sets":  # each fold's rows with its own decoder (priors from its training rows)
+        n = len(ds.labels)
+        train_y, trained = (ds.labels, np.arange(n)) if trained_on is None else \
+            (trained_on.labels[:n], np.flatnonzero(trained_on.trained[:n]))
         pred = np.zeros(probs.shape, dtype=np.int8)
         for r in results:
             val = np.asarray(r.val_index)
             rows = np.searchsorted(idx, val)  # idx: the sorted, distinct out-of-fold rows
-            train_rows = np.setdiff1d(np.arange(len(ds.labels)), val)
-            pred[rows] = fold_decoding(cfg, decode, ds.labels, train_rows).decode(probs[rows])
+            train_rows = np.setdiff1d(trained, val)
+            pred[rows] = fold_decoding(cfg, decode, train_y, train_rows).decode(probs[rows])
         oof.update({f"sets/{k}": v for k, v in scores(y, pred).items()})
     per_fold = [r.history[-1] if cfg.train.keep == "last" else r.best for r in results]
     keys = [k for k in per_fold[0] if "/" in k]

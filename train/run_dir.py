@@ -28,7 +28,7 @@ LAUNCH_FILE = "launch.json"
 resolved to (a resume keeps it)."""
 
 # Keys added after classification checkpoints existed (DAPT's fingerprint has always held decode.strategy).
-LATER_DEFAULTS = {**checkpoint.LATER_DEFAULTS, "decode.strategy": "cascade"}
+LATER_DEFAULTS = {**checkpoint.LATER_DEFAULTS, "decode.strategy": "cascade", "data.train_labels_csv": None}
 
 
 def check_run_dir(run_dir: Path, resume: bool, label_names: list[str]) -> None:

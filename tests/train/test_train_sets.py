@@ -25,7 +25,8 @@ def test_config_strategy_and_fingerprint_compatibility():
 
     default = RunConfig.from_dict({})
     flat = {k: v for k, v in checkpoint.flat(default.to_dict()).items()
-            if k not in ("decode.strategy", "train.lora_plus_ratio", "cv.seed", "model.head_init")}
+            if k not in ("decode.strategy", "train.lora_plus_ratio", "cv.seed", "model.head_init",
+                         "data.train_labels_csv")}
     assert run_fingerprint(default) == checkpoint.fingerprint(
         {k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f))
                                                     for f in checkpoint.RESUME_FREE)})
