@@ -12,8 +12,10 @@ temporary folder); ``archive RUNS benchmarks/oof/NAME.tar.gz`` writes one such f
 
 Per run (a ``python -m train`` run folder with ``oof.csv``, or an OOF file such as the blend's): out-of-fold exact
 match at 0.5, with the default cascade, with the tuned cascade and with set decoding (both nested: tuned on the other
-folds, the left-out fold scored, rotated, over the base run's ``folds.csv``), micro-F1 (cascade), and the paired
-difference to the base run on the same rows (default cascade; 95% bootstrap interval, ``infer evaluate --baseline``).
+folds, the left-out fold scored, rotated, over the base run's ``folds.csv``), micro-F1 (cascade), the exact match of
+the rows with one and with two true labels and the mean F1 of the rare classes (at least one and at most 1% of the
+rows positive; all three with the default cascade, ``infer evaluate``'s breakdowns), and the paired difference to the
+base run on the same rows (default cascade; 95% bootstrap interval, ``infer evaluate --baseline``).
 Each LLM run whose rows are the TF-IDF file's also gets a row blended with TF-IDF, everything nested (weights, then the
 cascade / set decoding, tuned on the other folds: ``infer blend --tune-decoding sets``).
 """
@@ -166,9 +168,10 @@ def set_folder(path, into) -> Path:
 
 
 def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Path) -> dict:
-    """Exact match (0.5, cascade, tuned nested, sets nested) and the paired difference to ``baseline``."""
+    """Exact match (0.5, cascade, tuned nested, sets nested), the cascade's exact match on 1- and 2-label rows and
+    its rare / frequent classes' mean F1, and the paired difference to ``baseline``."""
+    from core.tuning import run_tune
     from infer.evaluate import evaluate
-    from infer.tune import run_tune
 
     res = evaluate(oof, labels, out_dir=work, baseline=baseline)
     m = res["metrics"]
@@ -176,7 +179,8 @@ def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Pa
     fold_of = read_folds(folds, oof, ids)
     out = {"oof": str(oof), "rows": res["rows"], "folds": sorted({int(f) for f in fold_of}),
            "em_0.5": m["threshold 0.5"]["exact_match"], "em_cascade": m["default cascade"]["exact_match"],
-           "micro_f1": m["default cascade"]["micro_f1"], "em_tuned_nested": None, "em_sets_nested": None}
+           "micro_f1": m["default cascade"]["micro_f1"], "em_tuned_nested": None, "em_sets_nested": None,
+           **cascade_breakdown(res)}
     if len(out["folds"]) > 1:  # a nested estimate needs two folds
         dec = run_tune(oof, labels, work / "thresholds_sets.json", folds=folds, strategy="sets", progress=False)
         nested = dec.meta["nested"]
@@ -185,6 +189,16 @@ def figures(oof: Path, labels: str, folds: Path, baseline: Path | None, work: Pa
     if baseline is not None:
         out["vs_base"] = res["baseline"]["default cascade"]
     return out
+
+
+def cascade_breakdown(res: dict) -> dict:
+    """From an ``infer evaluate`` result, the default cascade's exact match on the rows with one (``em_1label``) and
+    two (``em_2label``) true labels, and the mean F1 of its rare and frequent classes (``rare_f1``, ``frequent_f1``;
+    ``rare_classes``: how many are rare). ``None`` where a group is empty."""
+    groups = {g["labels"]: g["exact_match"] for g in res["by_label_count"]["default cascade"]}
+    rare = res["rare_class_f1"]["default cascade"]
+    return {"em_1label": groups.get("1"), "em_2label": groups.get("2"), "rare_f1": rare["rare"]["mean_f1"],
+            "frequent_f1": rare["frequent"]["mean_f1"], "rare_classes": rare["rare"]["classes"]}
 
 
 def blend_figures(oofs: list[Path], labels: str, folds: Path) -> dict:
@@ -200,7 +214,8 @@ def blend_figures(oofs: list[Path], labels: str, folds: Path) -> dict:
             "micro_f1": dec["pooled"]["default"]["micro_f1"],
             "em_tuned_nested": dec["pooled"]["tuned"]["exact_match"],
             "em_sets_nested": dec["pooled"]["sets"]["exact_match"], "weights": [r["weights"] for r in
-                                                                             res["nested"]["per_fold"]]}
+                                                                             res["nested"]["per_fold"]],
+            "em_1label": None, "em_2label": None, "rare_f1": None, "frequent_f1": None, "rare_classes": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,10 +272,12 @@ def table(args: argparse.Namespace, runs: Path, work: Path) -> int:
                              **blend_figures([Path(r["oof"]), tfidf], args.labels, folds)})
     b = rows[0]
     print(f"{Path(args.runs)}: base {b['rows']} out-of-fold rows (folds {b['folds']} of {args.labels}); nested = tuned on "
-          f"the other folds, the left-out fold scored; 'vs base': the same rows, paired")
-    print("| run | folds | EM @0.5 | EM cascade | EM tuned (nested) | EM sets (nested) | micro-F1 | cascade vs base "
-          "(95% CI) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"the other folds, the left-out fold scored; 'vs base': the same rows, paired; EM 1 / 2 labels: the "
+          f"cascade's exact match on the rows with one / two true labels; rare F1: the cascade's mean F1 over the "
+          f"classes at most 1% of the rows have ({b['rare_classes']} classes on base's rows)")
+    print("| run | folds | EM @0.5 | EM cascade | EM tuned (nested) | EM sets (nested) | micro-F1 | EM 1 label | "
+          "EM 2 labels | rare F1 | cascade vs base (95% CI) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def f4(v):
         return "-" if v is None else f"{v:.4f}"
@@ -269,7 +286,8 @@ def table(args: argparse.Namespace, runs: Path, work: Path) -> int:
         v = r.get("vs_base")
         vs = "-" if v is None else f"{v['difference']:+.4f} ({v['low']:+.4f} .. {v['high']:+.4f})"
         print(f"| {r['name']} | {','.join(map(str, r['folds']))} | {f4(r['em_0.5'])} | {r['em_cascade']:.4f} | "
-              f"{f4(r['em_tuned_nested'])} | {f4(r['em_sets_nested'])} | {r['micro_f1']:.4f} | {vs} |")
+              f"{f4(r['em_tuned_nested'])} | {f4(r['em_sets_nested'])} | {r['micro_f1']:.4f} | {f4(r['em_1label'])} | "
+              f"{f4(r['em_2label'])} | {f4(r['rare_f1'])} | {vs} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
     return 0

@@ -37,6 +37,9 @@ def test_table_subset_and_archive_round_trip(tmp_path, capsys):
     assert "(" in table[-2] and table[1].endswith("| - |")                # the paired interval vs base, not for base
     blend = table[-1].split(" | ")
     assert blend[2] == "-" and all(float(x) > 0 for x in blend[3:7])      # no 0.5 column; cascade, tuned, sets, F1
+    assert blend[7:10] == ["-", "-", "-"]                                  # no per-row breakdown of a nested blend
+    base = table[1].split(" | ")                                          # the sample's 20 classes: none under 1%
+    assert 0 < float(base[7]) <= 1 and 0 <= float(base[8]) <= 1 and base[9] == "-"   # EM 1 / 2 labels, rare F1
 
     assert levers(["archive", str(runs), str(tmp_path / "kept")]) == 0
     assert (tmp_path / "kept" / "base" / "oof.csv.gz").is_file() and (tmp_path / "kept" / "tfidf_base_rows.csv.gz").is_file()
