@@ -204,6 +204,45 @@ def text_field(fields: Sequence[str]) -> str:
     return "text" if "text" in fields else fields[-1]
 
 
+def read_table(path: str, where: str, empty: str) -> pd.DataFrame:
+    """The CSV at ``path`` (``where`` names it in errors, e.g. with its config key), refusing a missing, unreadable
+    or empty file (``empty``: that message)."""
+    if not Path(path).is_file():
+        raise InputError(f"{where}: file not found")
+    try:
+        df = pd.read_csv(path, keep_default_na=True)
+    except Exception as e:  # noqa: BLE001 - pandas raises many kinds
+        raise InputError(f"{where}: cannot read CSV: {e}") from None
+    if len(df) == 0:
+        raise InputError(f"{where}: {empty}")
+    return df
+
+
+def unique_ids(df: pd.DataFrame, id_column: str, where: str) -> pd.Series:
+    """``df``'s id column (present), refusing an empty or duplicate id (the message names its CSV row)."""
+    ids = df[id_column]
+    if ids.isna().any():
+        raise InputError(f"{where}: empty id in column {id_column!r} at row {int(ids.isna().idxmax()) + 2}")
+    dup = ids.duplicated()
+    if dup.any():
+        raise InputError(f"{where}: duplicate id {py_scalar(ids[dup].iloc[0])!r} in column {id_column!r} "
+                         f"at row {int(dup.idxmax()) + 2}")
+    return ids
+
+
+def binary_labels(df: pd.DataFrame, cols: Sequence[str], ids: pd.Series, where: str) -> np.ndarray:
+    """rows x ``cols`` as int8 0/1, refusing any other value (the message names the row, its id and the column).
+    One stray string makes pandas read a whole column as text ('0', '1', 'yes'): values compare as numbers."""
+    raw = df[list(cols)]
+    numeric = raw.apply(pd.to_numeric, errors="coerce")
+    ok = (numeric.isin([0, 1]) & numeric.notna()).to_numpy()
+    if not ok.all():
+        r, c = np.argwhere(~ok)[0]
+        raise InputError(f"{where}: row {r + 2} (id {py_scalar(ids.iloc[r])!r}) column {cols[c]!r}: label value "
+                         f"{py_scalar(raw.iloc[r, c])!r} is not 0 or 1")
+    return numeric.to_numpy(dtype=np.int8)
+
+
 def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
              label_names: Sequence[str] | None = None, kinds: dict[str, str] | None = None) -> Dataset:
     """Read and validate a CSV in the competition format (or any CSV with configured columns).
@@ -217,26 +256,13 @@ def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
             column with no text, a value that does not fit ``kinds``.
     """
     path = str(path)
-    if not Path(path).is_file():
-        raise InputError(f"{path}: file not found")
-    try:
-        df = pd.read_csv(path, keep_default_na=True)
-    except Exception as e:  # noqa: BLE001 - pandas raises many kinds
-        raise InputError(f"{path}: cannot read CSV: {e}") from None
-    if len(df) == 0:
-        raise InputError(f"{path}: the data set is empty (no rows)")
+    df = read_table(path, path, "the data set is empty (no rows)")
     need = [args.id_column, *template_fields(args.text_template)]
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing} (data.id_column / data.text_template); "
                          f"found {list(df.columns)[:12]}")
-    ids = df[args.id_column]
-    if ids.isna().any():
-        raise InputError(f"{path}: empty id in column {args.id_column!r} at row {int(ids.isna().idxmax()) + 2}")
-    dup = ids.duplicated()
-    if dup.any():
-        raise InputError(f"{path}: duplicate id {py_scalar(ids[dup].iloc[0])!r} in column {args.id_column!r} "
-                         f"at row {int(dup.idxmax()) + 2}")
+    ids = unique_ids(df, args.id_column, path)
     fields = template_fields(args.text_template)
     own = field_kinds(df, fields)
     use = {**own, **(kinds or {})}
@@ -261,15 +287,7 @@ def read_csv(path: str | Path, args: DataArgs, labelled: bool = True,
         missing = [c for c in cols if c not in df.columns]
         if missing:
             raise InputError(f"{path}: label column(s) not found: {missing}")
-        raw = df[cols]
-        # One stray string makes pandas read the whole column as text ('0', '1', 'yes'): compare as numbers.
-        numeric = raw.apply(pd.to_numeric, errors="coerce")
-        ok = numeric.isin([0, 1]) & numeric.notna()
-        if not ok.all().all():
-            r, c = np.argwhere(~ok.to_numpy())[0]
-            raise InputError(f"{path}: row {r + 2} (id {py_scalar(ids.iloc[r])!r}) column {cols[c]!r}: label value "
-                             f"{py_scalar(raw.iloc[r, c])!r} is not 0 or 1")
-        labels = numeric.to_numpy(dtype=np.int8)
+        labels = binary_labels(df, cols, ids, path)
         names = cols
     else:
         names = list(label_names or [])

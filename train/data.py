@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 from core.config import DEFAULT_TEMPLATE, DataArgs
-from core.data import Dataset, format_value, label_columns, template_fields
+from core.data import Dataset, binary_labels, format_value, label_columns, read_table, template_fields, unique_ids
 from core.errors import InputError
-from core.io import align_ids, py_scalar
+from core.io import align_ids
 
 
 def make_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -92,24 +92,11 @@ def read_training_labels(args: DataArgs, ds: Dataset) -> TrainingLabels | None:
         return None
     path = str(args.train_labels_csv)
     where = f"{path} (data.train_labels_csv)"
-    if not Path(path).is_file():
-        raise InputError(f"{where}: file not found")
-    try:
-        df = pd.read_csv(path, keep_default_na=True)
-    except Exception as e:  # noqa: BLE001 - pandas raises many kinds
-        raise InputError(f"{where}: cannot read CSV: {e}") from None
-    if len(df) == 0:
-        raise InputError(f"{where}: no rows: nothing to train on")
+    df = read_table(path, where, "no rows: nothing to train on")
     if args.id_column not in df.columns:
         raise InputError(f"{where}: no id column {args.id_column!r} (data.id_column; columns: "
                          f"{list(df.columns)[:12]})")
-    ids = df[args.id_column]
-    if ids.isna().any():
-        raise InputError(f"{where}: empty id in column {args.id_column!r} at row {int(ids.isna().idxmax()) + 2}")
-    dup = ids.duplicated()
-    if dup.any():
-        raise InputError(f"{where}: duplicate id {py_scalar(ids[dup].iloc[0])!r} in column {args.id_column!r} at row "
-                         f"{int(dup.idxmax()) + 2}")
+    ids = unique_ids(df, args.id_column, where)
     cols = label_columns(df, args, where)
     if args.label_columns is None and args.label_prefix is None:  # detected: not one where data.train_csv has it
         others = {str(c) for c in pd.read_csv(ds.path, nrows=0).columns} - set(ds.label_names)
@@ -119,16 +106,10 @@ def read_training_labels(args: DataArgs, ds: Dataset) -> TrainingLabels | None:
     if missing or extra:
         raise InputError(f"{where}: the label columns must be those of {ds.path} (data.train_csv): " + "; ".join(
             ([f"missing {missing[:10]}"] if missing else []) + ([f"extra {extra[:10]}"] if extra else [])))
-    raw = df[ds.label_names]
-    numeric = raw.apply(pd.to_numeric, errors="coerce")
-    ok = (numeric.isin([0, 1]) & numeric.notna()).to_numpy()
-    if not ok.all():
-        r, c = np.argwhere(~ok)[0]
-        raise InputError(f"{where}: row {r + 2} (id {py_scalar(ids.iloc[r])!r}) column {ds.label_names[c]!r}: label "
-                         f"value {py_scalar(raw.iloc[r, c])!r} is not 0 or 1")
+    given = binary_labels(df, ds.label_names, ids, where)
     pos = align_ids(where, ids.to_numpy(), ds.path, ds.ids)  # an id not in data.train_csv names its row
     labels = ds.labels.copy()
-    labels[pos] = numeric.to_numpy(dtype=labels.dtype)
+    labels[pos] = given
     trained = np.zeros(len(ds.ids), dtype=bool)
     trained[pos] = True
     return TrainingLabels(path, labels, trained, int((labels != ds.labels).any(axis=1).sum()))
