@@ -168,9 +168,8 @@ def majority_fix(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
     out = labels.copy()
     for g in np.unique(groups[groups >= 0]):
         rows = np.flatnonzero(groups == g)
-        twice = 2 * labels[rows].sum(axis=0)
-        out[np.ix_(rows, twice > len(rows))] = 1
-        out[np.ix_(rows, twice < len(rows))] = 0
+        decided = 2 * labels[rows].sum(axis=0) != len(rows)  # a tie decides nothing
+        out[np.ix_(rows, decided)] = majority(labels[rows])[decided]
     return out
 
 
