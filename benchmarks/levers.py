@@ -33,7 +33,8 @@ from pathlib import Path
 
 from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
 
-RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora32", "lora64", "loraplus", "headlr", "headdesc")
+RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora32", "lora64", "loraplus", "headlr", "headdesc", "combo",
+        "posw", "focal", "asl")
 """Run folders in table order; ``seed<N>`` folders (the shipped config, ``train.seed=N``, base's split) follow."""
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}
 
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", help="the folder benchmarks/levers.sh wrote, or an archived set (SET.tar.gz)")
     ap.add_argument("--labels", default="../shared/data/dls/train.csv")
+    ap.add_argument("--base", default="base", help="the run every other is paired with (default base; e.g. bf16: "
+                                                  "the shipped config in CPU bf16, for the bf16 levers)")
+    ap.add_argument("--only", help="comma-separated runs to list besides the base (default: all)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--work", help="folder for the evaluation files and tuned decoders (default: RUNS/eval; for an "
                                    "archived set a temporary folder)")
@@ -245,23 +249,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(args: argparse.Namespace, runs: Path, work: Path) -> int:
     """Score every run of ``runs`` (a folder) and print the paired table."""
-    base = runs / "base"
+    base = runs / args.base
     folds = base / "folds.csv"
-    names = run_names(runs)
+    if not oof_file(base).is_file() or not folds.is_file():
+        raise SystemExit(f"{base}: no base run there (oof.csv[.gz] and folds.csv; --base names one)")
+    names = [args.base] + [n for n in run_names(runs) if n not in ("base", args.base)
+                           and (not args.only or n in args.only.split(","))]
     items = [(name, oof_file(runs / name), work / name) for name in names]
     seeds = [n for n in names if n.startswith("seed")]
     if seeds:  # the seeds lever: base and its other-seed runs averaged
         work.mkdir(parents=True, exist_ok=True)
-        mean = f"mean of base + {' + '.join(seeds)}"
+        mean = f"mean of {args.base} + {' + '.join(seeds)}"
         average([oof_file(base), *(oof_file(runs / n) for n in seeds)], work / "seeds_mean.csv")
         items.append((mean, work / "seeds_mean.csv", work / "seeds_mean"))
         names.append(mean)
     items += [(name, oof_file(runs, f), work / Path(f).stem) for name, f in FILES.items()
-              if oof_file(runs, f).is_file()]
+              if oof_file(runs, f).is_file() and (not args.only or Path(f).stem in args.only.split(","))]
     rows = []
     for name, oof, item_work in items:
         item_work.mkdir(parents=True, exist_ok=True)
-        r = figures(oof, args.labels, folds, None if name == "base" else oof_file(base), item_work)
+        r = figures(oof, args.labels, folds, None if name == args.base else oof_file(base), item_work)
         rows.append({"name": name, **r})
     tfidf = oof_file(runs, FILES["tfidf (base's rows)"])
     if tfidf.is_file() and len(rows[0]["folds"]) > 1:  # LLM + TF-IDF blends on the same rows, everything nested

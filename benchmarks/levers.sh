@@ -19,6 +19,9 @@
 #   headlr the head at the adapters' lr (train.head_lr unset; the shipped config gives the head 1e-3)
 #   adam8  bitsandbytes' 8-bit AdamW (what train.optimizer=auto picks on a GPU) instead of torch's AdamW
 #   headdesc  the score head initialised from the label descriptions (model.head_init=descriptions, issue 38)
+#   combo  the winning levers together (issue 38): DAPT at LoRA r 64 (dapt2's corpus and trimmed vocabulary), then
+#          r 64 + 3 epochs from it
+#   posw / focal / asl  class-balanced loss terms: BCE with sqrt(neg/pos) positive weights, focal, asymmetric
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
@@ -82,6 +85,21 @@ for step in $STEPS; do
     headlr) run_cfg headlr --set train.head_lr=null ;;
     adam8) run_cfg adam8 --set train.optimizer=adamw_8bit ;;
     headdesc) run_cfg headdesc --set model.head_init=descriptions ;;
+    combo)
+        R64=(--set lora.r=64 --set lora.alpha=128)
+        [ -d "$R/trimmed" ] || { log "trim-vocab"; timed trim $PY -m train trim-vocab --model embedded:gemma-3-270m \
+            --corpus "$DLS/train.csv,$DLS/test.csv" --out "$R/trimmed" --config $CFG; }
+        if [ ! -f "$R/dapt64/adapter_model.safetensors" ]; then
+            log "dapt at r 64 on test.csv"
+            if [ -d "$R/dapt64" ]; then resume=--resume; else resume=; fi
+            timed dapt64 $PY -m train dapt --config configs/gemma-3-270m/dapt.yaml --corpus "$DLS/test.csv" \
+                --out "$R/dapt64" --set "model.name_or_path=$R/trimmed" "${R64[@]}" --eval-rows 256 $resume
+        fi
+        run_cfg combo --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" \
+            --set train.num_epochs=3 ;;
+    posw) run_cfg posw --set loss.pos_weight=sqrt ;;
+    focal) run_cfg focal --set loss.name=focal ;;
+    asl) run_cfg asl --set loss.name=asymmetric ;;
     seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac

@@ -111,3 +111,22 @@ def test_seed_runs_and_their_average(tmp_path, capsys):
     _, s13, _ = read_probs(runs / "seed13" / "oof.csv")
     _, mean, _ = read_probs(runs / "eval" / "seeds_mean.csv")
     assert abs(mean - (b + s7 + s13) / 3).max() < 1e-5 and abs(b - s7).max() > 1e-3
+
+
+def test_another_base_and_a_subset_of_runs(tmp_path, capsys):
+    """``--base NAME`` pairs every run with NAME instead of base (e.g. the bf16 levers with the bf16 run) and
+    ``--only`` lists just the named runs; a base without OOF and folds is refused by name."""
+    runs = tmp_path / "runs"
+    tfidf_run(runs / "base", "--C", 1)
+    for name, c in (("bf16", 4), ("combo", 16), ("headdesc", 0.25)):
+        tfidf_run(runs / name, "--C", c, "--folds", runs / "base" / "folds.csv")
+    assert levers([str(runs), "--labels", str(SAMPLE_TRAIN), "--base", "bf16", "--only", "combo"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| bf16", "| combo"]
+    assert table[1].endswith("| - |") and "(" in table[2]
+    assert levers([str(runs), "--labels", str(SAMPLE_TRAIN), "--only", "combo", "--work", str(tmp_path / "w")]) == 0
+    versus_base = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert versus_base[2].split(" | ")[:4] == table[2].split(" | ")[:4]   # combo's own figures do not depend on the base
+    assert versus_base[2].split(" | ")[-1] != table[2].split(" | ")[-1]    # its paired difference does
+    with pytest.raises(SystemExit, match="nothing"):
+        levers([str(runs), "--labels", str(SAMPLE_TRAIN), "--base", "nothing"])
