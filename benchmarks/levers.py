@@ -34,7 +34,7 @@ from pathlib import Path
 from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
 
 RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora32", "lora64", "loraplus", "headlr", "headdesc", "combo",
-        "posw", "focal", "asl")
+        "combohd", "posw", "focal", "asl")
 """Run folders in table order; ``seed<N>`` folders (the shipped config, ``train.seed=N``, base's split) follow."""
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}
 

@@ -21,6 +21,7 @@
 #   headdesc  the score head initialised from the label descriptions (model.head_init=descriptions, issue 38)
 #   combo  the winning levers together (issue 38): DAPT at LoRA r 64 (dapt2's corpus and trimmed vocabulary), then
 #          r 64 + 3 epochs from it
+#   combohd  combo with the score head from the label descriptions (after combo: reuses its DAPT adapter)
 #   posw / focal / asl  class-balanced loss terms: BCE with sqrt(neg/pos) positive weights, focal, asymmetric
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
@@ -97,6 +98,10 @@ for step in $STEPS; do
         fi
         run_cfg combo --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" \
             --set train.num_epochs=3 ;;
+    combohd)
+        [ -f "$R/dapt64/adapter_model.safetensors" ] || { echo "combohd: run the combo step first" >&2; exit 2; }
+        run_cfg combohd --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" --set lora.r=64 \
+            --set lora.alpha=128 --set train.num_epochs=3 --set model.head_init=descriptions ;;
     posw) run_cfg posw --set loss.pos_weight=sqrt ;;
     focal) run_cfg focal --set loss.name=focal ;;
     asl) run_cfg asl --set loss.name=asymmetric ;;
