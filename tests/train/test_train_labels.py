@@ -210,7 +210,8 @@ def test_config_key_and_resume_fingerprint():
 
 def test_the_summary_decodes_sets_with_the_priors_the_folds_trained_on(tmp_path):
     from train.evaluation import fold_decoding
-    from train.run import FoldResult, write_summary
+    from train.run import FoldResult
+    from train.summary import write_summary
 
     rng = np.random.default_rng(0)
     y = np.eye(3, dtype=np.int8)[np.arange(12) % 3]
