@@ -44,6 +44,16 @@ run_cfg() {  # run_cfg NAME [--set ...]: the shipped config on FOLDS with the gi
     train_or_resume "$R/$name" timed "$name" $PY -m train --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" \
         --set "output_dir=$R/$name" "$@"
 }
+dapt() {  # dapt NAME [--set ...]: the vocabulary trimmed to train + test, then DAPT on test.csv into $R/NAME
+    local name=$1; shift
+    [ -d "$R/trimmed" ] || { log "trim-vocab"; timed trim $PY -m train trim-vocab --model embedded:gemma-3-270m \
+        --corpus "$DLS/train.csv,$DLS/test.csv" --out "$R/trimmed" --config $CFG; }
+    [ -f "$R/$name/adapter_model.safetensors" ] && return
+    log "$name: dapt on test.csv $*"
+    local resume=; [ -d "$R/$name" ] && resume=--resume
+    timed "$name" $PY -m train dapt --config configs/gemma-3-270m/dapt.yaml --corpus "$DLS/test.csv" --out "$R/$name" \
+        --set "model.name_or_path=$R/trimmed" "$@" --eval-rows 256 $resume
+}
 
 for step in $STEPS; do
     case $step in
@@ -70,14 +80,7 @@ for step in $STEPS; do
             --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" --folds "$R/base/folds.csv" --teacher "$R/base" \
             --unlabelled "$R/unlabelled.csv" --targets-from "$R/ens/teachers" --out "$R/tfstudent"; } ;;
     dapt2)
-        [ -d "$R/trimmed" ] || { log "trim-vocab"; timed trim $PY -m train trim-vocab --model embedded:gemma-3-270m \
-            --corpus "$DLS/train.csv,$DLS/test.csv" --out "$R/trimmed" --config $CFG; }
-        if [ ! -f "$R/dapt/adapter_model.safetensors" ]; then
-            log "dapt on test.csv"
-            if [ -d "$R/dapt" ]; then resume=--resume; else resume=; fi
-            timed dapt $PY -m train dapt --config configs/gemma-3-270m/dapt.yaml --corpus "$DLS/test.csv" \
-                --out "$R/dapt" --set "model.name_or_path=$R/trimmed" --eval-rows 256 $resume
-        fi
+        dapt dapt
         run_cfg dapt2 --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt" ;;
     ep3) run_cfg ep3 --set train.num_epochs=3 ;;
     lora32) run_cfg lora32 --set lora.r=32 --set lora.alpha=64 ;;
@@ -88,14 +91,7 @@ for step in $STEPS; do
     headdesc) run_cfg headdesc --set model.head_init=descriptions ;;
     combo)
         R64=(--set lora.r=64 --set lora.alpha=128)
-        [ -d "$R/trimmed" ] || { log "trim-vocab"; timed trim $PY -m train trim-vocab --model embedded:gemma-3-270m \
-            --corpus "$DLS/train.csv,$DLS/test.csv" --out "$R/trimmed" --config $CFG; }
-        if [ ! -f "$R/dapt64/adapter_model.safetensors" ]; then
-            log "dapt at r 64 on test.csv"
-            if [ -d "$R/dapt64" ]; then resume=--resume; else resume=; fi
-            timed dapt64 $PY -m train dapt --config configs/gemma-3-270m/dapt.yaml --corpus "$DLS/test.csv" \
-                --out "$R/dapt64" --set "model.name_or_path=$R/trimmed" "${R64[@]}" --eval-rows 256 $resume
-        fi
+        dapt dapt64 "${R64[@]}"
         run_cfg combo --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" \
             --set train.num_epochs=3 ;;
     combohd)
