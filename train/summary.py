@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,17 +16,16 @@ from core.metrics import scores
 from core.thresholds import ThresholdSpec, threshold
 from train.evaluation import fold_decoding
 
-if TYPE_CHECKING:
-    from train.run import FoldResult, Rows
-
 logger = logging.getLogger(__name__)
 
 
-def write_summary(cfg: RunConfig, run_dir: Path, ds: Dataset, label_names: list[str], results: list[FoldResult],
+def write_summary(cfg: RunConfig, run_dir: Path, ds: Dataset, label_names: list[str], results: list,
                   seconds: float, decode: ThresholdSpec, extra: dict | None = None,
-                  trained_on: Rows | None = None) -> dict:
+                  trained_on=None) -> dict:
     """Out-of-fold probabilities of the trained folds + a summary JSON (metrics, throughput, provenance), scored on
-    ``ds``'s labels. ``trained_on``: the rows the folds trained on (set decoding's priors); None: all of ``ds``."""
+    ``ds``'s labels. ``results``: the folds' :class:`train.run.FoldResult`; ``trained_on``: the rows the folds trained
+    on (:class:`train.run.Rows`, set decoding's priors); None: all of ``ds``. (Typed loosely: train.run imports this
+    module, not the other way round.)"""
     idx = np.concatenate([r.val_index for r in results])
     probs = np.concatenate([np.asarray(r.probs) for r in results])
     order = np.argsort(idx)
