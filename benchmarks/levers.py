@@ -253,8 +253,8 @@ def table(args: argparse.Namespace, runs: Path, work: Path) -> int:
     folds = base / "folds.csv"
     if not oof_file(base).is_file() or not folds.is_file():
         raise SystemExit(f"{base}: no base run there (oof.csv[.gz] and folds.csv; --base names one)")
-    names = [args.base] + [n for n in run_names(runs) if n not in ("base", args.base)
-                           and (not args.only or n in args.only.split(","))]
+    only = set(args.only.split(",")) if args.only else None
+    names = [args.base] + [n for n in run_names(runs) if n not in ("base", args.base) and (only is None or n in only)]
     items = [(name, oof_file(runs / name), work / name) for name in names]
     seeds = [n for n in names if n.startswith("seed")]
     if seeds:  # the seeds lever: base and its other-seed runs averaged
@@ -264,7 +264,7 @@ def table(args: argparse.Namespace, runs: Path, work: Path) -> int:
         items.append((mean, work / "seeds_mean.csv", work / "seeds_mean"))
         names.append(mean)
     items += [(name, oof_file(runs, f), work / Path(f).stem) for name, f in FILES.items()
-              if oof_file(runs, f).is_file() and (not args.only or Path(f).stem in args.only.split(","))]
+              if oof_file(runs, f).is_file() and (only is None or Path(f).stem in only)]
     rows = []
     for name, oof, item_work in items:
         item_work.mkdir(parents=True, exist_ok=True)

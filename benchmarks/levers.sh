@@ -54,6 +54,8 @@ dapt() {  # dapt NAME [--set ...]: the vocabulary trimmed to train + test, then 
     timed "$name" $PY -m train dapt --config configs/gemma-3-270m/dapt.yaml --corpus "$DLS/test.csv" --out "$R/$name" \
         --set "model.name_or_path=$R/trimmed" "$@" --eval-rows 256 $resume
 }
+R64=(--set lora.r=64 --set lora.alpha=128)
+COMBO=(--set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" --set train.num_epochs=3)
 
 for step in $STEPS; do
     case $step in
@@ -89,15 +91,10 @@ for step in $STEPS; do
     headlr) run_cfg headlr --set train.head_lr=null ;;
     adam8) run_cfg adam8 --set train.optimizer=adamw_8bit ;;
     headdesc) run_cfg headdesc --set model.head_init=descriptions ;;
-    combo)
-        R64=(--set lora.r=64 --set lora.alpha=128)
-        dapt dapt64 "${R64[@]}"
-        run_cfg combo --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" \
-            --set train.num_epochs=3 ;;
+    combo) dapt dapt64 "${R64[@]}"; run_cfg combo "${COMBO[@]}" ;;
     combohd)
         [ -f "$R/dapt64/adapter_model.safetensors" ] || { echo "combohd: run the combo step first" >&2; exit 2; }
-        run_cfg combohd --set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" --set lora.r=64 \
-            --set lora.alpha=128 --set train.num_epochs=3 --set model.head_init=descriptions ;;
+        run_cfg combohd "${COMBO[@]}" --set model.head_init=descriptions ;;
     posw) run_cfg posw --set loss.pos_weight=sqrt ;;
     focal) run_cfg focal --set loss.name=focal ;;
     asl) run_cfg asl --set loss.name=asymmetric ;;
