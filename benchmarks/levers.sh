@@ -5,7 +5,9 @@
 #   bash benchmarks/levers.sh [RUNS_DIR] [FOLDS] [STEPS]     # defaults: runs/levers "[0,1]" "base tfidf blend ens dapt2"
 #
 # Steps (each skipped when its output exists; a cut training step is resumed with --resume):
-#   base   the shipped config (configs/gemma-3-270m/qlora.yaml, 2 epochs) on FOLDS
+#   base   the shipped config (configs/gemma-3-270m/qlora.yaml, 2 epochs) on FOLDS, with the score head HEAD
+#          (default random: every archived run, measured before model.head_init=descriptions shipped; HEAD=descriptions
+#          measures the levers on top of the shipped head)
 #   tfidf  python -m train tfidf on base's folds (all 5 folds; its OOF is cut to base's rows for the blend)
 #   blend  infer blend of base + tfidf on base's rows (weights tuned, nested estimate)
 #   ens    ensemble into one: a 270M student distilled from base + tfidf (weights TEACHER_WEIGHTS, default 2,1)
@@ -33,9 +35,11 @@ STEPS=${3:-"base tfidf blend ens dapt2"}
 DLS=${DLS:-../shared/data/dls}
 UNLABELLED_ROWS=${UNLABELLED_ROWS:-1000}
 TEACHER_WEIGHTS=${TEACHER_WEIGHTS:-2,1}
+HEAD=${HEAD:-random}
 PY=${PYTHON:-python}
 CFG=configs/gemma-3-270m/qlora.yaml
-DATA=(--set "data.train_csv=$DLS/train.csv" --set "data.label_names_csv=$DLS/trends_description.csv")
+DATA=(--set "data.train_csv=$DLS/train.csv" --set "data.label_names_csv=$DLS/trends_description.csv"
+      --set "model.head_init=$HEAD")
 LOG_NAME=levers.log
 source benchmarks/steps.sh
 run_cfg() {  # run_cfg NAME [--set ...]: the shipped config on FOLDS with the given overrides

@@ -86,3 +86,20 @@ def serve_the_trained_run(run, csv, val, probs):
     got = np.array([[p["probability"] for p in row["probabilities"]] for row in r.json()["rows"]])
     np.testing.assert_allclose(got, probs[:3], atol=1e-4)
     assert all(row["labels"] for row in r.json()["rows"])  # the cascade always ends in the fallback class
+
+
+def test_the_shipped_config_on_data_without_label_descriptions(tmp_path, caplog):
+    """The shipped config starts the head from the label descriptions; a user's data with none (no
+    ``data.label_names_csv``) trains all the same, every class's row from its label column's name."""
+    csv = write_rows(tmp_path / "train.csv", 40)
+    cfg = RunConfig.from_yaml(ROOT / "configs/gemma-3-270m/qlora.yaml", [
+        f"data.train_csv={csv}", "data.label_names_csv=null", "data.max_length=64", "train.max_steps=1",
+        "train.num_epochs=1", "train.micro_batch_size=8", "train.eval_batch_size=32", "cv.n_folds=2",
+        "cv.folds=[0]", f"output_dir={tmp_path / 'run'}"])
+    assert cfg.model.head_init == "descriptions" and cfg.data.label_names_csv is None
+    with caplog.at_level("INFO", logger="train.head_init"):
+        summary = main(cfg)
+    assert summary["folds"] == [0]
+    assert "score head from the label descriptions: 20 classes (20 from their label name)" in caplog.text
+    labels = json.loads((tmp_path / "run" / "label_names.json").read_text())
+    assert not any(labels.get("descriptions", {}).values())
