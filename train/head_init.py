@@ -140,6 +140,11 @@ def init_score_head(model, tokenizer, label_names: Sequence[str], descriptions: 
             "from_names": sum(1 for n in label_names if not str(descriptions.get(n) or "").strip()),
             "row_norm": float(rows.norm(dim=1).mean()), "random_row_norm": float(random_rows.norm(dim=1).mean()),
             "logit_std": float((states @ random_rows.T).std())}
+    if descriptions and info["from_names"]:  # a names file for other labels (e.g. the sample's): say so, not silently
+        missing = [n for n in label_names if not str(descriptions.get(n) or "").strip()]
+        logger.warning(f"model.head_init=descriptions: {len(missing)} of {len(texts)} classes have no name in "
+                       f"data.label_names_csv ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+                       f"their head rows start from the label column's name")
     logger.info(f"score head from the label descriptions: {info['classes']} classes ({info['from_names']} from their "
                 f"label name); row norm {info['row_norm']:.4g} (the random rows' {info['random_row_norm']:.4g}), "
                 f"logit std on the descriptions {info['logit_std']:.3g} as the random head's")

@@ -158,6 +158,8 @@ def resolve_run_config(cfg: PipelineConfig, runs: list[Path]) -> tuple[str | Non
     overrides = list(cfg.overrides)
     if cfg.train_csv:
         overrides.append(_path_override("data.train_csv", cfg.train_csv))
+    if cfg.label_names_csv:
+        overrides.append(_path_override("data.label_names_csv", cfg.label_names_csv))
     return path, overrides, RunConfig.from_yaml(path, overrides)
 
 

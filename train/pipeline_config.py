@@ -109,6 +109,9 @@ class PipelineConfig:
     """``--set`` overrides of that config (every step that reads it gets them)."""
     train_csv: str | None = None
     """The labelled CSV (``data.train_csv``); ``None``: the config's."""
+    label_names_csv: str | None = None
+    """The labels' names / descriptions (``data.label_names_csv``: the score head starts from them with
+    ``model.head_init: descriptions``); ``None``: the config's."""
     test_csv: str | None = None
     """The CSV to predict and submit (``--test``); ``None``: no predict / submit (the blend and tune run on OOF)."""
     runs: list[str] = field(default_factory=list)

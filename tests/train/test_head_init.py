@@ -64,7 +64,7 @@ def test_description_texts_use_the_template_and_fall_back_to_names():
 
 
 @pytest.mark.parametrize("arch,adapter", [("gemma3", False), ("mistral", False), ("gemma3", True)])
-def test_rows_are_the_centred_scaled_pooled_states_of_the_descriptions(tiny_models, arch, adapter):
+def test_rows_are_the_centred_scaled_pooled_states_of_the_descriptions(tiny_models, arch, adapter, caplog):
     model, tok, dtype = lora_model(tiny_models[arch])
     if adapter:  # a DAPT adapter (lora.init_adapter): non-zero LoRA B, and the pooled states include it
         torch.manual_seed(1)
@@ -86,7 +86,10 @@ def test_rows_are_the_centred_scaled_pooled_states_of_the_descriptions(tiny_mode
         model.train()
     torch.testing.assert_close(logits, states @ random_rows.T, atol=1e-4, rtol=1e-4)
 
-    info = init_score_head(model, tok, LABELS, descriptions, DATA, dtype, batch_size=7)  # 3 padded batches
+    with caplog.at_level("WARNING", logger="train.head_init"):
+        info = init_score_head(model, tok, LABELS, descriptions, DATA, dtype, batch_size=7)  # 3 padded batches
+    # A names file that misses a class (e.g. the sample's file for data with more labels) is said, with the class.
+    assert "1 of 20 classes have no name in data.label_names_csv (trend_id_res7)" in caplog.text
     centred = states - states.mean(dim=0)
     unit = centred / centred.norm(dim=1, keepdim=True)
     random_std = (states @ random_rows.T).std()
@@ -123,7 +126,7 @@ def test_deterministic_and_the_seed_only_sets_the_scale(tiny_model):
     assert not torch.equal(runs[0], runs[2])
 
 
-def test_initial_logits_have_the_random_heads_spread(tiny_model, small_csv):
+def test_initial_logits_have_the_random_heads_spread(tiny_model, small_csv, caplog):
     """On the training rows (not the descriptions), each class's logits spread about as much as the random head's."""
     ds = read_csv(small_csv, DataArgs(text_template=SAMPLE_TEMPLATE, id_column="index", label_prefix="trend_id_res"))
     model, tok, dtype = lora_model(tiny_model)
@@ -134,7 +137,9 @@ def test_initial_logits_have_the_random_heads_spread(tiny_model, small_csv):
         return np.log(p / (1 - p))
 
     before = logits()
-    init_score_head(model, tok, LABELS, read_label_descriptions(SAMPLE_TRENDS, LABELS), DATA, dtype, 16)
+    with caplog.at_level("WARNING", logger="train.head_init"):
+        init_score_head(model, tok, LABELS, read_label_descriptions(SAMPLE_TRENDS, LABELS), DATA, dtype, 16)
+    assert "no name" not in caplog.text   # every class named: no warning
     after = logits()
     assert not np.allclose(before, after)
     ratio = after.std(axis=0).mean() / before.std(axis=0).mean()   # per-class spread over the rows

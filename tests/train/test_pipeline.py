@@ -88,6 +88,12 @@ def test_shipped_pipelines_load_and_plan_commands_the_parsers_take(path, tmp_pat
         assert f"lora.init_adapter={tmp_path / 'run' / 'dapt'}" in cv and "--final" not in cv
         assert steps[1].argv[steps[1].argv.index("--config") + 1] == "configs/gemma-3-270m/dapt.yaml"
         assert "--tune-decoding" in steps[5].argv and steps[6].argv[steps[6].argv.index("--strategy") + 1] == "cascade"
+        # The CV at r 64 / 3 epochs from a DAPT adapter of the same LoRA shape (issue 38's levers together).
+        assert {"lora.r=64", "lora.alpha=128", "train.num_epochs=3"} <= set(cv)
+        assert {"lora.r=64", "lora.alpha=128"} <= set(steps[1].argv)
+        # label_names_csv reaches the CV (the head starts from the names) and TF-IDF, as train_csv does.
+        named = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "label_names_csv=my labels.csv"]), tmp_path)
+        assert [s.name for s in named if "data.label_names_csv=my labels.csv" in s.argv] == ["cv", "tfidf"]
 
 
 def test_seeds_share_the_first_split_and_each_is_a_model_of_the_blend(tmp_path):
