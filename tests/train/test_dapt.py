@@ -4,6 +4,7 @@ equals the model's own, the corpus loss goes down, the adapter starts classifica
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -284,7 +285,9 @@ def test_shipped_dapt_config_fits_the_classification_config():
     assert (d.lora.r, d.lora.alpha, d.lora.target_modules, d.lora.layers_from, d.lora.layers_to_transform,
             d.lora.use_dora) == (c.lora.r, c.lora.alpha, c.lora.target_modules, c.lora.layers_from,
                                  c.lora.layers_to_transform, c.lora.use_dora)
-    assert d.model == c.model and d.quantization == c.quantization and d.lora.init_adapter is None
+    # The same base model; the head's start (model.head_init) is the classifier's alone: DAPT trains no score head.
+    assert dataclasses.replace(d.model, head_init=c.model.head_init) == c.model and d.model.head_init == "random"
+    assert d.quantization == c.quantization and d.lora.init_adapter is None
     assert d.data.text_template == c.data.text_template
 
 
