@@ -136,12 +136,11 @@ def init_score_head(model, tokenizer, label_names: Sequence[str], descriptions: 
     rows = head_rows(states, random_rows)
     with torch.no_grad():
         weight.copy_(rows.to(weight.dtype))
-    info = {"classes": len(texts),
-            "from_names": sum(1 for n in label_names if not str(descriptions.get(n) or "").strip()),
+    missing = [n for n in label_names if not str(descriptions.get(n) or "").strip()]
+    info = {"classes": len(texts), "from_names": len(missing),
             "row_norm": float(rows.norm(dim=1).mean()), "random_row_norm": float(random_rows.norm(dim=1).mean()),
             "logit_std": float((states @ random_rows.T).std())}
-    if descriptions and info["from_names"]:  # a names file for other labels (e.g. the sample's): say so, not silently
-        missing = [n for n in label_names if not str(descriptions.get(n) or "").strip()]
+    if descriptions and missing:  # a names file for other labels (e.g. the sample's): say so, not silently
         logger.warning(f"model.head_init=descriptions: {len(missing)} of {len(texts)} classes have no name in "
                        f"data.label_names_csv ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
                        f"their head rows start from the label column's name")
