@@ -47,13 +47,18 @@ from core.model import autocast, input_device
 logger = logging.getLogger(__name__)
 
 
+def description(descriptions: Mapping[str, str], name: str) -> str:
+    """``name``'s description, stripped; "" where it has none or an empty one (its row then starts from its name)."""
+    return str(descriptions.get(name) or "").strip()
+
+
 def description_texts(label_names: Sequence[str], descriptions: Mapping[str, str], template: str) -> list[str]:
     """The text each class's row is pooled from: its description (its label name where it has none or an empty
     one) as the text field of ``template`` (see the module doc, step 1)."""
     fields = template_fields(template)
     out = []
     for name in label_names:
-        text = str(descriptions.get(name) or "").strip() or name
+        text = description(descriptions, name) or name
         out.append(format_prompt(template, {text_field(fields): text}) if fields else text)
     return out
 
@@ -136,7 +141,7 @@ def init_score_head(model, tokenizer, label_names: Sequence[str], descriptions: 
     rows = head_rows(states, random_rows)
     with torch.no_grad():
         weight.copy_(rows.to(weight.dtype))
-    missing = [n for n in label_names if not str(descriptions.get(n) or "").strip()]
+    missing = [n for n in label_names if not description(descriptions, n)]
     info = {"classes": len(texts), "from_names": len(missing),
             "row_norm": float(rows.norm(dim=1).mean()), "random_row_norm": float(random_rows.norm(dim=1).mean()),
             "logit_std": float((states @ random_rows.T).std())}
