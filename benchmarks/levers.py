@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -35,7 +36,8 @@ from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
 
 RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora32", "lora64", "loraplus", "headlr", "headdesc", "combo",
         "combohd", "posw", "focal", "asl")
-"""Run folders in table order; ``seed<N>`` folders (the shipped config, ``train.seed=N``, base's split) follow."""
+"""Run folders in table order, each followed by its other-seed runs (``<run>_seed<N>``); ``seed<N>`` folders (the
+shipped config, ``train.seed=N``, base's split) come last. Each run with seeds is also scored as their average."""
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}
 
 
@@ -55,10 +57,22 @@ def carried_meta(path) -> dict:
     return {k: v for k, v in meta.items() if k not in ("label_names", "rows", "versions")}
 
 
+SEED_RUN = re.compile(r"(?:(?P<run>.+)_)?seed(?P<n>\d+)")
+"""Another seed's run of a lever on its split: ``<run>_seed<N>`` (``train.seed=N``), or ``seed<N>`` for the base's."""
+
+
+def seed_runs(names, of: str | None) -> list[str]:
+    """The names of ``names`` that are other-seed runs of ``of`` (None: the base's ``seed<N>``), by N."""
+    runs = [(int(m["n"]), n) for n in names if (m := SEED_RUN.fullmatch(n)) and m["run"] == of]
+    return [n for _, n in sorted(runs)]
+
+
 def run_names(runs: Path) -> list[str]:
-    """The finished runs of ``runs``: ``RUNS`` in order, then the ``seed<N>`` runs by N."""
-    seeds = sorted((p.name for p in runs.glob("seed*") if p.name[4:].isdigit()), key=lambda n: int(n[4:]))
-    return [n for n in (*RUNS, *seeds) if (runs / n / "summary.json").is_file()]
+    """The finished runs of ``runs``: ``RUNS`` in order, each followed by its ``<run>_seed<N>`` runs by N, then the
+    base's ``seed<N>`` runs by N."""
+    found = [p.name for p in runs.iterdir() if (p / "summary.json").is_file()] if runs.is_dir() else []
+    order = [n for r in RUNS for n in (r, *seed_runs(found, r))] + seed_runs(found, None)
+    return [n for n in order if n in found]
 
 
 def average(oofs: list[Path], out: Path) -> None:
@@ -256,12 +270,14 @@ def table(args: argparse.Namespace, runs: Path, work: Path) -> int:
     only = set(args.only.split(",")) if args.only else None
     names = [args.base] + [n for n in run_names(runs) if n not in ("base", args.base) and (only is None or n in only)]
     items = [(name, oof_file(runs / name), work / name) for name in names]
-    seeds = [n for n in names if n.startswith("seed")]
-    if seeds:  # the seeds lever: base and its other-seed runs averaged
+    for of in [None, *RUNS]:  # the seeds lever: a run and its other-seed runs averaged
+        seeds, first = seed_runs(names, of), args.base if of is None else of
+        if not seeds or not oof_file(runs / first).is_file():
+            continue
         work.mkdir(parents=True, exist_ok=True)
-        mean = f"mean of {args.base} + {' + '.join(seeds)}"
-        average([oof_file(base), *(oof_file(runs / n) for n in seeds)], work / "seeds_mean.csv")
-        items.append((mean, work / "seeds_mean.csv", work / "seeds_mean"))
+        mean, stem = f"mean of {first} + {' + '.join(seeds)}", "seeds_mean" if of is None else f"{of}_seeds_mean"
+        average([oof_file(runs / first), *(oof_file(runs / n) for n in seeds)], work / f"{stem}.csv")
+        items.append((mean, work / f"{stem}.csv", work / stem))
         names.append(mean)
     items += [(name, oof_file(runs, f), work / Path(f).stem) for name, f in FILES.items()
               if oof_file(runs, f).is_file() and (only is None or Path(f).stem in only)]

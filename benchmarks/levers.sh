@@ -23,7 +23,9 @@
 #   headdesc  the score head initialised from the label descriptions (model.head_init=descriptions, issue 38)
 #   combo  the winning levers together (issue 38): DAPT at LoRA r 64 (dapt2's corpus and trimmed vocabulary), then
 #          r 64 + 3 epochs from it
-#   combohd  combo with the score head from the label descriptions (after combo: reuses its DAPT adapter)
+#   combohd  combo with the score head from the label descriptions (reuses combo's DAPT adapter)
+#   combohd_seedN  combohd with train.seed=N on its split (the same DAPT adapter: the seed changes the batches' order
+#          and the dropout); the figures add combohd + its seeds averaged
 #   posw / focal / asl  class-balanced loss terms: BCE with sqrt(neg/pos) positive weights, focal, asymmetric
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
@@ -96,9 +98,10 @@ for step in $STEPS; do
     adam8) run_cfg adam8 --set train.optimizer=adamw_8bit ;;
     headdesc) run_cfg headdesc --set model.head_init=descriptions ;;
     combo) dapt dapt64 "${R64[@]}"; run_cfg combo "${COMBO[@]}" ;;
-    combohd)
-        [ -f "$R/dapt64/adapter_model.safetensors" ] || { echo "combohd: run the combo step first" >&2; exit 2; }
-        run_cfg combohd "${COMBO[@]}" --set model.head_init=descriptions ;;
+    combohd | combohd_seed[0-9]*)
+        dapt dapt64 "${R64[@]}"
+        seed=(); [ "$step" = combohd ] || seed=(--set "train.seed=${step#combohd_seed}" --set cv.seed=42)
+        run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions "${seed[@]}" ;;
     posw) run_cfg posw --set loss.pos_weight=sqrt ;;
     focal) run_cfg focal --set loss.name=focal ;;
     asl) run_cfg asl --set loss.name=asymmetric ;;

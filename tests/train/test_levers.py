@@ -97,20 +97,27 @@ def test_an_archived_set_is_read_as_it_is_and_refuses_members_outside_it(tmp_pat
 
 
 def test_seed_runs_and_their_average(tmp_path, capsys):
-    """``seed<N>`` run folders follow the fixed runs, and base + seeds averaged is scored (and blended) beside them."""
+    """``seed<N>`` run folders (the base's) come last and ``<run>_seed<N>`` folders follow their run; each run and its
+    seeds averaged is scored (and blended) beside them."""
     runs = tmp_path / "runs"
     tfidf_run(runs / "base", "--C", 1)
-    for name, c in (("seed13", 16), ("seed7", 4)):   # other models on base's split
-        tfidf_run(runs / name, "--C", c, "--folds", runs / "base" / "folds.csv")
+    for name, c in (("seed13", 16), ("seed7", 4), ("combohd", 2), ("combohd_seed7", 8), ("combohd_seed11", 0.5)):
+        tfidf_run(runs / name, "--C", c, "--folds", runs / "base" / "folds.csv")   # other models on base's split
     assert levers([str(runs), "--labels", str(SAMPLE_TRAIN)]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0] for line in table[1:]] == [
-        "| base", "| seed7", "| seed13", "| mean of base + seed7 + seed13"]   # seeds by number, not by string
-    _, b, _ = read_probs(runs / "base" / "oof.csv")
-    _, s7, _ = read_probs(runs / "seed7" / "oof.csv")
-    _, s13, _ = read_probs(runs / "seed13" / "oof.csv")
+        "| base", "| combohd", "| combohd_seed7", "| combohd_seed11", "| seed7", "| seed13",   # by number, not string
+        "| mean of base + seed7 + seed13", "| mean of combohd + combohd_seed7 + combohd_seed11"]
+    probs = {n: read_probs(runs / n / "oof.csv")[1] for n in ("base", "seed7", "seed13", "combohd", "combohd_seed7",
+                                                                "combohd_seed11")}
     _, mean, _ = read_probs(runs / "eval" / "seeds_mean.csv")
-    assert abs(mean - (b + s7 + s13) / 3).max() < 1e-5 and abs(b - s7).max() > 1e-3
+    assert abs(mean - (probs["base"] + probs["seed7"] + probs["seed13"]) / 3).max() < 1e-5
+    _, mean, _ = read_probs(runs / "eval" / "combohd_seeds_mean.csv")
+    assert abs(mean - (probs["combohd"] + probs["combohd_seed7"] + probs["combohd_seed11"]) / 3).max() < 1e-5
+    assert abs(probs["base"] - probs["seed7"]).max() > 1e-3 and abs(probs["combohd"] - mean).max() > 1e-3
+
+    assert levers(["archive", str(runs), str(tmp_path / "kept")]) == 0   # the seed runs are kept with the others
+    assert all((tmp_path / "kept" / n / "oof.csv.gz").is_file() for n in probs)
 
 
 def test_another_base_and_a_subset_of_runs(tmp_path, capsys):
