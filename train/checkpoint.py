@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import torch
 
 from core.errors import InputError
 from core.io import atomic_dir
+
+logger = logging.getLogger(__name__)
 
 TENSORS, STATE = "state.safetensors", "state.json"
 FORMAT = 1
@@ -37,6 +40,21 @@ class Progress:
     step: int = 0
     """Optimizer steps done."""
     train_seconds: float = 0.0
+
+
+def kept_dtype(model_args, device: torch.device, saved: dict | None) -> str:
+    """The compute dtype of a run: ``model.dtype: auto`` resolves by the hardware once, when the run starts; a resumed
+    run keeps the dtype its start recorded (``saved["dtype"]``; a record from before dtypes were kept: fp32 on the
+    CPU, which ``auto`` was then), so its checkpoints go on in the same arithmetic. ``saved`` None: a new run."""
+    from core.model import pick_dtype
+
+    dtype = str(pick_dtype(model_args, device)).removeprefix("torch.")
+    if saved is not None and model_args.dtype == "auto":
+        was = saved.get("dtype", "float32" if device.type == "cpu" else dtype)
+        if was != dtype:
+            logger.info(f"resume: computing in {was} as the run started (model.dtype auto; {dtype} here now)")
+        dtype = was
+    return dtype
 
 
 def step_seed(seed: int, fold: int, step: int, rank: int) -> int:

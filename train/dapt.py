@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -149,17 +149,21 @@ def train_dapt(cfg: RunConfig, corpus_paths: list[str], out: Path, resume: bool,
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
     fingerprint = hashlib.sha256(json.dumps([train_ids, eval_ids]).encode()).hexdigest()
-    run_info = {"config": cfg.to_dict(), "corpus": corpus.files, "eval_rows": eval_rows, "fingerprint": fingerprint}
-    if resume and (out / RUN_FILE).is_file():
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    saved = json.loads((out / RUN_FILE).read_text()) if resume and (out / RUN_FILE).is_file() else None
+    # A run file from before the dtype was recorded: resolved now, as such runs always were on resume.
+    run_info = {"config": cfg.to_dict(), "corpus": corpus.files, "eval_rows": eval_rows, "fingerprint": fingerprint,
+                "dtype": checkpoint.kept_dtype(cfg.model, device, saved if saved and "dtype" in saved else None)}
+    if saved is not None:
         check_resume(out, run_info)
     logger.info(f"dapt: {len(train_ids)} training rows ({int(lengths.sum())} tokens, median "
                 f"{int(np.median(lengths))}, max {lengths.max()}, max_length {cfg.data.max_length}) from "
                 f"{', '.join(corpus_paths)}; {eval_rows} held out; {total_steps} optimizer steps")
 
     # 2. The model: 4-bit causal LM + a fresh (seeded) LoRA adapter.
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     device_map = "auto" if t.parallel == "split" and torch.cuda.device_count() > 1 else None
-    model, tok, dtype = load_causal_lm(model_path, cfg.model, cfg.quantization, device, device_map=device_map)
+    margs = replace(cfg.model, dtype=run_info["dtype"])  # auto resolved once, when the run started
+    model, tok, dtype = load_causal_lm(model_path, margs, cfg.quantization, device, device_map=device_map)
     torch.manual_seed(t.seed)  # LoRA init
     model = apply_lora(model, cfg.lora, t.grad_checkpointing, task="causal_lm")
     params = count_parameters(model)

@@ -45,18 +45,11 @@ def check_run_dir(run_dir: Path, resume: bool, label_names: list[str]) -> None:
 
 
 def launch_info(cfg: RunConfig, env, run_dir: Path, resume: bool) -> dict:
-    """What :data:`LAUNCH_FILE` records: the world size and the compute dtype. ``model.dtype: auto`` resolves by the
-    hardware once, when the run starts: a resumed run keeps the dtype it started with (a launch file from before the
-    dtype was recorded: fp32 on CPU, which ``auto`` was then), so its checkpoints go on in the same arithmetic."""
-    from core.model import pick_dtype
-
-    dtype = str(pick_dtype(cfg.model, env.device)).removeprefix("torch.")
+    """What :data:`LAUNCH_FILE` records: the world size and the compute dtype (:func:`train.checkpoint.kept_dtype`:
+    a resumed run keeps the dtype it started with)."""
     launch_file = run_dir / LAUNCH_FILE
-    if resume and cfg.model.dtype == "auto" and launch_file.is_file():
-        was = json.loads(launch_file.read_text()).get("dtype", "float32" if env.device.type == "cpu" else dtype)
-        if was != dtype:
-            logger.info(f"resume: computing in {was} as the run started (model.dtype auto; {dtype} here now)")
-        dtype = was
+    saved = json.loads(launch_file.read_text()) if resume and launch_file.is_file() else None
+    dtype = checkpoint.kept_dtype(cfg.model, env.device, saved)
     return {"world_size": env.world_size, "dtype": dtype}
 
 

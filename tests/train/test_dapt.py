@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import ROOT, as_set_args, kill_at_launcher, run_cli, tiny_overrides
+from trainkit import ROOT, Killed, as_set_args, kill_at, kill_at_launcher, run_cli, tiny_overrides
 
 import train.__main__ as cli
 from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
 from core.data import collate, tokenize
 from core.errors import ConfigError, InputError
-from core.model import load_causal_lm, load_classifier
+from core.model import load_causal_lm, load_classifier, pick_dtype
 from train import dapt
 from train.lora import _lora_suffix, apply_lora
 from train.loss import lm_loss_sum
@@ -219,6 +219,22 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, small_csv, tmp_path
     # A finished run: --resume has nothing to do.
     assert cli.main([*args, "--resume"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_resumed_run_keeps_the_dtype_it_started_with(tiny_model, small_csv, tmp_path):
+    """``model.dtype: auto`` resolves when the run starts (``dapt_run.json`` records it); a resumed run computes in
+    that dtype, also where the hardware would now pick another (here: the record edited to the other one)."""
+    out = tmp_path / "adapter"
+    cfg = RunConfig.from_dict(dapt_raw(tiny_model, out, train__max_steps=4, train__save_every_steps=2))
+    corpus = [str(SAMPLE_TEST), str(small_csv)]
+    with pytest.raises(Killed):
+        dapt.main(cfg, corpus, out, callbacks=kill_at(2))
+    started = json.loads((out / dapt.RUN_FILE).read_text())
+    now = str(pick_dtype(cfg.model, CPU)).removeprefix("torch.")
+    assert started["dtype"] == now
+    other = "float32" if now == "bfloat16" else "bfloat16"
+    (out / dapt.RUN_FILE).write_text(json.dumps({**started, "dtype": other}))
+    assert dapt.main(cfg, corpus, out, resume=True)["dtype"] == other
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs
