@@ -10,7 +10,8 @@ The text is the config's prompt (``data.text_template``), so the baseline sees w
 1-2-grams + character 2-5-grams within word boundaries (sublinear TF, terms in at least 2 rows); one L2 logistic
 regression per class. Folds: ``--folds`` (e.g. the LLM run's ``folds.csv``: blends need the same folds), else the
 config's (``cv.n_folds``, ``cv.seed`` else ``train.seed``: the split ``python -m train`` makes); ``cv.folds`` fits
-only those folds (``oof.csv`` then holds their rows). Writes into ``--out`` (atomically):
+only those folds (``oof.csv`` then holds their rows). ``data.train_labels_csv`` sets the labels and rows the fits
+learn, as in ``python -m train``; every figure stays on ``data.train_csv``'s labels. Writes into ``--out`` (atomically):
 ``oof.csv`` (+ .meta.json), ``folds.csv``, ``summary.json`` and, with ``--test``, ``test_probs.csv``.
 
 The cheapest student (distillation, the ``distill`` config section as in ``python -m train distill``)::
@@ -43,7 +44,7 @@ from core.errors import ConfigError, InputError
 from core.io import atomic_dir, versions, write_json, write_probs
 from core.metrics import scores
 from core.thresholds import ThresholdSpec
-from train.data import make_folds
+from train.data import TrainingLabels, make_folds, read_training_labels
 from train.dist import DistEnv
 from train.distill import TEACHER_DIR, Distillation
 from train.evaluation import evaluate, fold_decoding
@@ -91,11 +92,17 @@ def main(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | 
         if test_ds is not None:  # the test model learns from every teacher fold (fold-averaged targets)
             cfg.cv.final = True
         soft = Distillation.read(cfg, ds, fold_of, uniq)
+    train_labels = read_training_labels(cfg.data, ds)  # data.train_labels_csv; scored on data.train_csv's labels
     logger.info(f"tfidf: {len(ds.ids)} rows x {len(ds.label_names)} classes from {ds.path}; {len(uniq)} folds "
                 f"({source})" + (f"; distilled from {len(soft.teachers)} teacher(s), alpha {cfg.distill.alpha}, "
                                  f"{soft.n_unlabelled} unlabelled rows" if soft else ""))
+    if train_labels is not None:
+        t = train_labels.describe()
+        logger.info(f"training labels from {t['csv']}: {t['rows_not_trained']} of {t['rows']} rows not trained on, "
+                    f"{t['rows_relabelled']} trained on changed labels (scored on {ds.path}'s labels)")
     with atomic_dir(out) as tmp:
-        summary = _fit_folds(cfg, tmp, ds, test_ds, fold_of, uniq, source, decode, c, soft, targets_from)
+        summary = _fit_folds(cfg, tmp, ds, test_ds, fold_of, uniq, source, decode, c, soft, targets_from,
+                             train_labels)
         summary["seconds"] = round(time.time() - t0, 1)
         write_json(tmp / "summary.json", summary)
     metrics = summary["oof_metrics"]
@@ -106,9 +113,12 @@ def main(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | 
 
 
 def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, soft: Distillation | None,
-               targets_from) -> dict:
-    """The fold fits (and the test fit) of :func:`main`, written into ``tmp``; returns the summary."""
+               targets_from, train_labels: TrainingLabels | None) -> dict:
+    """The fold fits (and the test fit) of :func:`main`, written into ``tmp``; returns the summary. The fits learn
+    ``train_labels``' labels on its rows (``data.train_labels_csv``), every score is on ``ds.labels``."""
     texts = np.asarray(ds.texts, dtype=object)
+    labels = ds.labels if train_labels is None else train_labels.labels    # what the fits learn
+    trained = np.ones(len(ds.ids), dtype=bool) if train_labels is None else train_labels.trained
     targets, extra = {}, {}
     if soft:
         if targets_from:
@@ -116,7 +126,8 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, so
         targets = soft.fold_targets(tmp, uniq, DistEnv())
         texts_all = np.concatenate([texts, np.asarray(soft.unlabelled.texts, dtype=object)]) \
             if soft.n_unlabelled else texts
-        labels_all = soft.labels_all
+        labels_all, keep = soft.labels_all.copy(), np.ones(len(soft.labels_all), dtype=bool)
+        labels_all[:len(ds.ids)], keep[:len(ds.ids)] = labels, trained  # the labelled rows come first
         extra = {"distill": soft.provenance(uniq, tmp)}
     oof = np.zeros(ds.labels.shape)
     pred_sets = np.zeros(ds.labels.shape, dtype=np.int8) if cfg.decode.strategy == "sets" else None
@@ -125,12 +136,13 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, so
         val = fold_of == f
         if soft:
             st = targets[f]
-            rows = np.flatnonzero(~np.isnan(st.soft[:, 0]))  # the fold's training rows + the unlabelled rows
+            rows = np.flatnonzero(~np.isnan(st.soft[:, 0]) & keep)  # the fold's training rows + the unlabelled rows
             t, w = soft_fit_targets(labels_all[rows], st.soft[rows], st.labelled[rows], st.alpha)
             oof[val] = fit_predict_soft(texts_all[rows], t, w, texts[val], c, cfg.train.seed)
         else:
-            oof[val] = fit_predict(texts[~val], ds.labels[~val], texts[val], c, cfg.train.seed)
-        fold_decode = fold_decoding(cfg, decode, ds.labels, np.flatnonzero(~val))  # priors: this fold's training rows
+            fit = ~val & trained
+            oof[val] = fit_predict(texts[fit], labels[fit], texts[val], c, cfg.train.seed)
+        fold_decode = fold_decoding(cfg, decode, labels, np.flatnonzero(~val & trained))  # priors: the fold's fit rows
         if pred_sets is not None:
             pred_sets[val] = fold_decode.decode(oof[val])
         per_fold.append({"fold": int(f), "rows": int(val.sum()), **evaluate(oof[val], ds.labels[val], fold_decode)})
@@ -143,16 +155,17 @@ def _fit_folds(cfg, tmp: Path, ds, test_ds, fold_of, uniq, source, decode, c, so
     meta = {"kind": "out-of-fold", "produced_by": "python -m train tfidf", "model": "tfidf word 1-2 + char_wb 2-5, "
             f"logistic regression C={c}", "train_csv": ds.path, "folds_source": source, "versions": versions(),
             "config": cfg.to_dict(), **extra}  # config: infer tune / evaluate / blend read its decode section
-    summary = {**meta, "C": c, "rows": int(done.sum()), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold}
+    summary = {**meta, "C": c, "rows": int(done.sum()), "folds": uniq, "oof_metrics": metrics, "per_fold": per_fold,
+               **({"train_labels": train_labels.describe()} if train_labels is not None else {})}
     write_probs(tmp / "oof.csv", ds.ids[done], oof[done], ds.label_names, meta=meta, id_column=cfg.data.id_column)
     pd.DataFrame({"index": ds.ids, "fold": fold_of}).to_csv(tmp / "folds.csv", index=False)
     if test_ds is not None:
         if soft:
             st = soft.final_targets(tmp, DistEnv())
-            t, w = soft_fit_targets(labels_all, st.soft, st.labelled, st.alpha)
-            probs = fit_predict_soft(texts_all, t, w, test_ds.texts, c, cfg.train.seed)
+            t, w = soft_fit_targets(labels_all[keep], st.soft[keep], st.labelled[keep], st.alpha)
+            probs = fit_predict_soft(texts_all[keep], t, w, test_ds.texts, c, cfg.train.seed)
         else:
-            probs = fit_predict(ds.texts, ds.labels, test_ds.texts, c, cfg.train.seed)
+            probs = fit_predict(texts[trained], labels[trained], test_ds.texts, c, cfg.train.seed)
         write_probs(tmp / "test_probs.csv", test_ds.ids, probs, ds.label_names,
                     meta={**meta, "kind": "test", "test_csv": test_ds.path}, id_column=cfg.data.id_column)
     return summary

@@ -217,3 +217,41 @@ def test_cv_seed_keeps_the_split_when_train_seed_changes(tmp_path):
     base = folds_of("base")
     assert (folds_of("cv_seed", "--set", "train.seed=7", "--set", "cv.seed=42") == base).all()
     assert not (folds_of("train_seed", "--set", "train.seed=7") == base).all()
+
+
+def test_the_training_labels_file_sets_what_the_fits_learn_and_the_scores_stay(tmp_path):
+    """``data.train_labels_csv`` (e.g. the audit's files): each fit learns its labels on its rows, as
+    ``python -m train`` does, while ``oof.csv`` keeps every row and the figures are on ``data.train_csv``'s labels."""
+    df = pd.read_csv(SAMPLE_TRAIN)
+    labels = [c for c in df.columns if c.startswith("trend_id_res")]
+    flip, drop = df.index[::5], df.index[1::7].difference(df.index[::5])
+    relabelled = df.copy()
+    relabelled.loc[flip, labels] = 0
+    relabelled.loc[flip, "trend_id_res3"] = 1
+    relabelled.to_csv(tmp_path / "relabelled.csv", index=False)
+    relabelled[["index", *labels]].to_csv(tmp_path / "labels.csv", index=False)
+    relabelled[["index", *labels]].drop(index=drop).to_csv(tmp_path / "labels_dropped.csv", index=False)
+    assert main(args(tmp_path / "plain", "--test", SAMPLE_TEST)) == 0
+    folds = tmp_path / "plain" / "folds.csv"
+    assert main(args(tmp_path / "relab", "--folds", folds, "--test", SAMPLE_TEST, train=tmp_path / "relabelled.csv")) == 0
+    assert main(args(tmp_path / "file", "--folds", folds, "--test", SAMPLE_TEST,
+                     "--set", f"data.train_labels_csv={tmp_path / 'labels.csv'}")) == 0
+    _, want, _ = read_probs(tmp_path / "relab" / "oof.csv")
+    _, got, _ = read_probs(tmp_path / "file" / "oof.csv")
+    _, plain, _ = read_probs(tmp_path / "plain" / "oof.csv")
+    np.testing.assert_allclose(got, want, atol=1e-12)             # the fits of data.train_csv relabelled
+    assert np.abs(got - plain).max() > 0.05
+    _, want_test, _ = read_probs(tmp_path / "relab" / "test_probs.csv")
+    _, got_test, _ = read_probs(tmp_path / "file" / "test_probs.csv")
+    np.testing.assert_allclose(got_test, want_test, atol=1e-12)
+    original = read_csv(SAMPLE_TRAIN, RunConfig.from_yaml(None, SAMPLE_SET_ARGS[1::2]).data).labels
+    summary = json.loads((tmp_path / "file" / "summary.json").read_text())
+    assert summary["oof_metrics"]["cascade/exact_match"] == pytest.approx(exact_match(original, cascade(got, fallback=19)))
+    assert summary["train_labels"]["rows_relabelled"] == len(flip) - int((df.loc[flip, labels].to_numpy() ==
+                                                                          relabelled.loc[flip, labels].to_numpy()).all(axis=1).sum())
+
+    assert main(args(tmp_path / "dropped", "--folds", folds,
+                     "--set", f"data.train_labels_csv={tmp_path / 'labels_dropped.csv'}")) == 0
+    ids, dropped, _ = read_probs(tmp_path / "dropped" / "oof.csv")
+    assert len(ids) == len(df) and np.abs(dropped - got).max() > 1e-6   # every row scored; fewer rows fitted
+    assert json.loads((tmp_path / "dropped" / "summary.json").read_text())["train_labels"]["rows_not_trained"] == len(drop)
