@@ -76,7 +76,8 @@ def run_names(runs: Path) -> list[str]:
 
 
 def average(oofs: list[Path], out: Path) -> None:
-    """The mean of the probability files ``oofs`` (rows of the first) written to ``out``: the seeds' average."""
+    """The mean of the probability files ``oofs`` (rows of the first) written to ``out``: the seeds' average. It keeps
+    the first file's config (:func:`carried_meta`), so it decodes as its runs do (``decode.fallback``)."""
     from infer.blend import blend_probs
 
     ids, first, names = read_probs(oofs[0])
@@ -84,7 +85,8 @@ def average(oofs: list[Path], out: Path) -> None:
     for o in oofs[1:]:
         o_ids, p, _ = read_probs(o, names)
         probs.append(p[align_ids(oofs[0], ids, o, o_ids)])
-    write_probs(out, ids, blend_probs(probs, [1.0] * len(probs)), names, meta={"mean_of": [str(o) for o in oofs]})
+    write_probs(out, ids, blend_probs(probs, [1.0] * len(probs)), names,
+                meta={**carried_meta(oofs[0]), "mean_of": [str(o) for o in oofs]})
 
 
 def oof_file(folder: Path, name: str = "oof.csv") -> Path:

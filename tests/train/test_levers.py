@@ -11,6 +11,7 @@ from conftest import SAMPLE_SET_ARGS
 from trainkit import SAMPLE_TRAIN
 
 from benchmarks.levers import main as levers
+from core.decoding import default_spec
 from core.io import read_probs
 from train.__main__ import main as train_cli
 
@@ -115,6 +116,9 @@ def test_seed_runs_and_their_average(tmp_path, capsys):
     _, mean, _ = read_probs(runs / "eval" / "combohd_seeds_mean.csv")
     assert abs(mean - (probs["combohd"] + probs["combohd_seed7"] + probs["combohd_seed11"]) / 3).max() < 1e-5
     assert abs(probs["base"] - probs["seed7"]).max() > 1e-3 and abs(probs["combohd"] - mean).max() > 1e-3
+    names = read_probs(runs / "base" / "oof.csv")[2]   # the average decodes as its runs: fallback trend_id_res19
+    assert default_spec(runs / "eval" / "combohd_seeds_mean.csv", names).fallback == 19
+    assert default_spec(runs / "eval" / "seeds_mean.csv", names).fallback == 19
 
     assert levers(["archive", str(runs), str(tmp_path / "kept")]) == 0   # the seed runs are kept with the others
     assert all((tmp_path / "kept" / n / "oof.csv.gz").is_file() for n in probs)
