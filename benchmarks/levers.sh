@@ -27,6 +27,7 @@
 #   combohd_seedN  combohd with train.seed=N on its split (the same DAPT adapter: the seed changes the batches' order
 #          and the dropout); the figures add combohd + its seeds averaged
 #   posw / focal / asl  class-balanced loss terms: BCE with sqrt(neg/pos) positive weights, focal, asymmetric
+#   combohd_posw / combohd_focal / combohd_asl  the same loss terms on top of combohd
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
@@ -62,6 +63,7 @@ dapt() {  # dapt NAME [--set ...]: the vocabulary trimmed to train + test, then 
 }
 R64=(--set lora.r=64 --set lora.alpha=128)
 COMBO=(--set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" --set train.num_epochs=3)
+declare -A LOSS=([posw]=loss.pos_weight=sqrt [focal]=loss.name=focal [asl]=loss.name=asymmetric)
 
 for step in $STEPS; do
     case $step in
@@ -102,9 +104,10 @@ for step in $STEPS; do
         dapt dapt64 "${R64[@]}"
         seed=(); [ "$step" = combohd ] || seed=(--set "train.seed=${step#combohd_seed}" --set cv.seed=42)
         run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions "${seed[@]}" ;;
-    posw) run_cfg posw --set loss.pos_weight=sqrt ;;
-    focal) run_cfg focal --set loss.name=focal ;;
-    asl) run_cfg asl --set loss.name=asymmetric ;;
+    posw | focal | asl) run_cfg "$step" --set "${LOSS[$step]}" ;;
+    combohd_posw | combohd_focal | combohd_asl)
+        dapt dapt64 "${R64[@]}"
+        run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions --set "${LOSS[${step#combohd_}]}" ;;
     seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
