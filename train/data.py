@@ -78,6 +78,12 @@ class TrainingLabels:
         return {"csv": self.path, "rows": len(self.trained), "rows_not_trained": int((~self.trained).sum()),
                 "rows_relabelled": self.relabelled}
 
+    def log_line(self, scored_on: str) -> str:
+        """What a run logs when it starts: the rows it does not train on and those it trains on changed labels."""
+        t = self.describe()
+        return (f"training labels from {t['csv']}: {t['rows_not_trained']} of {t['rows']} rows not trained on, "
+                f"{t['rows_relabelled']} trained on changed labels (scored on {scored_on}'s labels)")
+
 
 def read_training_labels(args: DataArgs, ds: Dataset) -> TrainingLabels | None:
     """``args.train_labels_csv`` (None when unset) matched by id to ``ds`` (``data.train_csv`` read by

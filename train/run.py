@@ -241,9 +241,7 @@ def train_cv(cfg: RunConfig, resume: bool, callbacks: Callbacks) -> dict:
     if env.is_main:
         log_start(cfg, ds, token_ids, folds, env)
         if train_labels is not None:
-            t = train_labels.describe()
-            logger.info(f"training labels from {t['csv']}: {t['rows_not_trained']} of {t['rows']} rows not trained "
-                        f"on, {t['rows_relabelled']} trained on changed labels (scored on {ds.path}'s labels)")
+            logger.info(train_labels.log_line(ds.path))
 
     # 2. The run folder: config, labels and fold assignment first, so that a resumed run can check them.
     if env.is_main:

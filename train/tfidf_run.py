@@ -97,9 +97,7 @@ def main(cfg: RunConfig, out: str | Path, folds: str | None = None, test: str | 
                 f"({source})" + (f"; distilled from {len(soft.teachers)} teacher(s), alpha {cfg.distill.alpha}, "
                                  f"{soft.n_unlabelled} unlabelled rows" if soft else ""))
     if train_labels is not None:
-        t = train_labels.describe()
-        logger.info(f"training labels from {t['csv']}: {t['rows_not_trained']} of {t['rows']} rows not trained on, "
-                    f"{t['rows_relabelled']} trained on changed labels (scored on {ds.path}'s labels)")
+        logger.info(train_labels.log_line(ds.path))
     with atomic_dir(out) as tmp:
         summary = _fit_folds(cfg, tmp, ds, test_ds, fold_of, uniq, source, decode, c, soft, targets_from,
                              train_labels)
