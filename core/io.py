@@ -124,6 +124,23 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_csv(path: str | Path, df: pd.DataFrame, **to_csv: Any) -> None:
+    """Write ``df`` to ``path`` atomically, compressed as its name says (``.gz``, ``.bz2``, ``.xz``, ``.zip``,
+    ``.zst``: the suffixes ``pd.read_csv`` infers when it reads the file back).
+
+    The temporary file's name ends in ``.tmp``, from which pandas would infer no compression: a ``probs.csv.gz``
+    written as plain text cannot be read back.
+    """
+    compression: Any = _COMPRESSION.get(Path(path).suffix.lower())
+    if compression == "zip":  # the member is named after the file, not after the temporary file
+        compression = {"method": "zip", "archive_name": Path(path).with_suffix("").name}
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, compression=compression, **to_csv)
+
+
+_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip", ".zst": "zstd"}
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
@@ -200,8 +217,7 @@ def write_probs(path: str | Path, ids: Sequence, probs: np.ndarray, label_names:
     if id_column in df.columns:
         raise ValueError(f"id column {id_column!r} is also a label name")
     df.insert(0, id_column, list(ids))
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6f")
+    write_csv(path, df, float_format="%.6f")
     if meta is not None:
         write_json(meta_path(path), {"label_names": list(label_names), "rows": len(ids), **meta,
                                      "versions": versions()})

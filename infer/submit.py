@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import InputError
-from core.io import align_ids, atomic_path, read_ids, read_probs
+from core.io import align_ids, read_ids, read_probs, write_csv
 from core.sets import SOURCES, SetDecoder, cascade_of, is_sets
 from core.thresholds import ThresholdSpec, class_ids, fallback_name
 
@@ -116,8 +116,7 @@ def submit(probs: str | Path, out: str | Path, thresholds: str | Path | None = N
         align_ids(probs, row_ids, ids, read_ids(ids, labels_id_column(probs, id_column)), same_order=True)
     preds, source = spec.decode_with_source(p) if is_sets(spec) else (spec.decode(p), None)
     sub = submission_frame(probs_id, row_ids, preds, names, fmt)
-    with atomic_path(out) as tmp:
-        sub.to_csv(tmp, index=False)
+    write_csv(out, sub)
     per_row = preds.sum(axis=1)
     counts = np.bincount(per_row, minlength=4)
     dist = ", ".join(f"{k}: {counts[k]}" for k in range(len(counts)) if counts[k])

@@ -47,6 +47,25 @@ def test_submission_formats(probs_file, tmp_path, fmt, columns, first):
         assert sub[LABELS].to_numpy().tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
 
 
+@pytest.mark.parametrize("suffix, magic", [(".csv.gz", b"\x1f\x8b"), (".csv.zip", b"PK"), (".csv", b"row_id")])
+def test_compressed_outputs_are_compressed_as_named(tmp_path, suffix, magic):
+    # Atomic writes go through a '.tmp' file: the compression must follow the final name, or a probs.csv.gz is
+    # plain text that pandas (and every reader) refuses as 'Not a gzipped file'.
+    probs = tmp_path / f"probs{suffix}"
+    write_probs(probs, ["r1", "r2", "r3"], PROBS, LABELS, id_column="row_id")
+    assert probs.read_bytes()[:len(magic)] == magic
+    ids, p, names = read_probs(probs, LABELS)
+    assert list(ids) == ["r1", "r2", "r3"] and np.allclose(p, PROBS)
+    sub = tmp_path / f"sub{suffix}"
+    assert main(["submit", "--probs", str(probs), "--out", str(sub), "--format", "names", "--fallback", "none"]) == 0
+    assert sub.read_bytes()[:len(magic)] == magic
+    assert list(pd.read_csv(sub, keep_default_na=False)["labels"]) == ["late cheap", "rude", ""]
+    if suffix == ".csv.zip":
+        import zipfile
+
+        assert zipfile.ZipFile(sub).namelist() == ["sub.csv"]
+
+
 def test_submission_format_is_a_config_key_set_in_the_dls_configs():
     assert RunConfig.from_dict({"data": {"submission_format": "onehot"}}).data.submission_format == "onehot"
     for path in sorted((REPO / "configs").glob("*/qlora.yaml")):
