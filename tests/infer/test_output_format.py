@@ -55,7 +55,7 @@ def test_compressed_outputs_are_compressed_as_named(tmp_path, suffix, magic):
     write_probs(probs, ["r1", "r2", "r3"], PROBS, LABELS, id_column="row_id")
     assert probs.read_bytes()[:len(magic)] == magic
     ids, p, names = read_probs(probs, LABELS)
-    assert list(ids) == ["r1", "r2", "r3"] and np.allclose(p, PROBS)
+    assert list(ids) == ["r1", "r2", "r3"] and names == LABELS and np.allclose(p, PROBS)
     sub = tmp_path / f"sub{suffix}"
     assert main(["submit", "--probs", str(probs), "--out", str(sub), "--format", "names", "--fallback", "none"]) == 0
     assert sub.read_bytes()[:len(magic)] == magic
