@@ -28,6 +28,8 @@
 #          and the dropout); the figures add combohd + its seeds averaged
 #   posw / focal / asl  class-balanced loss terms: BCE with sqrt(neg/pos) positive weights, focal, asymmetric
 #   combohd_posw / combohd_focal / combohd_asl  the same loss terms on top of combohd
+#   combohd_ep4  combohd with 4 epochs
+#   combohd_ens  ens on top of combohd: combohd's config distilled from combohd + tfidf (run both steps first)
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
@@ -61,6 +63,11 @@ dapt() {  # dapt NAME [--set ...]: the vocabulary trimmed to train + test, then 
     timed "$name" $PY -m train dapt --config configs/gemma-3-270m/dapt.yaml --corpus "$DLS/test.csv" --out "$R/$name" \
         --set "model.name_or_path=$R/trimmed" "$@" --eval-rows 256 $resume
 }
+unlabelled() {  # the first UNLABELLED_ROWS rows of test.csv, the students' unlabelled rows
+    [ -f "$R/unlabelled.csv" ] && return
+    $PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).head(int(sys.argv[2])).to_csv(sys.argv[3], index=False)" \
+        "$DLS/test.csv" "$UNLABELLED_ROWS" "$R/unlabelled.csv.part" && mv "$R/unlabelled.csv.part" "$R/unlabelled.csv"
+}
 R64=(--set lora.r=64 --set lora.alpha=128)
 COMBO=(--set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" --set train.num_epochs=3)
 declare -A LOSS=([posw]=loss.pos_weight=sqrt [focal]=loss.name=focal [asl]=loss.name=asymmetric)
@@ -68,19 +75,20 @@ declare -A LOSS=([posw]=loss.pos_weight=sqrt [focal]=loss.name=focal [asl]=loss.
 for step in $STEPS; do
     case $step in
     base) run_cfg base ;;
-    tfidf)
+    tfidf)  # on the split of base (or combohd: the same cv.seed), cut to base's rows where base ran
+        folds=; for f in "$R/base/folds.csv" "$R/combohd/folds.csv"; do [ -n "$folds" ] || [ ! -f "$f" ] || folds=$f; done
+        [ -n "$folds" ] || { echo "tfidf: run the base or combohd step first (its folds.csv)" >&2; exit 2; }
         [ -d "$R/tfidf" ] || { log "tfidf"; timed tfidf $PY -m train tfidf --config $CFG "${DATA[@]}" \
-            --folds "$R/base/folds.csv" --out "$R/tfidf"; }
-        $PY -m benchmarks.levers subset "$R/tfidf/oof.csv" "$R/base/oof.csv" "$R/tfidf_base_rows.csv" ;;
+            --folds "$folds" --out "$R/tfidf"; }
+        if [ -f "$R/base/oof.csv" ]; then
+            $PY -m benchmarks.levers subset "$R/tfidf/oof.csv" "$R/base/oof.csv" "$R/tfidf_base_rows.csv"
+        fi ;;
     blend)
         [ -f "$R/blend_oof.csv" ] || { log "blend"; timed blend $PY -m infer blend \
             --oof "$R/base/oof.csv,$R/tfidf_base_rows.csv" --labels "$DLS/train.csv" --folds "$R/base/folds.csv" \
             --out-oof "$R/blend_oof.csv" --no-progress; } ;;
     ens)
-        if [ ! -f "$R/unlabelled.csv" ]; then
-            $PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).head(int(sys.argv[2])).to_csv(sys.argv[3], index=False)" \
-                "$DLS/test.csv" "$UNLABELLED_ROWS" "$R/unlabelled.csv.part" && mv "$R/unlabelled.csv.part" "$R/unlabelled.csv"
-        fi
+        unlabelled
         log "ens: distill from base + tfidf ($TEACHER_WEIGHTS), $UNLABELLED_ROWS unlabelled rows"
         train_or_resume "$R/ens" timed ens $PY -m train distill --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" \
             --set "output_dir=$R/ens" --teacher "$R/base,$R/tfidf" --teacher-weights "$TEACHER_WEIGHTS" \
@@ -108,6 +116,17 @@ for step in $STEPS; do
     combohd_posw | combohd_focal | combohd_asl)
         dapt dapt64 "${R64[@]}"
         run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions --set "${LOSS[${step#combohd_}]}" ;;
+    combohd_ep4)
+        dapt dapt64 "${R64[@]}"
+        run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions --set train.num_epochs=4 ;;
+    combohd_ens)
+        [ -f "$R/combohd/summary.json" ] || { echo "combohd_ens: run the combohd step first (the teacher)" >&2; exit 2; }
+        [ -d "$R/tfidf" ] || { echo "combohd_ens: run the tfidf step first (the second teacher)" >&2; exit 2; }
+        dapt dapt64 "${R64[@]}"; unlabelled
+        log "combohd_ens: combohd distilled from combohd + tfidf ($TEACHER_WEIGHTS), $UNLABELLED_ROWS unlabelled rows"
+        train_or_resume "$R/combohd_ens" timed combohd_ens $PY -m train distill --config $CFG "${DATA[@]}" \
+            --set "cv.folds=$FOLDS" --set "output_dir=$R/combohd_ens" "${COMBO[@]}" --set model.head_init=descriptions \
+            --teacher "$R/combohd,$R/tfidf" --teacher-weights "$TEACHER_WEIGHTS" --unlabelled "$R/unlabelled.csv" ;;
     seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
