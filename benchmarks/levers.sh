@@ -68,6 +68,14 @@ unlabelled() {  # the first UNLABELLED_ROWS rows of test.csv, the students' unla
     $PY -c "import pandas as pd, sys; pd.read_csv(sys.argv[1]).head(int(sys.argv[2])).to_csv(sys.argv[3], index=False)" \
         "$DLS/test.csv" "$UNLABELLED_ROWS" "$R/unlabelled.csv.part" && mv "$R/unlabelled.csv.part" "$R/unlabelled.csv"
 }
+distill_cfg() {  # distill_cfg NAME TEACHERS [--set ...]: the shipped config on FOLDS distilled from TEACHERS
+    local name=$1 teachers=$2; shift 2             # (weights TEACHER_WEIGHTS) with the unlabelled rows
+    unlabelled
+    log "$name: distill from $teachers ($TEACHER_WEIGHTS), $UNLABELLED_ROWS unlabelled rows $*"
+    train_or_resume "$R/$name" timed "$name" $PY -m train distill --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" \
+        --set "output_dir=$R/$name" "$@" --teacher "$teachers" --teacher-weights "$TEACHER_WEIGHTS" \
+        --unlabelled "$R/unlabelled.csv"
+}
 R64=(--set lora.r=64 --set lora.alpha=128)
 COMBO=(--set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" --set train.num_epochs=3)
 declare -A LOSS=([posw]=loss.pos_weight=sqrt [focal]=loss.name=focal [asl]=loss.name=asymmetric)
@@ -88,11 +96,7 @@ for step in $STEPS; do
             --oof "$R/base/oof.csv,$R/tfidf_base_rows.csv" --labels "$DLS/train.csv" --folds "$R/base/folds.csv" \
             --out-oof "$R/blend_oof.csv" --no-progress; } ;;
     ens)
-        unlabelled
-        log "ens: distill from base + tfidf ($TEACHER_WEIGHTS), $UNLABELLED_ROWS unlabelled rows"
-        train_or_resume "$R/ens" timed ens $PY -m train distill --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" \
-            --set "output_dir=$R/ens" --teacher "$R/base,$R/tfidf" --teacher-weights "$TEACHER_WEIGHTS" \
-            --unlabelled "$R/unlabelled.csv" ;;
+        distill_cfg ens "$R/base,$R/tfidf" ;;
     tfstudent)
         [ -d "$R/tfstudent" ] || { log "tfstudent: tfidf distilled from base"; timed tfstudent $PY -m train tfidf \
             --config $CFG "${DATA[@]}" --set "cv.folds=$FOLDS" --folds "$R/base/folds.csv" --teacher "$R/base" \
@@ -122,11 +126,8 @@ for step in $STEPS; do
     combohd_ens)
         [ -f "$R/combohd/summary.json" ] || { echo "combohd_ens: run the combohd step first (the teacher)" >&2; exit 2; }
         [ -d "$R/tfidf" ] || { echo "combohd_ens: run the tfidf step first (the second teacher)" >&2; exit 2; }
-        dapt dapt64 "${R64[@]}"; unlabelled
-        log "combohd_ens: combohd distilled from combohd + tfidf ($TEACHER_WEIGHTS), $UNLABELLED_ROWS unlabelled rows"
-        train_or_resume "$R/combohd_ens" timed combohd_ens $PY -m train distill --config $CFG "${DATA[@]}" \
-            --set "cv.folds=$FOLDS" --set "output_dir=$R/combohd_ens" "${COMBO[@]}" --set model.head_init=descriptions \
-            --teacher "$R/combohd,$R/tfidf" --teacher-weights "$TEACHER_WEIGHTS" --unlabelled "$R/unlabelled.csv" ;;
+        dapt dapt64 "${R64[@]}"
+        distill_cfg combohd_ens "$R/combohd,$R/tfidf" "${COMBO[@]}" --set model.head_init=descriptions ;;
     seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
