@@ -80,6 +80,12 @@ distill_cfg() {  # distill_cfg NAME TEACHERS [--set ...]: the shipped config on 
 }
 R64=(--set lora.r=64 --set lora.alpha=128)
 COMBO=(--set "model.name_or_path=$R/trimmed" --set "lora.init_adapter=$R/dapt64" "${R64[@]}" --set train.num_epochs=3)
+COMBOHD=("${COMBO[@]}" --set model.head_init=descriptions)
+combohd_cfg() {  # combohd_cfg NAME [--set ...]: combohd (DAPT r 64 first) with the given overrides on top
+    local name=$1; shift
+    dapt dapt64 "${R64[@]}"
+    run_cfg "$name" "${COMBOHD[@]}" "$@"
+}
 declare -A LOSS=([posw]=loss.pos_weight=sqrt [focal]=loss.name=focal [asl]=loss.name=asymmetric)
 
 for step in $STEPS; do
@@ -115,27 +121,20 @@ for step in $STEPS; do
     headdesc) run_cfg headdesc --set model.head_init=descriptions ;;
     combo) dapt dapt64 "${R64[@]}"; run_cfg combo "${COMBO[@]}" ;;
     combohd | combohd_seed[0-9]*)
-        dapt dapt64 "${R64[@]}"
         seed=(); [ "$step" = combohd ] || seed=(--set "train.seed=${step#combohd_seed}" --set cv.seed=42)
-        run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions "${seed[@]}" ;;
+        combohd_cfg "$step" "${seed[@]}" ;;
     posw | focal | asl) run_cfg "$step" --set "${LOSS[$step]}" ;;
-    combohd_posw | combohd_focal | combohd_asl)
-        dapt dapt64 "${R64[@]}"
-        run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions --set "${LOSS[${step#combohd_}]}" ;;
-    combohd_ep4)
-        dapt dapt64 "${R64[@]}"
-        run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions --set train.num_epochs=4 ;;
-    combohd_dapt2ep)
+    combohd_posw | combohd_focal | combohd_asl) combohd_cfg "$step" --set "${LOSS[${step#combohd_}]}" ;;
+    combohd_ep4) combohd_cfg "$step" --set train.num_epochs=4 ;;
+    combohd_dapt2ep)  # its own DAPT adapter replaces dapt64 (the later --set wins)
         dapt dapt64_2ep "${R64[@]}" --set train.num_epochs=2
-        run_cfg "$step" "${COMBO[@]}" --set "lora.init_adapter=$R/dapt64_2ep" --set model.head_init=descriptions ;;
-    combohd_headlr3e-3)
-        dapt dapt64 "${R64[@]}"
-        run_cfg "$step" "${COMBO[@]}" --set model.head_init=descriptions --set train.head_lr=3.0e-3 ;;
+        run_cfg "$step" "${COMBOHD[@]}" --set "lora.init_adapter=$R/dapt64_2ep" ;;
+    combohd_headlr3e-3) combohd_cfg "$step" --set train.head_lr=3.0e-3 ;;
     combohd_ens)
         [ -f "$R/combohd/summary.json" ] || { echo "combohd_ens: run the combohd step first (the teacher)" >&2; exit 2; }
         [ -d "$R/tfidf" ] || { echo "combohd_ens: run the tfidf step first (the second teacher)" >&2; exit 2; }
         dapt dapt64 "${R64[@]}"
-        distill_cfg combohd_ens "$R/combohd,$R/tfidf" "${COMBO[@]}" --set model.head_init=descriptions ;;
+        distill_cfg combohd_ens "$R/combohd,$R/tfidf" "${COMBOHD[@]}" ;;
     seed[0-9]*) run_cfg "$step" --set "train.seed=${step#seed}" --set cv.seed=42 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
