@@ -81,25 +81,34 @@ def test_shipped_pipelines_load_and_plan_commands_the_parsers_take(path, tmp_pat
         parser.parse_args(args if module == "infer" or args[0] in {"trim-vocab", "dapt", "tfidf", "merge"}
                           else ["cv", *args])  # no command name: the CV, as python -m train --config X
     if path.parent.name == "gemma-3-270m":  # the shipped steps of RESULTS.md's best pipeline
-        assert [s.name for s in steps] == ["trim-vocab", "dapt", "cv", "predict cv", "tfidf", "blend", "tune",
-                                           "submit"]
+        assert [s.name for s in steps] == ["trim-vocab", "dapt", "cv", "predict cv", "tune", "submit"]
         cv = steps[2].argv
         assert f"model.name_or_path={tmp_path / 'run' / 'base'}" in cv
         assert f"lora.init_adapter={tmp_path / 'run' / 'dapt'}" in cv and "--final" not in cv
         assert steps[1].argv[steps[1].argv.index("--config") + 1] == "configs/gemma-3-270m/dapt.yaml"
-        assert "--tune-decoding" in steps[5].argv and steps[6].argv[steps[6].argv.index("--strategy") + 1] == "cascade"
+        # No TF-IDF blend (it did not hold outside the folds): the cascade is tuned on the CV's own OOF and the
+        # submission is the fold models' averaged prediction.
+        tune, submit = steps[4].argv, steps[5].argv
+        assert tune[tune.index("--oof") + 1] == str(tmp_path / "run" / "cv" / "oof.csv")
+        assert tune[tune.index("--strategy") + 1] == "cascade"
+        assert submit[submit.index("--probs") + 1] == str(tmp_path / "run" / "probs" / "cv.csv")
         # The CV at r 64 / 3 epochs from a DAPT adapter of the same LoRA shape (issue 38's levers together).
         assert {"lora.r=64", "lora.alpha=128", "train.num_epochs=3"} <= set(cv)
         assert {"lora.r=64", "lora.alpha=128"} <= set(steps[1].argv)
         # label_names_csv reaches the CV (the head starts from the names) and TF-IDF, as train_csv does.
         named = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "label_names_csv=my labels.csv"]), tmp_path)
-        assert [s.name for s in named if "data.label_names_csv=my labels.csv" in s.argv] == ["cv", "tfidf"]
+        assert [s.name for s in named if "data.label_names_csv=my labels.csv" in s.argv] == ["cv"]
+        blended = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "label_names_csv=my labels.csv",
+                                                       "tfidf.enabled=true"]), tmp_path)
+        assert [s.name for s in blended if "data.label_names_csv=my labels.csv" in s.argv] == ["cv", "tfidf"]
+        assert [s.name for s in blended][4:6] == ["tfidf", "blend"]
+        assert "--tune-decoding" in blended[5].argv
 
 
 def test_seeds_share_the_first_split_and_each_is_a_model_of_the_blend(tmp_path):
     cfg = PipelineConfig.from_yaml(ROOT / "configs" / "gemma-3-270m" / "pipeline.yaml",
                                    ["test_csv=t.csv", "cv.seeds=[42,7]", "trim_vocab.enabled=false",
-                                    "dapt.enabled=false"])
+                                    "dapt.enabled=false", "tfidf.enabled=true"])
     steps = {s.name: s for s in plan(cfg, tmp_path)}
     assert [n for n in steps if n.startswith(("cv", "predict"))] == ["cv", "cv-seed7", "predict cv",
                                                                      "predict cv-seed7"]
