@@ -8,6 +8,8 @@ named as the labels it was trained on, values in [0, 1]. Each CSV artifact may c
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
 import os
 import platform
@@ -129,13 +131,19 @@ def write_csv(path: str | Path, df: pd.DataFrame, **to_csv: Any) -> None:
     ``.zst``: the suffixes ``pd.read_csv`` infers when it reads the file back).
 
     The temporary file's name ends in ``.tmp``, from which pandas would infer no compression: a ``probs.csv.gz``
-    written as plain text cannot be read back.
+    written as plain text cannot be read back. A gzip header names the file, not the temporary file, and carries
+    no time: the same rows give the same bytes.
     """
     compression: Any = _COMPRESSION.get(Path(path).suffix.lower())
     if compression == "zip":  # the member is named after the file, not after the temporary file
         compression = {"method": "zip", "archive_name": Path(path).with_suffix("").name}
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, compression=compression, **to_csv)
+        if compression == "gzip":  # pandas' gzip takes the header's name from the (temporary) path it opens
+            with open(tmp, "wb") as raw, gzip.GzipFile(Path(path).name, "wb", fileobj=raw, mtime=0) as gz, \
+                    io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
+                df.to_csv(text, index=False, **to_csv)
+        else:
+            df.to_csv(tmp, index=False, compression=compression, **to_csv)
 
 
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip", ".zst": "zstd"}

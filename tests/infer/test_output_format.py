@@ -64,6 +64,10 @@ def test_compressed_outputs_are_compressed_as_named(tmp_path, suffix, magic):
         import zipfile
 
         assert zipfile.ZipFile(sub).namelist() == ["sub.csv"]
+    if suffix == ".csv.gz":  # the header names the file (not its '.tmp'), with no time: same rows, same bytes
+        header = sub.read_bytes()
+        assert header[3] & 0x08 and header[4:8] == b"\0\0\0\0"
+        assert header[10:header.index(b"\0", 10)] == b"sub.csv"
 
 
 def test_submission_format_is_a_config_key_set_in_the_dls_configs():
