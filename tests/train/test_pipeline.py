@@ -95,7 +95,7 @@ def test_shipped_pipelines_load_and_plan_commands_the_parsers_take(path, tmp_pat
         # The CV at r 64 / 3 epochs from a DAPT adapter of the same LoRA shape (issue 38's levers together).
         assert {"lora.r=64", "lora.alpha=128", "train.num_epochs=3"} <= set(cv)
         assert {"lora.r=64", "lora.alpha=128"} <= set(steps[1].argv)
-        # label_names_csv reaches the CV (the head starts from the names) and TF-IDF, as train_csv does.
+        # label_names_csv reaches the CV (the head starts from the names), and TF-IDF when it runs, as train_csv does.
         named = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "label_names_csv=my labels.csv"]), tmp_path)
         assert [s.name for s in named if "data.label_names_csv=my labels.csv" in s.argv] == ["cv"]
         blended = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "label_names_csv=my labels.csv",
