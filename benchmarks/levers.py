@@ -3,6 +3,7 @@
 Usage:
     python -m benchmarks.levers RUNS [--labels ../shared/data/dls/train.csv] [--json out.json]
     python -m benchmarks.levers subset FULL_OOF ROWS_OF OUT      # FULL_OOF cut to the rows of ROWS_OF (same meta)
+    python -m benchmarks.levers join RUN_A RUN_B OUT             # two runs of one config on other folds, as one run
     python -m benchmarks.levers archive RUNS DEST                # the OOF files, gzipped, to keep in the repository
     python -m benchmarks.levers unpack SET.tar.gz DEST           # an archived set extracted to DEST/SET
     python -m benchmarks.levers pack FOLDER SET.tar.gz           # a folder of archived runs as one set file
@@ -32,7 +33,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from core.io import align_ids, meta_path, read_folds, read_probs, write_probs
+import numpy as np
+
+from core.io import align_ids, meta_path, read_folds, read_probs, write_json, write_probs
 
 RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora32", "lora64", "loraplus", "headlr", "headdesc", "combo",
         "combohd", "posw", "focal", "asl", "combohd_posw", "combohd_focal", "combohd_asl", "combohd_ens", "combohd_ep4",
@@ -48,6 +51,48 @@ def subset(full: str, rows_of: str, out: str) -> None:
     want, _, _ = read_probs(rows_of)
     idx = align_ids(rows_of, want, full, ids)
     write_probs(out, ids[idx], p[idx], names, meta={**carried_meta(full), "subset_of": full, "rows_of": rows_of})
+
+
+def join(run_a: str, run_b: str, out: str) -> None:
+    """Write ``out``, one run folder holding the out-of-fold rows of ``run_a`` and ``run_b``: the same config and
+    split, other folds (e.g. an archived folds 0-1 screen and its folds 2-4 run later). The configs their OOF files
+    record may differ in ``cv.folds`` and ``output_dir`` only, their ``folds.csv`` not at all, and no row may be in
+    both."""
+    a, b, dest = Path(run_a), Path(run_b), Path(out)
+    made_by = []
+    for run in (a, b):
+        meta = carried_meta(oof_file(run))
+        cfg = dict(_flatten(meta.get("config", {})))
+        cfg.pop("output_dir", None)
+        cfg.pop("cv.folds", None)
+        made_by.append({**cfg, **{k: meta[k] for k in ("model", "adapter", "produced_by") if k in meta}})
+    keys = sorted(k for k in made_by[0].keys() | made_by[1].keys() if made_by[0].get(k) != made_by[1].get(k))
+    if keys:
+        raise SystemExit(f"join: {a} and {b} are runs of different configs ({', '.join(keys)})")
+    if (a / "folds.csv").read_bytes() != (b / "folds.csv").read_bytes():
+        raise SystemExit(f"join: {a / 'folds.csv'} and {b / 'folds.csv'} differ: not the same split")
+    ids_a, p_a, names = read_probs(oof_file(a))
+    ids_b, p_b, _ = read_probs(oof_file(b), names)
+    both = set(ids_a.tolist()) & set(ids_b.tolist())
+    if both:
+        raise SystemExit(f"join: {len(both)} out-of-fold row(s) in both runs, e.g. id {min(both)}")
+    folds = sorted({*json.loads((a / "summary.json").read_text())["folds"],
+                    *json.loads((b / "summary.json").read_text())["folds"]})
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("folds.csv", "run_config.yaml", "label_names.json"):
+        if (a / f).is_file():
+            shutil.copyfile(a / f, dest / f)
+    write_probs(dest / "oof.csv", np.concatenate([ids_a, ids_b]), np.concatenate([p_a, p_b]), names,
+                meta={**carried_meta(oof_file(a)), "joined_from": [str(oof_file(a)), str(oof_file(b))]})
+    write_json(dest / "summary.json", {"folds": folds, "rows": len(ids_a) + len(ids_b), "joined_from": [str(a), str(b)]})
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def carried_meta(path) -> dict:
@@ -238,7 +283,7 @@ def blend_figures(oofs: list[Path], labels: str, folds: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    tools = {"subset": (subset, "FULL_OOF ROWS_OF OUT"), "archive": (archive, "RUNS DEST"),
+    tools = {"subset": (subset, "FULL_OOF ROWS_OF OUT"), "join": (join, "RUN_A RUN_B OUT"), "archive": (archive, "RUNS DEST"),
              "unpack": (unpack, "SET.tar.gz DEST"), "pack": (pack, "FOLDER SET.tar.gz")}
     if argv[:1] and argv[0] in tools:
         fn, usage = tools[argv[0]]

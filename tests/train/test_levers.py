@@ -5,6 +5,7 @@ folder has what a lever run needs: oof.csv, folds.csv, summary.json)."""
 from __future__ import annotations
 
 import gzip
+import json
 
 import pytest
 from conftest import SAMPLE_SET_ARGS
@@ -141,3 +142,28 @@ def test_another_base_and_a_subset_of_runs(tmp_path, capsys):
     assert versus_base[2].split(" | ")[-1] != table[2].split(" | ")[-1]    # its paired difference does
     with pytest.raises(SystemExit, match="nothing"):
         levers([str(runs), "--labels", str(SAMPLE_TRAIN), "--base", "nothing"])
+
+
+def test_join_makes_one_run_of_two_runs_on_other_folds_and_refuses_what_is_not(tmp_path, capsys):
+    # A folds 0 screen and its folds 1-2 run later, joined: the rows of the same config's run on all 3 folds.
+    full, a, b = tmp_path / "full", tmp_path / "a", tmp_path / "b"
+    tfidf_run(full)
+    split = ["--folds", full / "folds.csv"]
+    tfidf_run(a, *split, "--set", "cv.folds=[0]")
+    tfidf_run(b, *split, "--set", "cv.folds=[1,2]")
+    assert levers(["join", str(a), str(b), str(tmp_path / "ab")]) == 0
+    ids, p, names = read_probs(tmp_path / "ab" / "oof.csv")
+    full_ids, full_p, full_names = read_probs(full / "oof.csv")
+    assert names == full_names and sorted(map(str, ids)) == sorted(map(str, full_ids))
+    order = {str(i): k for k, i in enumerate(full_ids)}
+    assert abs(p - full_p[[order[str(i)] for i in ids]]).max() < 1e-6
+    assert json.loads((tmp_path / "ab" / "summary.json").read_text())["folds"] == [0, 1, 2]
+    assert (tmp_path / "ab" / "folds.csv").read_bytes() == (full / "folds.csv").read_bytes()
+
+    with pytest.raises(SystemExit, match=r"in both runs"):
+        levers(["join", str(a), str(full), str(tmp_path / "x")])
+    other = tmp_path / "other"
+    tfidf_run(other, *split, "--set", "cv.folds=[1,2]", "--set", "data.max_length=64")
+    with pytest.raises(SystemExit, match=r"different configs \(data\.max_length\)"):
+        levers(["join", str(a), str(other), str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
