@@ -56,19 +56,17 @@ def subset(full: str, rows_of: str, out: str) -> None:
 def join(run_a: str, run_b: str, out: str) -> None:
     """Write ``out``, one run folder holding the out-of-fold rows of ``run_a`` and ``run_b``: the same config and
     split, other folds (e.g. an archived folds 0-1 screen and its folds 2-4 run later). The configs their OOF files
-    record may differ in ``cv.folds`` and ``output_dir`` only, their ``folds.csv`` not at all, and no row may be in
-    both."""
+    record may differ only where a resumed run's may (``train.checkpoint.RESUME_FREE``: ``cv.folds``, ``output_dir``
+    ...), their ``folds.csv`` not at all, and no row may be in both."""
+    from train.checkpoint import changes, describe
+
     a, b, dest = Path(run_a), Path(run_b), Path(out)
-    made_by = []
-    for run in (a, b):
-        meta = carried_meta(oof_file(run))
-        cfg = dict(_flatten(meta.get("config", {})))
-        cfg.pop("output_dir", None)
-        cfg.pop("cv.folds", None)
-        made_by.append({**cfg, **{k: meta[k] for k in ("model", "adapter", "produced_by") if k in meta}})
-    keys = sorted(k for k in made_by[0].keys() | made_by[1].keys() if made_by[0].get(k) != made_by[1].get(k))
-    if keys:
-        raise SystemExit(f"join: {a} and {b} are runs of different configs ({', '.join(keys)})")
+    metas = [carried_meta(oof_file(run)) for run in (a, b)]
+    refused, _ = changes(metas[0].get("config", {}), metas[1].get("config", {}))
+    refused += [(k, metas[0].get(k), metas[1].get(k)) for k in ("model", "adapter", "produced_by")
+                if metas[0].get(k) != metas[1].get(k)]  # what the config does not say (TF-IDF's C, which adapter)
+    if refused:
+        raise SystemExit(f"join: {a} and {b} are runs of different configs ({describe(refused)})")
     if (a / "folds.csv").read_bytes() != (b / "folds.csv").read_bytes():
         raise SystemExit(f"join: {a / 'folds.csv'} and {b / 'folds.csv'} differ: not the same split")
     ids_a, p_a, names = read_probs(oof_file(a))
@@ -82,17 +80,11 @@ def join(run_a: str, run_b: str, out: str) -> None:
     for f in ("folds.csv", "run_config.yaml", "label_names.json"):
         if (a / f).is_file():
             shutil.copyfile(a / f, dest / f)
-    write_probs(dest / "oof.csv", np.concatenate([ids_a, ids_b]), np.concatenate([p_a, p_b]), names,
-                meta={**carried_meta(oof_file(a)), "joined_from": [str(oof_file(a)), str(oof_file(b))]})
+    meta = {**metas[0], "joined_from": [str(oof_file(a)), str(oof_file(b))]}
+    if "folds" in meta:
+        meta["folds"] = folds
+    write_probs(dest / "oof.csv", np.concatenate([ids_a, ids_b]), np.concatenate([p_a, p_b]), names, meta=meta)
     write_json(dest / "summary.json", {"folds": folds, "rows": len(ids_a) + len(ids_b), "joined_from": [str(a), str(b)]})
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def carried_meta(path) -> dict:

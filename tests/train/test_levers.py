@@ -164,6 +164,10 @@ def test_join_makes_one_run_of_two_runs_on_other_folds_and_refuses_what_is_not(t
         levers(["join", str(a), str(full), str(tmp_path / "x")])
     other = tmp_path / "other"
     tfidf_run(other, *split, "--set", "cv.folds=[1,2]", "--set", "data.max_length=64")
-    with pytest.raises(SystemExit, match=r"different configs \(data\.max_length\)"):
+    with pytest.raises(SystemExit, match=r"different configs \(data\.max_length 256 -> 64\)"):
         levers(["join", str(a), str(other), str(tmp_path / "y")])
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    c1 = tmp_path / "c1"
+    tfidf_run(c1, *split, "--set", "cv.folds=[1,2]", "--C", 1)             # TF-IDF's C is not in the config
+    with pytest.raises(SystemExit, match=r"different configs \(model .*C=4.0.* -> .*C=1"):
+        levers(["join", str(a), str(c1), str(tmp_path / "z")])
+    assert not any((tmp_path / n).exists() for n in "xyz")
