@@ -134,8 +134,9 @@ def oof_file(folder: Path, name: str = "oof.csv") -> Path:
 
 
 def _gzip_with_meta(src: Path, dst: Path) -> None:
-    """``src`` gzipped to ``dst``, its ``.meta.json`` sidecar beside it when there is one."""
-    with open(src, "rb") as fin, gzip.open(dst, "wb") as fout:
+    """``src`` gzipped to ``dst``, its ``.meta.json`` sidecar beside it when there is one. The gzip header carries
+    no time (as ``core.io.write_csv``'s): the same runs archive to the same bytes."""
+    with open(src, "rb") as fin, gzip.GzipFile(dst, "wb", mtime=0) as fout:
         shutil.copyfileobj(fin, fout)
     if meta_path(src).is_file():
         shutil.copyfile(meta_path(src), meta_path(dst))
