@@ -130,9 +130,29 @@ def small_csv(tmp_path_factory) -> Path:
     return path
 
 
+def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1)) -> Path:
+    """Train ``folds`` of a 2-fold CV for 2 optimizer steps each; returns the run folder."""
+    from core.config import RunConfig
+    from train.run import main as run_main
+
+    cfg = RunConfig.from_dict({
+        # eager attention: with bitsandbytes' CPU 4-bit kernels (bf16 activations) SDPA's padded and unpadded
+        # paths differ at bf16 noise level; eager makes batched and one-at-a-time bitwise comparable.
+        "model": {"name_or_path": str(model_dir), "attn_implementation": "eager"},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "decode": dict(SAMPLE_DECODE),
+        "data": {**SAMPLE_DATA, "train_csv": str(train_csv), "label_names_csv": str(SAMPLE_TRENDS),
+                 "max_length": 64},
+        "train": {"num_epochs": 1, "max_steps": 2, "micro_batch_size": 8, "eval_batch_size": 16,
+                  "save_every_steps": 0, "lr": 1e-2, "head_lr": 5e-2},
+        "cv": {"n_folds": 2, "folds": list(folds)},
+        "output_dir": str(root / "run"),
+    })
+    run_main(cfg)
+    return root / "run"
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model, small_csv) -> Path:
-    """A tiny trained run (two folds of a 2-fold CV, 2 steps each; tests/infer/test_predict.py), one per module."""
-    from test_predict import train_tiny_run
-
+    """A tiny trained run (two folds of a 2-fold CV, 2 steps each), one per module."""
     return train_tiny_run(tmp_path_factory.mktemp("tiny"), tiny_model, small_csv)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SAMPLE_DATA, SAMPLE_DECODE
 
 from core.cli import setup_logging
 from core.errors import InputError
@@ -25,30 +24,8 @@ SAMPLE_TEST = REPO / "data" / "sample_test.csv"
 
 # --------------------------------------------------------------------------------------------------------------
 # A tiny trained run (two folds, 2 steps each) on the random 2-layer Gemma 3 of tests/conftest.py (`tiny_model`).
-# The same builder is used by tests/infer/test_hub.py.
+# Built by tests/conftest.py (`tiny_run`, `train_tiny_run`), which test_hub.py and others share.
 # --------------------------------------------------------------------------------------------------------------
-
-
-def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1)) -> Path:
-    """Train ``folds`` of a 2-fold CV for 2 optimizer steps each; returns the run folder."""
-    from core.config import RunConfig
-    from train.run import main as run_main
-
-    cfg = RunConfig.from_dict({
-        # eager attention: with bitsandbytes' CPU 4-bit kernels (bf16 activations) SDPA's padded and unpadded
-        # paths differ at bf16 noise level; eager makes batched and one-at-a-time bitwise comparable.
-        "model": {"name_or_path": str(model_dir), "attn_implementation": "eager"},
-        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "decode": dict(SAMPLE_DECODE),
-        "data": {**SAMPLE_DATA, "train_csv": str(train_csv), "label_names_csv": str(REPO / "data" / "sample_trends.csv"),
-                 "max_length": 64},
-        "train": {"num_epochs": 1, "max_steps": 2, "micro_batch_size": 8, "eval_batch_size": 16,
-                  "save_every_steps": 0, "lr": 1e-2, "head_lr": 5e-2},
-        "cv": {"n_folds": 2, "folds": list(folds)},
-        "output_dir": str(root / "run"),
-    })
-    run_main(cfg)
-    return root / "run"
 
 
 @pytest.fixture(scope="module")

@@ -52,3 +52,32 @@ def test_holdout_command_writes_inner_and_outer_verbatim(tmp_path):
     assert meta["outer_rows"] == len(outer) and meta["seed"] == 42 and meta["frac"] == 0.25
     # an existing output folder is refused before anything is written
     assert main(["holdout", "--config", str(CONFIG), "--labels", str(SAMPLE_TRAIN), "--out", str(out)]) == 2
+
+
+def test_outer_benchmark_pairs_every_model_with_each_versus(tmp_path, tiny_run, small_csv, capsys):
+    """``python -m benchmarks.outer``: the run's fold average and another adapter scored on outer rows, one paired
+    table per ``--versus``; an unknown ``--versus`` stops before any model predicts."""
+    from benchmarks.outer import main as outer_main
+
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    pd.read_csv(small_csv).to_csv(outer / "inner.csv", index=False)  # the rows tiny_run's CV saw
+    pd.read_csv(SAMPLE_TRAIN).iloc[60:90].to_csv(outer / "outer.csv", index=False)
+    out, table = tmp_path / "eval", tmp_path / "table.json"
+    base = ["--outer", str(outer), "--run", str(tiny_run), "--model", f"f0={tiny_run / 'fold_0' / 'last'}",
+            "--out-dir", str(out)]
+    with pytest.raises(SystemExit, match="'f1': not a model"):
+        outer_main([*base, "--versus", "f1"])
+    assert not out.exists() or not any(out.glob("*.csv"))
+    assert outer_main([*base, "--versus", "fold average", "--versus", "f0", "--json", str(table)]) == 0
+    assert capsys.readouterr().out.count("outer rows of") == 2
+    rows = {r["model"]: r for r in json.loads(table.read_text())}
+    assert set(rows) == {"fold average", "f0"} and rows["fold average"]["adapters"] == 2
+    for name, row in rows.items():
+        assert set(row["vs"]) == {"fold average", "f0"} and row["rows"] == 30
+        for dec in ("cascade", "tuned"):
+            assert row["vs"][name][dec]["difference"] == 0
+            assert row[f"em_{dec}"] == row["vs"]["f0"][dec]["exact_match_b"]
+    for dec in ("cascade", "tuned"):  # the same pair either way round: the difference changes sign
+        assert rows["f0"]["vs"]["fold average"][dec]["difference"] == \
+            pytest.approx(-rows["fold average"]["vs"]["f0"][dec]["difference"])
