@@ -61,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{flag} {spec!r}: expected {'NAME=ADAPTER' if flag == '--model' else 'NAME=PROBS:THRESHOLDS'}")
     models = [("fold average", str(run), None)] + [(*m.split("=", 1), None) for m in args.model]
     models += [(name, *spec.rsplit(":", 1)) for name, spec in (p.split("=", 1) for p in args.probs)]
+    names = [m[0] for m in models]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"two models named {next(n for n in names if names.count(n) > 1)!r}: names must differ")
     versus = args.versus or ["fold average"]
-    unknown = [v for v in versus if v not in {m[0] for m in models}]
+    unknown = [v for v in versus if v not in names]
     if unknown:  # before any model predicts
-        raise SystemExit(f"--versus {unknown[0]!r}: not a model of this table ({', '.join(m[0] for m in models)})")
+        raise SystemExit(f"--versus {unknown[0]!r}: not a model of this table ({', '.join(names)})")
 
     thresholds = out / "thresholds.json"
     if not thresholds.exists():

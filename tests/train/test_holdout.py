@@ -68,6 +68,8 @@ def test_outer_benchmark_pairs_every_model_with_each_versus(tmp_path, tiny_run, 
             "--out-dir", str(out)]
     with pytest.raises(SystemExit, match="'f1': not a model"):
         outer_main([*base, "--versus", "f1"])
+    with pytest.raises(SystemExit, match="two models named 'f0'"):
+        outer_main([*base, "--model", f"f0={tiny_run / 'fold_1' / 'last'}"])
     assert not out.exists() or not any(out.glob("*.csv"))
     assert outer_main([*base, "--versus", "fold average", "--versus", "f0", "--json", str(table)]) == 0
     assert capsys.readouterr().out.count("outer rows of") == 2
