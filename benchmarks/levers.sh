@@ -32,6 +32,7 @@
 #   combohd_ens  ens on top of combohd: combohd's config distilled from combohd + tfidf (run both steps first)
 #   combohd_dapt2ep  combohd from a DAPT of 2 epochs (r 64, same corpus) instead of 1
 #   combohd_headlr3e-3  combohd with the score head's lr at 3e-3 instead of 1e-3 (train.head_lr)
+#   combohd_meanpool  combohd with the head reading the mean of the final hidden states (model.pooling=mean)
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
@@ -130,6 +131,7 @@ for step in $STEPS; do
         dapt dapt64_2ep "${R64[@]}" --set train.num_epochs=2
         run_cfg "$step" "${COMBOHD[@]}" --set "lora.init_adapter=$R/dapt64_2ep" ;;
     combohd_headlr3e-3) combohd_cfg "$step" --set train.head_lr=3.0e-3 ;;
+    combohd_meanpool) combohd_cfg "$step" --set model.pooling=mean ;;
     combohd_ens)
         [ -f "$R/combohd/summary.json" ] || { echo "combohd_ens: run the combohd step first (the teacher)" >&2; exit 2; }
         [ -d "$R/tfidf" ] || { echo "combohd_ens: run the tfidf step first (the second teacher)" >&2; exit 2; }

@@ -34,6 +34,11 @@ class ModelArgs:
     """How the ``score`` head's rows start: ``random`` (transformers' init, seeded per fold) or ``descriptions``: each
     class's row is the model's pooled hidden state of its ``data.label_names_csv`` name (its label name where it has
     none), centred over the classes and scaled so the logits start at the random head's scale (:mod:`train.head_init`)."""
+    pooling: Literal["last", "mean"] = "last"
+    """What the ``score`` head reads: ``last``, the final hidden state at the row's last token (transformers'
+    sequence classification); ``mean``, the mean of the final hidden states over the row's tokens
+    (:func:`core.model.set_pooling`). Every load of the run's model pools the same way (training, predict, serve);
+    ``infer export`` refuses ``mean``: a plain transformers classifier pools the last token."""
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     """``auto``: eager for Gemma-2 (attention logit soft-capping), SDPA otherwise."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

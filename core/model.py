@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from core.config import EMBEDDED_MODEL, ModelArgs, QuantizationArgs
 from core.data import collate
-from core.errors import InputError
+from core.errors import ConfigError, InputError
 from core.io import atomic_dir, versions, write_json
 from core.offline import no_hub_kernels
 
@@ -235,7 +235,33 @@ def load_classifier(path: str, num_labels: int, margs: ModelArgs, qargs: Quantiz
         kwargs["max_memory"] = max_memory
     model = AutoModelForSequenceClassification.from_pretrained(path, device_map=device_map, num_labels=num_labels,
                                                                problem_type=problem_type, **kwargs)
+    set_pooling(model, margs.pooling)
     return _prepare_loaded(model, tok, dtype), tok, dtype
+
+
+def _running_mean(module, args, output):
+    steps = torch.arange(1, output.shape[1] + 1, device=output.device, dtype=torch.float32).view(1, -1, 1)
+    return (output.float().cumsum(dim=1) / steps).to(output.dtype)
+
+
+def set_pooling(model, pooling: str) -> None:
+    """Make a sequence classifier's ``score`` head read the mean of the row's final hidden states (``mean``) instead
+    of the last token's (``last``: transformers' own pooling, nothing to do).
+
+    transformers' classifiers apply ``score`` at every position and keep the logits of the last non-pad token. A
+    forward hook on the backbone's final norm replaces each position's state with the running mean of the states up
+    to it, so the kept position carries the mean over the whole row: rows are right-padded (:func:`core.data.collate`),
+    so no pad is in it, and the head (linear) sees exactly the mean-pooled state. The hook is behaviour, not weights:
+    every load of the model calls this with the run's ``model.pooling``."""
+    if pooling == "last":
+        return
+    if pooling != "mean":
+        raise ConfigError(f"model.pooling must be 'last' or 'mean', got {pooling!r}")
+    norm = getattr(getattr(model, model.base_model_prefix, None), "norm", None)
+    if not isinstance(norm, torch.nn.Module):
+        raise ConfigError(f"model.pooling=mean: {type(model).__name__} has no final norm at "
+                          f"{model.base_model_prefix}.norm to pool after; use model.pooling=last")
+    norm.register_forward_hook(_running_mean)
 
 
 def load_causal_lm(path: str, margs: ModelArgs, qargs: QuantizationArgs, device: torch.device, device_map=None):

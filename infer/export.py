@@ -119,7 +119,8 @@ def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None 
         The provenance dict written to ``out/export_info.json``.
 
     Raises:
-        InputError: existing ``out``, bad dtype, run folder without ``fold``, missing adapter or base model.
+        InputError: existing ``out``, bad dtype, run folder without ``fold``, missing adapter or base model, an
+            adapter trained with ``model.pooling: mean``.
     """
     import torch
 
@@ -141,6 +142,9 @@ def export(adapter: str, out: str | Path, dtype: str = "bf16", fold: int | None 
         raise InputError(f"--probe-rows must be >= 1, got {probe_rows}")
     t0 = time.perf_counter()
     ref = pick_ref(adapter, fold)
+    if ref.cfg.model.pooling != "last":
+        raise InputError(f"{ref.folder}: trained with model.pooling={ref.cfg.model.pooling}; the export is a plain "
+                         "transformers classifier, which pools the last token (predict and serve the adapter instead)")
     torch_dtype = getattr(torch, DTYPES[dtype])
     device = pick_device(device)
     path = resolve_base(ref, base_model)

@@ -207,6 +207,22 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
     th = json.loads(thresholds.read_text()) if thresholds is not None else None
     fold_list = ", ".join(map(str, folds))
     adapter0 = f"fold_{folds[0]}/{keep}"
+    plain = [
+        "Plain transformers + peft (one fold; set the pad token id: the score head reads the last real token):", "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig",
+        f"tok = AutoTokenizer.from_pretrained(\"{repo}\", subfolder=\"{adapter0}\")",
+        f"base = AutoModelForSequenceClassification.from_pretrained(\"{base}\", num_labels={len(names)},",
+        "    problem_type=\"multi_label_classification\", pad_token_id=tok.pad_token_id,",
+        (f"    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{cfg.quantization.quant_type}\","
+        f" bnb_4bit_use_double_quant={cfg.quantization.double_quant}))"),
+        f"model = PeftModel.from_pretrained(base, \"{repo}\", subfolder=\"{adapter0}\").eval()",
+        "probs = model(**tok(prompts, return_tensors=\"pt\", padding=True)).logits.sigmoid()",
+        "```", "",
+    ] if cfg.model.pooling == "last" else [
+        ("The score head reads the mean of the hidden states (`model.pooling: mean`), which a plain transformers "
+         "classifier does not: load it with the toolkit, as above."), ""]
     lines = [
         f"# {repo.split('/')[-1]}: QLoRA multilabel classifier on {base}", "",
         (f"Cross-validated LoRA adapters (one per fold: {fold_list} of {cfg.cv.n_folds}) plus trained `score` heads "
@@ -231,18 +247,7 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
         f"p = load_predictor(\"{repo}\")          # after `python -m infer pull {repo}`",
         "probs = p.predict_texts([prompt, ...])  # N x labels, sigmoid probabilities",
         "```", "",
-        "Plain transformers + peft (one fold; set the pad token id: the score head reads the last real token):", "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig",
-        f"tok = AutoTokenizer.from_pretrained(\"{repo}\", subfolder=\"{adapter0}\")",
-        f"base = AutoModelForSequenceClassification.from_pretrained(\"{base}\", num_labels={len(names)},",
-        "    problem_type=\"multi_label_classification\", pad_token_id=tok.pad_token_id,",
-        (f"    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{cfg.quantization.quant_type}\","
-        f" bnb_4bit_use_double_quant={cfg.quantization.double_quant}))"),
-        f"model = PeftModel.from_pretrained(base, \"{repo}\", subfolder=\"{adapter0}\").eval()",
-        "probs = model(**tok(prompts, return_tensors=\"pt\", padding=True)).logits.sigmoid()",
-        "```", "",
+        *plain,
         ("Prompt template (`data.text_template`; Python `str.format` over the CSV columns, missing values empty, "
         "set literals like `{A,B}` lose their braces):"), "",
         "```text", cfg.data.text_template, "```", "",

@@ -130,15 +130,16 @@ def small_csv(tmp_path_factory) -> Path:
     return path
 
 
-def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1)) -> Path:
-    """Train ``folds`` of a 2-fold CV for 2 optimizer steps each; returns the run folder."""
+def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1), **model) -> Path:
+    """Train ``folds`` of a 2-fold CV for 2 optimizer steps each (``model``: more ``model.`` settings); returns the
+    run folder."""
     from core.config import RunConfig
     from train.run import main as run_main
 
     cfg = RunConfig.from_dict({
         # eager attention: with bitsandbytes' CPU 4-bit kernels (bf16 activations) SDPA's padded and unpadded
         # paths differ at bf16 noise level; eager makes batched and one-at-a-time bitwise comparable.
-        "model": {"name_or_path": str(model_dir), "attn_implementation": "eager"},
+        "model": {"name_or_path": str(model_dir), "attn_implementation": "eager", **model},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "decode": dict(SAMPLE_DECODE),
         "data": {**SAMPLE_DATA, "train_csv": str(train_csv), "label_names_csv": str(SAMPLE_TRENDS),

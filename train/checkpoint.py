@@ -202,7 +202,7 @@ def _free(key: str, free: tuple[str, ...]) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
 
 
-LATER_DEFAULTS = {"train.lora_plus_ratio": None, "cv.seed": None, "model.head_init": "random"}
+LATER_DEFAULTS = {"train.lora_plus_ratio": None, "cv.seed": None, "model.head_init": "random", "model.pooling": "last"}
 """Keys added after checkpoints existed: left out of a checkpoint's fingerprint at their default, so checkpoints
 written before the key existed still resume."""
 

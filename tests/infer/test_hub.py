@@ -162,6 +162,13 @@ def test_model_card(tmp_path):
     assert "base_model" not in front_matter(hub.upload_plan(run, "user/x")[0].content.decode())
     meta = front_matter(hub.upload_plan(run, "user/x", base_model="google/gemma-2-9b-it")[0].content.decode())
     assert meta["base_model"] == "google/gemma-2-9b-it"
+    # A run that pools the mean gets no plain-transformers snippet (it would pool the last token), a note instead.
+    assert "PeftModel.from_pretrained" in card
+    cfg = yaml.safe_load((run / "run_config.yaml").read_text())
+    cfg["model"]["pooling"] = "mean"
+    (run / "run_config.yaml").write_text(yaml.safe_dump(cfg))
+    mean_card = hub.upload_plan(run, "user/x")[0].content.decode()
+    assert "PeftModel.from_pretrained" not in mean_card and "`model.pooling: mean`" in mean_card
 
 
 def test_push_errors_change_nothing(tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from core.cli import setup_logging
 from core.errors import InputError
@@ -72,6 +73,35 @@ def test_reproduces_training_out_of_fold_probabilities(tiny_run, tmp_path):
     predict([str(tiny_run / "fold_1" / "last")], tmp_path / "val.csv", tmp_path / "p.csv", progress=False)
     _, probs, _ = probs_of(tmp_path / "p.csv")
     np.testing.assert_allclose(probs, np.load(tiny_run / "fold_1" / "val_probs_last.npy"), atol=2e-6)
+
+
+def test_mean_pooling_reaches_every_load_of_the_run(tiny_model, small_csv, tmp_path):
+    """A run trained with model.pooling=mean (head from the descriptions, pooled the same way): predict reproduces its
+    out-of-fold probabilities, so predict pools as training did; the export refuses it (plain transformers pools the
+    last token) before loading anything."""
+    from conftest import train_tiny_run
+
+    from infer.export import export
+
+    run = train_tiny_run(tmp_path, tiny_model, small_csv, folds=(1,), pooling="mean", head_init="descriptions")
+    assert yaml.safe_load((run / "run_config.yaml").read_text())["model"]["pooling"] == "mean"
+    folds = pd.read_csv(run / "folds.csv")
+    pd.read_csv(small_csv)[folds["fold"].to_numpy() == 1].to_csv(tmp_path / "val.csv", index=False)
+    predict([str(run / "fold_1" / "last")], tmp_path / "val.csv", tmp_path / "p.csv", progress=False)
+    oof = np.load(run / "fold_1" / "val_probs_last.npy")
+    np.testing.assert_allclose(probs_of(tmp_path / "p.csv")[1], oof, atol=2e-6)
+    # the same adapter pooled the last token gives other probabilities: its setting is what made them equal
+    own = run / "fold_1" / "last" / "run_config.yaml"
+    cfg = yaml.safe_load(own.read_text())
+    cfg["model"]["pooling"] = "last"
+    own.write_text(yaml.safe_dump(cfg))
+    predict([str(run / "fold_1" / "last")], tmp_path / "val.csv", tmp_path / "q.csv", progress=False)
+    assert np.abs(probs_of(tmp_path / "q.csv")[1] - oof).max() > 1e-3
+    cfg["model"]["pooling"] = "mean"
+    own.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(InputError, match="model.pooling=mean"):
+        export(str(run / "fold_1" / "last"), tmp_path / "export", dtype="fp32")
+    assert not (tmp_path / "export").exists()
 
 
 def test_run_folder_and_weights_average_the_adapters(tiny_run, test_csv, tmp_path):

@@ -1,5 +1,5 @@
 """The real 4-bit load path on tiny random-init Gemma-2 / Mistral / Gemma-3 checkpoints: quantized layers, pad
-tokens, last-token pooling with right padding, LoRA wiring, model-path errors."""
+tokens, last-token and mean pooling with right padding, LoRA wiring, model-path errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.config import LoraArgs, ModelArgs, QuantizationArgs, RunConfig
-from core.errors import InputError
+from core.errors import ConfigError, InputError
 from core.model import cpu_has_native_bf16, load_classifier, load_tokenizer, predict_probs, resolve_model_path
 from train.lora import apply_lora, count_parameters
 from train.optim import build_optimizer
@@ -72,9 +72,9 @@ def test_tokenizer_adds_bos_and_covers_the_sample_data(tiny_models):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("with_lora", [False, True])
-def test_last_token_pooling_ignores_right_padding(tiny_models, arch, with_lora):
-    model, tok, dtype = load(tiny_models[arch])
+@pytest.mark.parametrize("with_lora, pooling", [(False, "last"), (True, "last"), (True, "mean")])
+def test_pooling_ignores_right_padding(tiny_models, arch, with_lora, pooling):
+    model, tok, dtype = load(tiny_models[arch], pooling=pooling)
     if with_lora:
         model = apply_lora(model, LoraArgs(target_modules=ALL_MODULES, dropout=0.1), grad_checkpointing=False)
         # Make the adapters non-trivial (lora_B starts at zero).
@@ -100,6 +100,29 @@ def test_last_token_pooling_ignores_right_padding(tiny_models, arch, with_lora):
     b = predict_probs(model, rows, tok.pad_token_id, 1, dtype, progress=False)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert a.shape == (4, 5) and ((a > 0) & (a < 1)).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mean_pooling_feeds_the_head_the_mean_hidden_state(tiny_models, arch):
+    """model.pooling=mean: each row's logits are the head applied to the mean of its final hidden states (the final
+    norm's output over the row's tokens, no pad), unlike the last token's."""
+    from core.data import collate
+
+    last, tok, _ = load(tiny_models[arch])
+    mean, _, _ = load(tiny_models[arch], pooling="mean")
+    assert torch.equal(last.score.weight, mean.score.weight)  # same seed, same head: only the pooling differs
+    rows = [tok("курьер опоздал на час")["input_ids"], tok("Долго везли заказ, цены выше чем в магазине")["input_ids"]]
+    batch = collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        got = mean(**batch).logits
+        states = last.model(**batch).last_hidden_state            # the final norm's output, every position
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        want = last.score((states * mask).sum(1) / mask.sum(1))
+        last_token = last(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - last_token).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="model.pooling must be"):
+        load(tiny_models[arch], pooling="max")
 
 
 def test_apply_lora_trains_only_adapters_and_head(tiny_model):
