@@ -242,6 +242,7 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[Step]:
     if test:
         sources = {"folds": [(m.name, m.run, m.step) for m in models],
                    "final": [(f"{m.name}-final", m.run / "final" / "last", m.step) for m in models],
+                   "folds+final": [(f"{m.name}+final", f"{m.run},{m.run / 'final' / 'last'}", m.step) for m in models],
                    "merged": [("merged", out / "merged", "merge")]}[cfg.predict.model]
         for name, adapter, needs in sources:
             probs = out / "probs" / f"{name}.csv"

@@ -61,8 +61,9 @@ class MergeStep:
 
 @dataclass
 class PredictStep:
-    model: Literal["folds", "final", "merged"] = "folds"
-    """What predicts the test CSV: each CV's fold models averaged, its final model (``cv.final``) or the merged
+    model: Literal["folds", "final", "folds+final", "merged"] = "folds"
+    """What predicts the test CSV: each CV's fold models averaged, its final model (``cv.final``), both (the fold
+    average and the final model weighted a half each: one ``predict --adapter RUN,RUN/final/last``) or the merged
     adapter (``merge.enabled``; it stands for every seed in the blend)."""
     batch_size: int = 64
     base_model: str | None = None
@@ -144,8 +145,8 @@ class PipelineConfig:
                             "cv.seeds and cv.final must be off")
         if len(set(self.cv.seeds)) != len(self.cv.seeds):
             problems.append(f"cv.seeds must be distinct, got {self.cv.seeds}")
-        if self.predict.model == "final" and not (self.cv.final or self.runs):
-            problems.append("predict.model=final needs cv.final=true")
+        if self.predict.model in ("final", "folds+final") and not (self.cv.final or self.runs):
+            problems.append(f"predict.model={self.predict.model} needs cv.final=true")
         if self.predict.model == "merged" and not self.merge.enabled:
             problems.append("predict.model=merged needs merge.enabled=true")
         for key, v in [("cv.nproc_per_node", self.cv.nproc_per_node), ("predict.batch_size", self.predict.batch_size),

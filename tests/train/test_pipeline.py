@@ -81,17 +81,18 @@ def test_shipped_pipelines_load_and_plan_commands_the_parsers_take(path, tmp_pat
         parser.parse_args(args if module == "infer" or args[0] in {"trim-vocab", "dapt", "tfidf", "merge"}
                           else ["cv", *args])  # no command name: the CV, as python -m train --config X
     if path.parent.name == "gemma-3-270m":  # the shipped steps of RESULTS.md's best pipeline
-        assert [s.name for s in steps] == ["trim-vocab", "dapt", "cv", "predict cv", "tune", "submit"]
+        assert [s.name for s in steps] == ["trim-vocab", "dapt", "cv", "predict cv+final", "tune", "submit"]
         cv = steps[2].argv
         assert f"model.name_or_path={tmp_path / 'run' / 'base'}" in cv
-        assert f"lora.init_adapter={tmp_path / 'run' / 'dapt'}" in cv and "--final" not in cv
+        assert f"lora.init_adapter={tmp_path / 'run' / 'dapt'}" in cv and "--final" in cv
         assert steps[1].argv[steps[1].argv.index("--config") + 1] == "configs/gemma-3-270m/dapt.yaml"
         # No TF-IDF blend (it did not hold outside the folds): the cascade is tuned on the CV's own OOF and the
-        # submission is the fold models' averaged prediction.
-        tune, submit = steps[4].argv, steps[5].argv
+        # submission is the fold models' and the final model's prediction, a half each.
+        tune, submit, pred = steps[4].argv, steps[5].argv, steps[3].argv
         assert tune[tune.index("--oof") + 1] == str(tmp_path / "run" / "cv" / "oof.csv")
         assert tune[tune.index("--strategy") + 1] == "cascade"
-        assert submit[submit.index("--probs") + 1] == str(tmp_path / "run" / "probs" / "cv.csv")
+        assert pred[pred.index("--adapter") + 1] == f"{tmp_path / 'run' / 'cv'},{tmp_path / 'run' / 'cv' / 'final' / 'last'}"
+        assert submit[submit.index("--probs") + 1] == str(tmp_path / "run" / "probs" / "cv+final.csv")
         # The CV at r 64 / 3 epochs from a DAPT adapter of the same LoRA shape (issue 38's levers together).
         assert {"lora.r=64", "lora.alpha=128", "train.num_epochs=3"} <= set(cv)
         assert {"lora.r=64", "lora.alpha=128"} <= set(steps[1].argv)
@@ -103,12 +104,17 @@ def test_shipped_pipelines_load_and_plan_commands_the_parsers_take(path, tmp_pat
         assert [s.name for s in blended if "data.label_names_csv=my labels.csv" in s.argv] == ["cv", "tfidf"]
         assert [s.name for s in blended][4:6] == ["tfidf", "blend"]
         assert "--tune-decoding" in blended[5].argv
+        # predict.model=folds: the fold models alone (the final model still trains while cv.final is on)
+        folds = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "predict.model=folds"]), tmp_path)
+        assert [s.name for s in folds][3] == "predict cv" and folds[3].needs == ("cv",)
+        assert folds[3].argv[folds[3].argv.index("--adapter") + 1] == f"{tmp_path}/cv"
 
 
 def test_seeds_share_the_first_split_and_each_is_a_model_of_the_blend(tmp_path):
     cfg = PipelineConfig.from_yaml(ROOT / "configs" / "gemma-3-270m" / "pipeline.yaml",
                                    ["test_csv=t.csv", "cv.seeds=[42,7]", "trim_vocab.enabled=false",
-                                    "dapt.enabled=false", "tfidf.enabled=true"])
+                                    "dapt.enabled=false", "tfidf.enabled=true", "cv.final=false",
+                                    "predict.model=folds"])
     steps = {s.name: s for s in plan(cfg, tmp_path)}
     assert [n for n in steps if n.startswith(("cv", "predict"))] == ["cv", "cv-seed7", "predict cv",
                                                                      "predict cv-seed7"]
@@ -131,6 +137,7 @@ def test_seeds_share_the_first_split_and_each_is_a_model_of_the_blend(tmp_path):
     (["tfidf.enabld=true"], r"unknown config key\(s\): tfidf.enabld"),
     (["tune.strategy=best"], r"tune.strategy must be one of \['cascade', 'sets'\]"),
     (["predict.model=final"], "predict.model=final needs cv.final=true"),
+    (["predict.model=folds+final"], "predict.model=folds\\+final needs cv.final=true"),
     (["predict.model=merged"], "predict.model=merged needs merge.enabled=true"),
     (["runs=[a]", "dapt.enabled=true", "dapt.corpus=[c.csv]"], "runs .* leaves nothing to train"),
     (["dapt.enabled=true"], "dapt.enabled needs dapt.corpus or a test CSV"),
