@@ -25,7 +25,7 @@ def test_config_strategy_and_fingerprint_compatibility():
 
     default = RunConfig.from_dict({})
     flat = {k: v for k, v in checkpoint.flat(default.to_dict()).items()
-            if k not in ("decode.strategy", "train.lora_plus_ratio", "cv.seed", "model.head_init",
+            if k not in ("decode.strategy", "train.lora_plus_ratio", "cv.seed", "model.head_init", "model.pooling",
                          "data.train_labels_csv")}
     assert run_fingerprint(default) == checkpoint.fingerprint(
         {k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f))
@@ -34,6 +34,7 @@ def test_config_strategy_and_fingerprint_compatibility():
     assert run_fingerprint(cfg) != run_fingerprint(default)
     assert run_fingerprint(RunConfig.from_dict({"train": {"lora_plus_ratio": 16}})) != run_fingerprint(default)
     assert run_fingerprint(RunConfig.from_dict({"cv": {"seed": 7}})) != run_fingerprint(default)
+    assert run_fingerprint(RunConfig.from_dict({"model": {"pooling": "mean"}})) != run_fingerprint(default)
 
 
 def test_fold_decoding_uses_the_training_rows_only_and_evaluate_reports_sets():
