@@ -27,6 +27,8 @@ INFO_FILE = "adapter_info.json"
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 FOLD_DIR = re.compile(r"^fold_(\d+)$")
+FINAL_DIR = "final"
+"""The final model of a run (``cv.final``, trained on every row after the folds): ``RUN/final/last`` is its adapter."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -230,6 +232,13 @@ def finished_folds(run_dir: Path, keep: str) -> list[tuple[int, Path]]:
         if m and p.is_dir() and (p / "metrics.json").is_file() and (p / keep / ADAPTER_CONFIG).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def final_adapter(run_dir: Path) -> Path | None:
+    """The run's finished final model (``RUN/final/last``; :data:`FINAL_DIR`), or None when it has none (yet)."""
+    folder = Path(run_dir) / FINAL_DIR
+    finished = (folder / "metrics.json").is_file() and (folder / "last" / ADAPTER_CONFIG).is_file()
+    return folder / "last" if finished else None
 
 
 def run_adapters(run_dir: Path, spec: str) -> list[AdapterRef]:

@@ -35,7 +35,16 @@ from pathlib import Path
 
 import huggingface_hub as hf
 
-from core.adapter import base_model_id, card_data, finished_folds, is_adapter_folder, read_adapter, render_card
+from core.adapter import (
+    FINAL_DIR,
+    base_model_id,
+    card_data,
+    final_adapter,
+    finished_folds,
+    is_adapter_folder,
+    read_adapter,
+    render_card,
+)
 from core.config import RunConfig
 from core.decoding import THRESHOLDS_FILE
 from core.errors import ConfigError, InputError
@@ -101,13 +110,20 @@ def upload_plan(run_dir: str | Path, repo: str, base_model: str | None = None,
         for name in ("metrics.json", f"val_probs_{keep}.npy"):
             if (fold_dir / name).is_file():
                 files.append(UploadFile(f"fold_{k}/{name}", fold_dir / name))
-        adapter = fold_dir / keep
-        for f in sorted(adapter.rglob("*")):
-            rel = f.relative_to(adapter)
-            if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-                files.append(UploadFile(f"fold_{k}/{keep}/{rel.as_posix()}", f))
-    card = run_card(run_dir, repo, cfg, [k for k, _ in folds], thresholds, base_model=base_model)
+        files += _folder_files(fold_dir / keep, f"fold_{k}/{keep}")
+    final = final_adapter(run_dir)  # cv.final: the model trained on every row, at the same place in the repo
+    if final is not None:
+        files += [UploadFile(f"{FINAL_DIR}/metrics.json", final.parent / "metrics.json"),
+                  *_folder_files(final, f"{FINAL_DIR}/{final.name}")]
+    card = run_card(run_dir, repo, cfg, [k for k, _ in folds], thresholds, base_model=base_model,
+                    final=final is not None)
     return [UploadFile("README.md", content=card.encode("utf-8"))] + files
+
+
+def _folder_files(folder: Path, prefix: str) -> list[UploadFile]:
+    """Every file under ``folder`` (hidden ones left out), at ``prefix/<relative path>`` in the repo."""
+    return [UploadFile(f"{prefix}/{f.relative_to(folder).as_posix()}", f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
 
 
 def adapter_upload_plan(folder: Path, base_model: str | None = None,
@@ -195,7 +211,7 @@ def push(run_dir: str | Path, repo: str, private: bool = False, dry_run: bool = 
 
 
 def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path | None = None,
-             base_model: str | None = None) -> str:
+             base_model: str | None = None, final: bool = False) -> str:
     """README.md for a pushed run: model card metadata + labels, CV metrics, thresholds, versions, how to use."""
     base = base_model or base_model_id(cfg)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
@@ -241,6 +257,10 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
         "python -m infer submit --probs probs.csv --out submission.csv"
         + (" --thresholds thresholds.json" if th is not None else ""),
         "```", "",
+        *([(f"The final model (`{FINAL_DIR}/last/`, trained on every row after the folds) is predicted alone with "
+            f"`--adapter {repo}/{FINAL_DIR}/last`, or with the folds (each fold 1/{2 * len(folds)}, the final model "
+            f"1/2) with `--adapter {repo},{repo}/{FINAL_DIR}/last`; `python -m train pipeline` does the latter with "
+            "`predict.model: folds+final`."), ""] if final else []),
         "From Python (one fold, or the whole repo for the fold average):", "",
         "```python",
         "from infer.predict import load_predictor",
@@ -289,7 +309,10 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
               "tokenizer, `run_config.yaml`, `label_names.json`, `adapter_info.json`)"),
               "- `run_config.yaml`, `label_names.json`, `folds.csv` (fold of every training row), `oof.csv` "
               "(out-of-fold probabilities), `summary.json` (metrics, throughput, versions)"
-              + (", `thresholds.json`" if th is not None else ""), ""]
+              + (", `thresholds.json`" if th is not None else ""),
+              *([(f"- `{FINAL_DIR}/last/`: the final model's adapter folder (trained on every row; its own "
+                 f"`thresholds.json`, tuned on the out-of-fold probabilities), `{FINAL_DIR}/metrics.json`")]
+                if final else []), ""]
     throughput = summary.get("throughput") or {}
     if throughput:
         lines += [(f"Training: {summary.get('device', '?')}, {throughput.get('samples_per_s', '?')} samples/s, "

@@ -109,7 +109,10 @@ Trains the cross-validation folds of a config with the `qlora-multilabel` toolki
   recipe uses both) `TRIM_VOCAB`, the vocabulary shrunk to `TRAIN_CSV` + `DAPT_CORPUS` (`OUTPUT_DIR/base`), and
   `DAPT_CORPUS` (unlabelled text, e.g. `test.csv`), a LoRA adapter adapted to the domain (`OUTPUT_DIR/dapt`) that
   the folds start from. With a trimmed base, attach `OUTPUT_DIR/base` to the submit notebook too and give it as its
-  `BASE_MODEL`.'''),
+  `BASE_MODEL`.
+* `FINAL_MODEL`: after the folds, one more model trained on every row (`cv.final`; about 1.25 folds of time). It is
+  pushed with the folds (`final/last/`); the submit notebook's `PREDICT_MODEL = "folds+final"` predicts with both
+  (the embedded 270M's shipped pipeline does; RESULTS.md has what it measured on rows outside the folds).'''),
         new_code_cell('''\
 # Parameters
 TOOLKIT = "/kaggle/input/qlora-multilabel"   # the toolkit's source: an attached dataset with the repo, or "git+https://..."
@@ -119,6 +122,7 @@ TRAIN_CSV = "/kaggle/input/dls-trends/train.csv"
 LABEL_NAMES_CSV = None        # optional CSV of human-readable class names (id, name), e.g. trends_description.csv
 OUTPUT_DIR = "/kaggle/working/run"   # the pipeline's folder: the CV run in OUTPUT_DIR/cv
 FOLDS = None                  # e.g. [0] or [0, 1]; None = every fold of the config
+FINAL_MODEL = False           # also train the final model on every row after the folds (cv.final)
 LAUNCHER = "auto"             # auto | torchrun | split | python
 HUB_REPO = None               # "user/name": push the finished run (adapters + model card) here
 PRIVATE = True
@@ -161,6 +165,7 @@ if launcher == "auto":
 overrides += ["train.parallel=split"] if launcher == "split" else []
 
 pipeline = {"config": config, "train_csv": TRAIN_CSV, "overrides": overrides, "tune.enabled": False,
+            "cv.final": FINAL_MODEL,
             "trim_vocab.enabled": TRIM_VOCAB, "dapt.enabled": bool(DAPT_CORPUS),
             "cv.nproc_per_node": max(n_gpus, 2) if launcher == "torchrun" else 1}   # torchrun: DDP, 1 copy per GPU
 if DAPT_CORPUS:
@@ -198,9 +203,9 @@ def submit_notebook() -> nbformat.NotebookNode:
 # QLoRA multilabel: predict and submit on Kaggle
 
 From trained runs to `submission.csv` in one command, `python -m train pipeline` (docs/pipeline.md): it predicts
-the test set with each run's fold models averaged, optionally fits a TF-IDF model on the same folds and blends it
-in (weights tuned on the out-of-fold files), tunes the decoding on the out-of-fold probabilities and writes
-`WORK_DIR/submission.csv`, skipping on a re-run what is finished.
+the test set with each run's fold models averaged (and its final model: `PREDICT_MODEL`), optionally fits a TF-IDF
+model on the same folds and blends it in (weights tuned on the out-of-fold files), tunes the decoding on the
+out-of-fold probabilities and writes `WORK_DIR/submission.csv`, skipping on a re-run what is finished.
 
 * `ADAPTERS`: comma-separated trained runs: Hub repos (`user/name`, pulled here) or run folders (their
   `fold_K` adapters, `oof.csv` and `folds.csv`); several runs are blended like seeds.
@@ -209,6 +214,9 @@ in (weights tuned on the out-of-fold files), tunes the decoding on the out-of-fo
 * With *internet off* (code competitions), attach the runs as a Kaggle dataset/model (e.g. a folder made with
   `python -m infer pull` + copy, or the training notebook's output) and give their paths; install from `WHEELS`.
 * The decoding is tuned on each run's `oof.csv` (or their blend) against the labels in `TRAIN_CSV`.
+* `PREDICT_MODEL`: `folds` (each run's fold models averaged), `final` (its final model alone) or `folds+final`
+  (both, the final model weighted as all the folds together); the last two need runs trained with the train
+  notebook's `FINAL_MODEL = True` (a pushed run then carries `final/last/`).
 * `TFIDF_BLEND`: also fit the toolkit's TF-IDF model on `TRAIN_CSV` with the first run's folds and config (seconds
   on a CPU), blend it with the LLM and tune the decoding on the blend.
   `STRATEGY`: the decoding tuned on the OOF, `cascade` (thresholds) or `sets` (label sets seen in training).
@@ -221,6 +229,7 @@ ADAPTERS = "user/dls-gemma-2-9b"   # trained runs: Hub repo ids / run folders, c
 BASE_MODEL = None             # local base model folder overriding the adapters' (a trimmed vocabulary); None = theirs
 TEST_CSV = "/kaggle/input/dls-trends/test.csv"
 TRAIN_CSV = "/kaggle/input/dls-trends/train.csv"   # labels for tuning the decoding (and TF-IDF)
+PREDICT_MODEL = "folds"       # "folds", "final" or "folds+final" (the last two need runs trained with FINAL_MODEL)
 TUNE = True                   # tune the decoding on the OOF; False = the runs' default cascade
 STRATEGY = "cascade"          # decoding tuned on OOF: "cascade" (thresholds) or "sets" (label sets)
 TFIDF_BLEND = False           # also fit TF-IDF on TRAIN_CSV (the first run's folds) and blend it with the LLM
@@ -242,7 +251,8 @@ for a in adapters:
 import json
 
 pipeline = {"runs": adapters, "train_csv": TRAIN_CSV, "tfidf.enabled": TFIDF_BLEND, "tune.enabled": TUNE,
-            "tune.strategy": STRATEGY, "predict.batch_size": BATCH_SIZE, "predict.base_model": BASE_MODEL}
+            "tune.strategy": STRATEGY, "predict.batch_size": BATCH_SIZE, "predict.base_model": BASE_MODEL,
+            "predict.model": PREDICT_MODEL}
 args = " ".join(f"--set {shlex.quote(k + '=' + json.dumps(v))}" for k, v in pipeline.items())
 sh(f"{PY} -m train pipeline {args} --test {shlex.quote(TEST_CSV)} --out {shlex.quote(WORK_DIR)}")
 print(Path(WORK_DIR, "submission.csv").read_text()[:500])'''),

@@ -67,7 +67,7 @@ def trained(tmp_path_factory):
     params = {
         "TOOLKIT": str(ROOT), "CONFIG": "configs/gemma-3-270m/qlora.yaml", "TRAIN_CSV": str(train_csv),
         "LABEL_NAMES_CSV": str(ROOT / "data" / "sample_trends.csv"), "OUTPUT_DIR": str(work / "run"),
-        "FOLDS": [0], "TINY": True, "HUB_REPO": "user/qlml-notebook-test", "DRY_RUN": True,
+        "FOLDS": [0], "TINY": True, "HUB_REPO": "user/qlml-notebook-test", "DRY_RUN": True, "FINAL_MODEL": True,
         "INFER": None,
     }
     nb = run_notebook("kaggle_train.ipynb", params, work)
@@ -88,11 +88,13 @@ def test_train_notebook(trained):
     assert "qlora-multilabel is already importable" in out
     assert "dry run: would upload to https://huggingface.co/user/qlml-notebook-test" in out
     assert "fold_0/last/adapter_model.safetensors" in out and "README.md" in out
+    assert (run / "final" / "last" / "adapter_config.json").is_file()   # FINAL_MODEL: cv.final
+    assert "final/last/adapter_model.safetensors" in out   # pushed with the folds
     out2 = text_of(nb2)
     assert "[1/1] cv: done, skipped" in out2   # the second run: the pipeline finds the CV finished
 
 
-@pytest.mark.parametrize("blend", [False, True], ids=["llm", "llm+tfidf,sets"])
+@pytest.mark.parametrize("blend", [False, True], ids=["llm folds+final", "llm+tfidf,sets"])
 def test_submit_notebook(trained, tmp_path, blend):
     work, train_csv, _, _, params = trained
     test_csv = tmp_path / "test20.csv"
@@ -100,8 +102,13 @@ def test_submit_notebook(trained, tmp_path, blend):
     nb = run_notebook("kaggle_submit.ipynb", {
         "TOOLKIT": str(ROOT), "ADAPTERS": str(work / "run" / "cv"), "TEST_CSV": str(test_csv),
         "TRAIN_CSV": str(train_csv), "WORK_DIR": str(tmp_path), "BATCH_SIZE": 8, "INFER": params["INFER"],
-        "TFIDF_BLEND": blend, "STRATEGY": "sets" if blend else "cascade"}, tmp_path)
-    probs = pd.read_csv(tmp_path / "probs" / "run.csv")
+        "TFIDF_BLEND": blend, "STRATEGY": "sets" if blend else "cascade",
+        "PREDICT_MODEL": "folds" if blend else "folds+final"}, tmp_path)
+    probs = pd.read_csv(tmp_path / "probs" / ("run.csv" if blend else "run+final.csv"))
+    used = json.loads((tmp_path / "probs" / ("run.csv" if blend else "run+final.csv")).with_suffix(
+        ".csv.meta.json").read_text())["adapters"]
+    assert [(a["name"], a["weight"]) for a in used] == ([("fold_0/last", 1.0)] if blend else
+                                                          [("fold_0/last", 0.5), ("last", 0.5)])
     assert list(probs["index"]) == list(pd.read_csv(test_csv)["index"])
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())
     sub = pd.read_csv(tmp_path / "submission.csv")

@@ -42,6 +42,7 @@ from typing import Literal
 
 import yaml
 
+from core.adapter import FINAL_DIR, final_adapter
 from core.config import RunConfig
 from core.errors import InputError
 from core.io import check_out_dir, meta_path, versions, write_json, write_text
@@ -241,8 +242,9 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[Step]:
     tests: list[Path] = []
     if test:
         sources = {"folds": [(m.name, m.run, m.step) for m in models],
-                   "final": [(f"{m.name}-final", m.run / "final" / "last", m.step) for m in models],
-                   "folds+final": [(f"{m.name}+final", f"{m.run},{m.run / 'final' / 'last'}", m.step) for m in models],
+                   "final": [(f"{m.name}-final", m.run / FINAL_DIR / "last", m.step) for m in models],
+                   "folds+final": [(f"{m.name}+final", f"{m.run},{m.run / FINAL_DIR / 'last'}", m.step)
+                                   for m in models],
                    "merged": [("merged", out / "merged", "merge")]}[cfg.predict.model]
         for name, adapter, needs in sources:
             probs = out / "probs" / f"{name}.csv"
@@ -309,7 +311,7 @@ def _cv_done(run: Path, folds: list[int], final: bool) -> Callable[[], bool]:
         summary = run / "summary.json"  # written after every fold (and the final model) finished
         if not summary.is_file() or sorted(_read_json(summary)["folds"]) != sorted(folds):
             return False
-        return not final or (run / "final" / "last" / "adapter_config.json").is_file()
+        return not final or final_adapter(run) is not None
 
     return done
 

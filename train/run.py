@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.adapter import save_adapter
+from core.adapter import FINAL_DIR, save_adapter
 from core.config import RunConfig
 from core.data import Dataset, collate, read_csv, read_label_descriptions, tokenize
 from core.decoding import THRESHOLDS_FILE
@@ -52,7 +52,6 @@ from train.lora import apply_lora, count_parameters
 from train.loss import distill_loss, multilabel_loss, pos_weight_from_labels
 from train.optim import Optimization
 from train.run_dir import (
-    FINAL_DIR,
     BackgroundPush,
     check_resume,
     check_run_dir,

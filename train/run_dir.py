@@ -20,9 +20,6 @@ from train import checkpoint
 
 logger = logging.getLogger(__name__)
 
-FINAL_DIR = "final"
-"""The final model of a run (``cv.final``: :func:`train.run.train_final`): ``RUN/final/last`` is its adapter."""
-
 LAUNCH_FILE = "launch.json"
 """How the run was launched: the world size (a resume must use the same) and the compute dtype ``model.dtype``
 resolved to (a resume keeps it)."""

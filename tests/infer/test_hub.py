@@ -137,6 +137,33 @@ def test_upload_plan_and_dry_run(tmp_path, capsys):
     assert (stage / "fold_1/last/adapter_model.safetensors").read_bytes() == b"a" * 1001
 
 
+def test_upload_plan_carries_the_final_model(tmp_path):
+    """A run trained with cv.final: its final model (final/last/, final/metrics.json) goes up with the folds, not its
+    checkpoint, and the card says how to predict with it; an unfinished final model (no metrics.json) stays home."""
+    run = make_fake_run(tmp_path)
+    final = run / "final"
+    (final / "checkpoint").mkdir(parents=True)
+    (final / "checkpoint" / "state.safetensors").write_bytes(b"x" * 100)
+    (final / "last").mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "thresholds.json", "tokenizer.json"):
+        (final / "last" / name).write_bytes(b"f" * 7)
+    plan = hub.upload_plan(run, "user/my-run")
+    paths = [f.path for f in plan]
+    assert not [p for p in paths if p.startswith("final/")]  # training stopped before the final model finished
+    card = plan[0].content.decode()
+    assert "final/last" not in card
+
+    (final / "metrics.json").write_text("{}")
+    plan = hub.upload_plan(run, "user/my-run")
+    paths = [f.path for f in plan]
+    assert {"final/metrics.json", "final/last/adapter_model.safetensors", "final/last/adapter_config.json",
+            "final/last/thresholds.json", "final/last/tokenizer.json"} <= set(paths)
+    assert not [p for p in paths if "checkpoint" in p]
+    card = plan[0].content.decode()
+    assert "--adapter user/my-run,user/my-run/final/last" in card and "each fold 1/4, the final model 1/2" in card
+    assert "- `final/last/`: the final model's adapter folder" in card
+
+
 def test_model_card(tmp_path):
     run = make_fake_run(tmp_path, thresholds=True)
     plan = hub.upload_plan(run, "user/my-run")
