@@ -33,6 +33,7 @@
 #   combohd_dapt2ep  combohd from a DAPT of 2 epochs (r 64, same corpus) instead of 1
 #   combohd_headlr3e-3  combohd with the score head's lr at 3e-3 instead of 1e-3 (train.head_lr)
 #   combohd_meanpool  combohd with the head reading the mean of the final hidden states (model.pooling=mean)
+#   combohd_16bit  combohd on a bf16 base instead of 4-bit NF4 (quantization.load_in_4bit=false), its DAPT too
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
@@ -132,6 +133,9 @@ for step in $STEPS; do
         run_cfg "$step" "${COMBOHD[@]}" --set "lora.init_adapter=$R/dapt64_2ep" ;;
     combohd_headlr3e-3) combohd_cfg "$step" --set train.head_lr=3.0e-3 ;;
     combohd_meanpool) combohd_cfg "$step" --set model.pooling=mean ;;
+    combohd_16bit)  # its own DAPT adapter on the same 16-bit base replaces dapt64 (the later --set wins)
+        dapt dapt64_16bit "${R64[@]}" --set quantization.load_in_4bit=false
+        run_cfg "$step" "${COMBOHD[@]}" --set "lora.init_adapter=$R/dapt64_16bit" --set quantization.load_in_4bit=false ;;
     combohd_ens)
         [ -f "$R/combohd/summary.json" ] || { echo "combohd_ens: run the combohd step first (the teacher)" >&2; exit 2; }
         [ -d "$R/tfidf" ] || { echo "combohd_ens: run the tfidf step first (the second teacher)" >&2; exit 2; }

@@ -130,9 +130,10 @@ def small_csv(tmp_path_factory) -> Path:
     return path
 
 
-def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1), **model) -> Path:
-    """Train ``folds`` of a 2-fold CV for 2 optimizer steps each (``model``: more ``model.`` settings); returns the
-    run folder."""
+def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1), quantization: dict | None = None,
+                   **model) -> Path:
+    """Train ``folds`` of a 2-fold CV for 2 optimizer steps each (``quantization``, ``model``: more settings of those
+    sections); returns the run folder."""
     from core.config import RunConfig
     from train.run import main as run_main
 
@@ -147,6 +148,7 @@ def train_tiny_run(root: Path, model_dir: Path, train_csv: Path, folds=(0, 1), *
         "train": {"num_epochs": 1, "max_steps": 2, "micro_batch_size": 8, "eval_batch_size": 16,
                   "save_every_steps": 0, "lr": 1e-2, "head_lr": 5e-2},
         "cv": {"n_folds": 2, "folds": list(folds)},
+        "quantization": dict(quantization or {}),
         "output_dir": str(root / "run"),
     })
     run_main(cfg)

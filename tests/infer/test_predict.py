@@ -104,6 +104,33 @@ def test_mean_pooling_reaches_every_load_of_the_run(tiny_model, small_csv, tmp_p
     assert not (tmp_path / "export").exists()
 
 
+def test_a_16bit_run_loads_16bit_everywhere(tiny_model, small_csv, tmp_path):
+    """A run trained on the unquantized base (quantization.load_in_4bit=false): predict loads no 4-bit layer and
+    reproduces its out-of-fold probabilities; read as a 4-bit run the same adapter gives other probabilities, so the
+    run's setting is what made them equal."""
+    import bitsandbytes as bnb
+    from conftest import train_tiny_run
+
+    from infer.predict import load_predictor
+
+    run = train_tiny_run(tmp_path, tiny_model, small_csv, folds=(1,), quantization={"load_in_4bit": False})
+    adapter = run / "fold_1" / "last"
+    assert yaml.safe_load((adapter / "run_config.yaml").read_text())["quantization"]["load_in_4bit"] is False
+    predictor = load_predictor(str(adapter))
+    assert not [m for m in predictor.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    folds = pd.read_csv(run / "folds.csv")
+    pd.read_csv(small_csv)[folds["fold"].to_numpy() == 1].to_csv(tmp_path / "val.csv", index=False)
+    predict([str(adapter)], tmp_path / "val.csv", tmp_path / "p.csv", progress=False)
+    oof = np.load(run / "fold_1" / "val_probs_last.npy")
+    np.testing.assert_allclose(probs_of(tmp_path / "p.csv")[1], oof, atol=2e-6)
+    own = adapter / "run_config.yaml"
+    cfg = yaml.safe_load(own.read_text())
+    cfg["quantization"]["load_in_4bit"] = True
+    own.write_text(yaml.safe_dump(cfg))
+    predict([str(adapter)], tmp_path / "val.csv", tmp_path / "q.csv", progress=False)
+    assert np.abs(probs_of(tmp_path / "q.csv")[1] - oof).max() > 1e-3
+
+
 def test_run_folder_and_weights_average_the_adapters(tiny_run, test_csv, tmp_path):
     f0, f1 = str(tiny_run / "fold_0" / "last"), str(tiny_run / "fold_1" / "last")
     predict([f0], test_csv, tmp_path / "p0.csv", progress=False)
