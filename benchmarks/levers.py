@@ -40,7 +40,7 @@ from core.io import align_ids, meta_path, read_folds, read_probs, write_json, wr
 RUNS = ("base", "ens", "tfstudent", "dapt2", "ep3", "lora32", "lora64", "loraplus", "headlr", "headdesc", "combo",
         "combohd", "posw", "focal", "asl", "combohd_posw", "combohd_focal", "combohd_asl", "combohd_ens", "combohd_ep4",
         "combohd_dapt2ep", "combohd_headlr3e-3", "combohd_meanpool",
-        "combohd_16bit")
+        "combohd_16bit", "combohd_cue")
 """Run folders in table order, each followed by its other-seed runs (``<run>_seed<N>``); ``seed<N>`` folders (the
 shipped config, ``train.seed=N``, base's split) come last. Each run with seeds is also scored as their average."""
 FILES = {"tfidf (base's rows)": "tfidf_base_rows.csv", "blend base + tfidf": "blend_oof.csv"}

@@ -34,6 +34,8 @@
 #   combohd_headlr3e-3  combohd with the score head's lr at 3e-3 instead of 1e-3 (train.head_lr)
 #   combohd_meanpool  combohd with the head reading the mean of the final hidden states (model.pooling=mean)
 #   combohd_16bit  combohd on a bf16 base instead of 4-bit NF4 (quantization.load_in_4bit=false), its DAPT too
+#   combohd_cue  combohd with the prompt ending in a cue after the review ("...Review: {text}\n\nTrends:"), so the
+#          head reads the same token on every row
 #   seedN  the shipped config with train.seed=N on base's split (cv.seed=42); the figures add base + seeds averaged
 # Figures: python -m benchmarks.levers RUNS_DIR.
 set -euo pipefail
@@ -133,6 +135,7 @@ for step in $STEPS; do
         run_cfg "$step" "${COMBOHD[@]}" --set "lora.init_adapter=$R/dapt64_2ep" ;;
     combohd_headlr3e-3) combohd_cfg "$step" --set train.head_lr=3.0e-3 ;;
     combohd_meanpool) combohd_cfg "$step" --set model.pooling=mean ;;
+    combohd_cue) combohd_cfg "$step" --set 'data.text_template="user assesment: {assessment}\n\nTags: {tags}\n\nReview: {text}\n\nTrends:"' ;;
     combohd_16bit)  # its own DAPT adapter on the same 16-bit base replaces dapt64 (the later --set wins)
         dapt dapt64_16bit "${R64[@]}" --set quantization.load_in_4bit=false
         run_cfg "$step" "${COMBOHD[@]}" --set "lora.init_adapter=$R/dapt64_16bit" --set quantization.load_in_4bit=false ;;
