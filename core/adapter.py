@@ -28,7 +28,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 FOLD_DIR = re.compile(r"^fold_(\d+)$")
 FINAL_DIR = "final"
-"""The final model of a run (``cv.final``, trained on every row after the folds): ``RUN/final/last`` is its adapter."""
+"""The final model of a run (``cv.final``, trained on every row after the folds): its folder, ``RUN/final``."""
+FINAL_ADAPTER = f"{FINAL_DIR}/last"
+"""The final model's adapter folder in a run folder (and in a pushed run's repo): ``RUN/final/last``."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -235,10 +237,10 @@ def finished_folds(run_dir: Path, keep: str) -> list[tuple[int, Path]]:
 
 
 def final_adapter(run_dir: Path) -> Path | None:
-    """The run's finished final model (``RUN/final/last``; :data:`FINAL_DIR`), or None when it has none (yet)."""
-    folder = Path(run_dir) / FINAL_DIR
-    finished = (folder / "metrics.json").is_file() and (folder / "last" / ADAPTER_CONFIG).is_file()
-    return folder / "last" if finished else None
+    """The run's finished final model (:data:`FINAL_ADAPTER`), or None when it has none (yet)."""
+    adapter = Path(run_dir) / FINAL_ADAPTER
+    finished = (Path(run_dir) / FINAL_DIR / "metrics.json").is_file() and (adapter / ADAPTER_CONFIG).is_file()
+    return adapter if finished else None
 
 
 def run_adapters(run_dir: Path, spec: str) -> list[AdapterRef]:

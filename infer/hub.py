@@ -36,6 +36,7 @@ from pathlib import Path
 import huggingface_hub as hf
 
 from core.adapter import (
+    FINAL_ADAPTER,
     FINAL_DIR,
     base_model_id,
     card_data,
@@ -114,7 +115,7 @@ def upload_plan(run_dir: str | Path, repo: str, base_model: str | None = None,
     final = final_adapter(run_dir)  # cv.final: the model trained on every row, at the same place in the repo
     if final is not None:
         files += [UploadFile(f"{FINAL_DIR}/metrics.json", final.parent / "metrics.json"),
-                  *_folder_files(final, f"{FINAL_DIR}/{final.name}")]
+                  *_folder_files(final, FINAL_ADAPTER)]
     card = run_card(run_dir, repo, cfg, [k for k, _ in folds], thresholds, base_model=base_model,
                     final=final is not None)
     return [UploadFile("README.md", content=card.encode("utf-8"))] + files
@@ -257,9 +258,9 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
         "python -m infer submit --probs probs.csv --out submission.csv"
         + (" --thresholds thresholds.json" if th is not None else ""),
         "```", "",
-        *([(f"The final model (`{FINAL_DIR}/last/`, trained on every row after the folds) is predicted alone with "
-            f"`--adapter {repo}/{FINAL_DIR}/last`, or with the folds (each fold 1/{2 * len(folds)}, the final model "
-            f"1/2) with `--adapter {repo},{repo}/{FINAL_DIR}/last`; `python -m train pipeline` does the latter with "
+        *([(f"The final model (`{FINAL_ADAPTER}/`, trained on every row after the folds) is predicted alone with "
+            f"`--adapter {repo}/{FINAL_ADAPTER}`, or with the folds (each fold 1/{2 * len(folds)}, the final model "
+            f"1/2) with `--adapter {repo},{repo}/{FINAL_ADAPTER}`; `python -m train pipeline` does the latter with "
             "`predict.model: folds+final`."), ""] if final else []),
         "From Python (one fold, or the whole repo for the fold average):", "",
         "```python",
@@ -310,7 +311,7 @@ def run_card(run_dir: Path, repo: str, cfg, folds: list[int], thresholds: Path |
               "- `run_config.yaml`, `label_names.json`, `folds.csv` (fold of every training row), `oof.csv` "
               "(out-of-fold probabilities), `summary.json` (metrics, throughput, versions)"
               + (", `thresholds.json`" if th is not None else ""),
-              *([(f"- `{FINAL_DIR}/last/`: the final model's adapter folder (trained on every row; its own "
+              *([(f"- `{FINAL_ADAPTER}/`: the final model's adapter folder (trained on every row; its own "
                  f"`thresholds.json`, tuned on the out-of-fold probabilities), `{FINAL_DIR}/metrics.json`")]
                 if final else []), ""]
     throughput = summary.get("throughput") or {}

@@ -104,9 +104,9 @@ def test_submit_notebook(trained, tmp_path, blend):
         "TRAIN_CSV": str(train_csv), "WORK_DIR": str(tmp_path), "BATCH_SIZE": 8, "INFER": params["INFER"],
         "TFIDF_BLEND": blend, "STRATEGY": "sets" if blend else "cascade",
         "PREDICT_MODEL": "folds" if blend else "folds+final"}, tmp_path)
-    probs = pd.read_csv(tmp_path / "probs" / ("run.csv" if blend else "run+final.csv"))
-    used = json.loads((tmp_path / "probs" / ("run.csv" if blend else "run+final.csv")).with_suffix(
-        ".csv.meta.json").read_text())["adapters"]
+    probs_csv = tmp_path / "probs" / ("run.csv" if blend else "run+final.csv")
+    probs = pd.read_csv(probs_csv)
+    used = json.loads(probs_csv.with_suffix(".csv.meta.json").read_text())["adapters"]
     assert [(a["name"], a["weight"]) for a in used] == ([("fold_0/last", 1.0)] if blend else
                                                           [("fold_0/last", 0.5), ("last", 0.5)])
     assert list(probs["index"]) == list(pd.read_csv(test_csv)["index"])

@@ -42,7 +42,7 @@ from typing import Literal
 
 import yaml
 
-from core.adapter import FINAL_DIR, final_adapter
+from core.adapter import FINAL_ADAPTER, final_adapter
 from core.config import RunConfig
 from core.errors import InputError
 from core.io import check_out_dir, meta_path, versions, write_json, write_text
@@ -242,9 +242,8 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[Step]:
     tests: list[Path] = []
     if test:
         sources = {"folds": [(m.name, m.run, m.step) for m in models],
-                   "final": [(f"{m.name}-final", m.run / FINAL_DIR / "last", m.step) for m in models],
-                   "folds+final": [(f"{m.name}+final", f"{m.run},{m.run / FINAL_DIR / 'last'}", m.step)
-                                   for m in models],
+                   "final": [(f"{m.name}-final", m.run / FINAL_ADAPTER, m.step) for m in models],
+                   "folds+final": [(f"{m.name}+final", f"{m.run},{m.run / FINAL_ADAPTER}", m.step) for m in models],
                    "merged": [("merged", out / "merged", "merge")]}[cfg.predict.model]
         for name, adapter, needs in sources:
             probs = out / "probs" / f"{name}.csv"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.adapter import FINAL_DIR, save_adapter
+from core.adapter import FINAL_ADAPTER, FINAL_DIR, save_adapter
 from core.config import RunConfig
 from core.data import Dataset, collate, read_csv, read_label_descriptions, tokenize
 from core.decoding import THRESHOLDS_FILE
@@ -327,7 +327,7 @@ def train_final(run: Run, rows: Rows, soft: Distillation | None, run_dir: Path) 
         final = Fold(run.cfg.cv.n_folds, name, folder, every_row, every_row[:0], targets,
                      {"final": True, "rows": len(every_row)})
         train_fold(run, rows, final)
-    out = {"adapter": str(folder / "last"), "epochs": run.cfg.train.num_epochs,
+    out = {"adapter": str(run_dir / FINAL_ADAPTER), "epochs": run.cfg.train.num_epochs,
            "rows_labelled": int(rows.trained.sum()) - (0 if soft is None else soft.n_unlabelled)}
     if soft is not None:
         out.update(rows_unlabelled=soft.n_unlabelled,
