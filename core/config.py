@@ -368,6 +368,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
         return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {_coerce(args[0], k, f"{key} (a key)", source): _coerce(args[1], v, f"{key}.{k}", source)
+                for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true/false, got {value!r}")

@@ -105,7 +105,8 @@ def test_a_fallback_that_is_not_a_label_is_refused_before_training(tmp_path, tin
 
 def test_the_pipeline_on_user_data(tmp_path, tiny_model, capsys):
     """``python -m train pipeline`` on a user's CSV (``review_id``, ``title`` / ``body``, 3 named labels) and the
-    toolkit's defaults: DAPT on the test text, two seeds of a 2-fold CV, TF-IDF, their blend, set decoding tuned,
+    toolkit's defaults: DAPT on the test text, two seeds of a 2-fold CV and a variant with the fields in another
+    order (``cv.variants``), TF-IDF, their blend, set decoding tuned,
     predictions and the submission under the user's id column; then a second invocation that skips every step.
     (No trim-vocab: the tiny model's word vocabulary, built from the sample data, knows none of these words.)"""
     import yaml
@@ -122,23 +123,27 @@ def test_the_pipeline_on_user_data(tmp_path, tiny_model, capsys):
                       "data.max_length=32", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj, v_proj]",
                       "train.num_epochs=1", "train.max_steps=2", "train.micro_batch_size=8",
                       "train.eval_batch_size=16", "train.save_every_steps=0", "cv.n_folds=2"],
-        "train_csv": str(train_csv), "dapt": {"enabled": True}, "cv": {"seeds": [42, 7]},
+        "train_csv": str(train_csv), "dapt": {"enabled": True}, "cv": {"seeds": [42, 7], "variants": {"body_first": [
+            'data.text_template="{body}\\n\\n{title}"']}},
         "tfidf": {"enabled": True}, "blend": {"n_trials": 5}, "tune": {"strategy": "sets", "n_trials": 5}}))
     out = tmp_path / "run"
     argv = ["pipeline", "--config", str(config), "--test", str(test_csv), "--out", str(out)]
     assert main(argv) == 0
     table = capsys.readouterr().out.rsplit("\nstep ", 1)[1].splitlines()[1:]
-    assert [line.split()[0] for line in table] == ["dapt", "cv", "cv-seed7", "predict", "predict", "tfidf", "blend",
-                                                 "tune", "submit"]
+    assert [line.split()[0] for line in table] == ["dapt", "cv", "cv-seed7", "cv-body_first", "predict", "predict",
+                                                 "predict", "tfidf", "blend", "tune", "submit"]
     assert all(" ran " in line for line in table), table
     summary = json.loads((out / "cv-seed7" / "summary.json").read_text())
     assert summary["label_names"] == labels and summary["config"]["train"]["seed"] == 7
     assert summary["config"]["cv"]["seed"] == 42 and summary["config"]["lora"]["init_adapter"] == str(out / "dapt")
     assert (out / "cv" / "folds.csv").read_text() == (out / "cv-seed7" / "folds.csv").read_text()  # paired seeds
+    variant = json.loads((out / "cv-body_first" / "summary.json").read_text())["config"]
+    assert variant["data"]["text_template"] == "{body}\n\n{title}" and variant["train"]["seed"] == 42
+    assert (out / "cv" / "folds.csv").read_text() == (out / "cv-body_first" / "folds.csv").read_text()
     assert json.loads((out / "dapt" / "dapt_info.json").read_text())["corpus"][0]["path"] == str(test_csv)
     meta = json.loads((out / "blend.csv.meta.json").read_text())
-    assert meta["inputs"] == [str(out / "probs" / "cv.csv"), str(out / "probs" / "cv-seed7.csv"),
-                              str(out / "tfidf" / "test_probs.csv")]
+    assert meta["inputs"] == [str(out / "probs" / f"{m}.csv") for m in ("cv", "cv-seed7", "cv-body_first")] + [
+        str(out / "tfidf" / "test_probs.csv")]
     assert json.loads((out / "thresholds.json").read_text())["strategy"] == "sets"
     sub = pd.read_csv(out / "submission.csv")
     # The user's rows in their order, under their own id column (the blend keeps its inputs' id column).

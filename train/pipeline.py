@@ -1,5 +1,5 @@
-"""The best pipeline in one command (``python -m train pipeline``): trim-vocab -> DAPT -> CV (seeds) -> final fit /
-merged adapter -> predict -> TF-IDF -> blend -> tune -> submit, each step the toolkit's own command.
+"""The best pipeline in one command (``python -m train pipeline``): trim-vocab -> DAPT -> CV (seeds, variants) ->
+final fit / merged adapter -> predict -> TF-IDF -> blend -> tune -> submit, each step the toolkit's own command.
 
 Every step is the command a user types (``python -m train ...`` / ``python -m infer ...``, docs/pipeline.md), run in
 a subprocess of this interpreter with its output streamed and kept in ``RUN/logs/<step>.log``. The pipeline adds
@@ -17,10 +17,10 @@ three things around them:
 * **One table.** Every step's status (ran / skipped / failed / not run), time and figure (CV exact match, blend and
   tune's nested figures, rows predicted, the submission's path).
 
-Layout of ``RUN``: ``base/`` (trimmed model), ``dapt/``, ``cv/`` (the first seed) and ``cv-seed<N>/`` (the others),
-``merged/``, ``probs/<model>.csv`` (test probabilities), ``tfidf/``, ``blend.csv`` / ``blend_oof.csv``,
-``thresholds.json``, ``submission.csv``, ``logs/``, ``pipeline.json`` (what ran, when, by which command) and
-``pipeline_config.yaml`` (the resolved pipeline config).
+Layout of ``RUN``: ``base/`` (trimmed model), ``dapt/``, ``cv/`` (the first seed), ``cv-seed<N>/`` (the others),
+``cv-<name>/`` (``cv.variants``), ``merged/``, ``probs/<model>.csv`` (test probabilities), ``tfidf/``, ``blend.csv`` /
+``blend_oof.csv``, ``thresholds.json``, ``submission.csv``, ``logs/``, ``pipeline.json`` (what ran, when, by which
+command) and ``pipeline_config.yaml`` (the resolved pipeline config).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import yaml
 
 from core.adapter import FINAL_ADAPTER, final_adapter
 from core.config import RunConfig
-from core.errors import InputError
+from core.errors import ConfigError, InputError
 from core.io import check_out_dir, meta_path, versions, write_json, write_text
 from train.pipeline_config import PipelineConfig
 
@@ -211,17 +211,12 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[Step]:
 
     models = [Model(f"run{i}" if len(runs) > 1 else "run", r, None) for i, r in enumerate(runs)]
     expected = run_cfg.cv.folds if run_cfg.cv.folds is not None else list(range(run_cfg.cv.n_folds))
-    seeds = cfg.cv.seeds or ([None] if not cfg.runs else [])
-    for i, seed in enumerate(seeds):
-        name = "cv" if i == 0 else f"cv-seed{seed}"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.cv.nproc_per_node)] \
+        if cfg.cv.nproc_per_node > 1 else []
+    for name, member_sets in cv_members(cfg, config, user, run_cfg):
         run = out / name
-        seed_sets = []
-        if seed is not None and seed != run_cfg.train.seed:  # the config's own seed needs no override
-            seed_sets = [f"train.seed={seed}"] + ([f"cv.seed={run_cfg.split_seed}"] if run_cfg.cv.seed is None else [])
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.cv.nproc_per_node)] \
-            if cfg.cv.nproc_per_node > 1 else []
         argv = [*launcher, "-m", "train", *config_args,
-                *_sets(user + pre + seed_sets + [_path_override("output_dir", run)])]
+                *_sets(user + pre + member_sets + [_path_override("output_dir", run)])]
         argv += ["--final"] if cfg.cv.final else []
         steps.append(Step(name, argv, run, _cv_done(run, expected, cfg.cv.final), lambda run=run: _cv_figure(run),
                           needs=pre_steps, redo="resume", resumable=True))
@@ -299,6 +294,32 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[Step]:
         steps.append(Step("submit", argv, sub, sub.is_file, lambda: _submission_figure(sub),
                           needs=(*probs_from, *tuned)))
     return steps
+
+
+def cv_members(cfg: PipelineConfig, config: str | None, user: list[str], run_cfg: RunConfig
+               ) -> list[tuple[str, list[str]]]:
+    """The CVs the pipeline trains, each a model of the blend: (folder, its overrides on top of the pipeline's) for
+    ``cv`` (the first seed), ``cv-seed<N>`` (the other seeds) and ``cv-<name>`` (``cv.variants``, on top of the
+    first's). All on the first one's folds: a seed or variant other than the config's pins ``cv.seed``. A variant whose
+    overrides do not load is an error naming it, before anything runs."""
+    if cfg.runs:
+        return []
+    pin = [f"cv.seed={run_cfg.split_seed}"] if run_cfg.cv.seed is None else []
+
+    def seed_sets(seed: int | None) -> list[str]:  # the config's own seed needs no override
+        return [] if seed is None or seed == run_cfg.train.seed else [f"train.seed={seed}", *pin]
+
+    seeds = cfg.cv.seeds or [None]
+    first = seed_sets(seeds[0])
+    members = [("cv", first), *((f"cv-seed{s}", seed_sets(s)) for s in seeds[1:])]
+    for name, sets in cfg.cv.variants.items():
+        variant = [*first, *(p for p in pin if p not in first), *sets]
+        try:
+            RunConfig.from_yaml(config, user + variant)
+        except ConfigError as e:
+            raise ConfigError(f"cv.variants.{name}: {e}") from None
+        members.append((f"cv-{name}", variant))
+    return members
 
 
 def _dapt_corpus(cfg: PipelineConfig) -> list[str]:

@@ -1,11 +1,12 @@
 """The pipeline's config (``python -m train pipeline --config PIPELINE.yaml``): which steps run, the run config
-each step uses, seeds, the TF-IDF blend, tune and decoding options, the submission. Loaded like the run config
-(:func:`core.config.read_yaml` + :func:`core.config.build`: unknown keys and wrong types are errors naming the key);
-what the steps do with it: :mod:`train.pipeline`."""
+each step uses, seeds and variants, the TF-IDF blend, tune and decoding options, the submission. Loaded like the run
+config (:func:`core.config.read_yaml` + :func:`core.config.build`: unknown keys and wrong types are errors naming the
+key); what the steps do with it: :mod:`train.pipeline`."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,9 @@ import yaml
 
 from core.config import build, read_yaml
 from core.errors import ConfigError
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+SEED_NAME = re.compile(r"seed\d+")
 
 
 @dataclass
@@ -45,6 +49,10 @@ class CVStep:
     seeds: list[int] = field(default_factory=list)
     """One CV per seed (``train.seed``), all on the first one's folds (``cv.seed``); each is a model of the blend.
     ``[]``: one CV with the config's seed."""
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    """More CVs, each a model of the blend: name -> ``--set`` overrides on top of the first CV's (e.g. another prompt
+    template, ``data.text_template=...``), on its folds and from its DAPT adapter, into ``RUN/cv-<name>``. Its
+    prediction, final model and OOF are its own (``infer predict`` formats each row with the variant's template)."""
     final: bool = False
     """Also train the final model on every labelled row (``--final``: ``RUN/cv/final/last``)."""
     nproc_per_node: int = 1
@@ -80,7 +88,8 @@ class TfidfStep:
 
 @dataclass
 class BlendStep:
-    """Runs when there are two models or more (TF-IDF, seeds): weights tuned on the OOF files (``infer blend``)."""
+    """Runs when there are two models or more (TF-IDF, seeds, variants): weights tuned on the OOF files
+    (``infer blend``)."""
 
     n_trials: int = 100
     seed: int = 0
@@ -140,11 +149,23 @@ class PipelineConfig:
     def validate(self, source: str = "<pipeline config>") -> None:
         """Cross-field checks; every problem in one ConfigError."""
         problems = []
-        if self.runs and (self.trim_vocab.enabled or self.dapt.enabled or self.cv.seeds or self.cv.final):
+        if self.runs and (self.trim_vocab.enabled or self.dapt.enabled or self.cv.seeds or self.cv.variants
+                          or self.cv.final):
             problems.append("runs (finished CV runs) leaves nothing to train: trim_vocab.enabled, dapt.enabled, "
-                            "cv.seeds and cv.final must be off")
+                            "cv.seeds, cv.variants and cv.final must be off")
         if len(set(self.cv.seeds)) != len(self.cv.seeds):
             problems.append(f"cv.seeds must be distinct, got {self.cv.seeds}")
+        for name, sets in self.cv.variants.items():
+            if not VARIANT_NAME.fullmatch(name) or SEED_NAME.fullmatch(name):
+                problems.append(f"cv.variants: name {name!r} must be letters, digits, '_' or '-' (not seed<N>: "
+                                f"cv.seeds' folders): it names the folder RUN/cv-{name}")
+            for item in sets:
+                key = item.split("=", 1)[0].strip()
+                if "=" not in item:
+                    problems.append(f"cv.variants.{name}: {item!r} is not of the form key=value")
+                elif key == "output_dir" or key.startswith(("cv.", "data.train_csv")):
+                    problems.append(f"cv.variants.{name}: {key} may not change (a variant is a model of the "
+                                    f"blend on the first CV's rows and folds, in RUN/cv-{name})")
         if self.predict.model in ("final", "folds+final") and not (self.cv.final or self.runs):
             problems.append(f"predict.model={self.predict.model} needs cv.final=true")
         if self.predict.model == "merged" and not self.merge.enabled:

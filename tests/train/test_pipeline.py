@@ -81,38 +81,46 @@ def test_shipped_pipelines_load_and_plan_commands_the_parsers_take(path, tmp_pat
         parser.parse_args(args if module == "infer" or args[0] in {"trim-vocab", "dapt", "tfidf", "merge"}
                           else ["cv", *args])  # no command name: the CV, as python -m train --config X
     if path.parent.name == "gemma-3-270m":  # the shipped steps of RESULTS.md's best pipeline
-        assert [s.name for s in steps] == ["trim-vocab", "dapt", "cv", "predict cv+final", "tune", "submit"]
-        cv = steps[2].argv
-        assert f"model.name_or_path={tmp_path / 'run' / 'base'}" in cv
-        assert f"lora.init_adapter={tmp_path / 'run' / 'dapt'}" in cv and "--final" in cv
+        run = tmp_path / "run"
+        assert [s.name for s in steps] == ["trim-vocab", "dapt", "cv", "cv-cue", "predict cv+final",
+                                           "predict cv-cue+final", "blend", "tune", "submit"]
+        cv, cue = steps[2].argv, steps[3].argv
+        assert f"model.name_or_path={run / 'base'}" in cv
+        assert f"lora.init_adapter={run / 'dapt'}" in cv and "--final" in cv
         assert steps[1].argv[steps[1].argv.index("--config") + 1] == "configs/gemma-3-270m/dapt.yaml"
-        # No TF-IDF blend (it did not hold outside the folds): the cascade is tuned on the CV's own OOF and the
-        # submission is the fold models' and the final model's prediction, a half each.
-        tune, submit, pred = steps[4].argv, steps[5].argv, steps[3].argv
-        assert tune[tune.index("--oof") + 1] == str(tmp_path / "run" / "cv" / "oof.csv")
+        # Two prompts, the second ending in a cue, on the same folds from the same DAPT adapter, blended (weights
+        # tuned on their OOF); no TF-IDF (it did not hold outside the folds). Each is predicted by its fold models
+        # and its final model, a half each; the cascade is tuned on the blend's OOF.
+        assert [a for a in cue if a not in cv] == ["cv.seed=42", next(a for a in cue if a.startswith(
+            "data.text_template=") and a.endswith('{text}\\n\\nTrends:"')), f"output_dir={run / 'cv-cue'}"]
+        blend, tune, submit, pred = steps[6].argv, steps[7].argv, steps[8].argv, steps[5].argv
+        assert blend[blend.index("--oof") + 1] == f"{run / 'cv' / 'oof.csv'},{run / 'cv-cue' / 'oof.csv'}"
+        assert blend[blend.index("--probs") + 1] == f"{run / 'probs' / 'cv+final.csv'},{run / 'probs' / 'cv-cue+final.csv'}"
+        assert tune[tune.index("--oof") + 1] == str(run / "blend_oof.csv")
         assert tune[tune.index("--strategy") + 1] == "cascade"
-        assert pred[pred.index("--adapter") + 1] == f"{tmp_path / 'run' / 'cv'},{tmp_path / 'run' / 'cv' / 'final' / 'last'}"
-        assert submit[submit.index("--probs") + 1] == str(tmp_path / "run" / "probs" / "cv+final.csv")
+        assert pred[pred.index("--adapter") + 1] == f"{run / 'cv-cue'},{run / 'cv-cue' / 'final' / 'last'}"
+        assert submit[submit.index("--probs") + 1] == str(run / "blend.csv")
         # The CV at r 64 / 3 epochs from a DAPT adapter of the same LoRA shape (issue 38's levers together).
         assert {"lora.r=64", "lora.alpha=128", "train.num_epochs=3"} <= set(cv)
         assert {"lora.r=64", "lora.alpha=128"} <= set(steps[1].argv)
-        # label_names_csv reaches the CV (the head starts from the names), and TF-IDF when it runs, as train_csv does.
+        # label_names_csv reaches the CVs (the head starts from the names), and TF-IDF when it runs, as train_csv does.
         named = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "label_names_csv=my labels.csv"]), tmp_path)
-        assert [s.name for s in named if "data.label_names_csv=my labels.csv" in s.argv] == ["cv"]
+        assert [s.name for s in named if "data.label_names_csv=my labels.csv" in s.argv] == ["cv", "cv-cue"]
         blended = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "label_names_csv=my labels.csv",
                                                        "tfidf.enabled=true"]), tmp_path)
-        assert [s.name for s in blended if "data.label_names_csv=my labels.csv" in s.argv] == ["cv", "tfidf"]
-        assert [s.name for s in blended][4:6] == ["tfidf", "blend"]
-        assert "--tune-decoding" in blended[5].argv
+        assert [s.name for s in blended if "data.label_names_csv=my labels.csv" in s.argv] == ["cv", "cv-cue",
+                                                                                               "tfidf"]
+        assert [s.name for s in blended][6:8] == ["tfidf", "blend"]
+        assert "--tune-decoding" in blended[7].argv
         # predict.model=folds: the fold models alone (the final model still trains while cv.final is on)
         folds = plan(PipelineConfig.from_yaml(path, ["test_csv=t.csv", "predict.model=folds"]), tmp_path)
-        assert [s.name for s in folds][3] == "predict cv" and folds[3].needs == ("cv",)
-        assert folds[3].argv[folds[3].argv.index("--adapter") + 1] == f"{tmp_path}/cv"
+        assert [s.name for s in folds][4] == "predict cv" and folds[4].needs == ("cv",)
+        assert folds[4].argv[folds[4].argv.index("--adapter") + 1] == f"{tmp_path}/cv"
 
 
 def test_seeds_share_the_first_split_and_each_is_a_model_of_the_blend(tmp_path):
     cfg = PipelineConfig.from_yaml(ROOT / "configs" / "gemma-3-270m" / "pipeline.yaml",
-                                   ["test_csv=t.csv", "cv.seeds=[42,7]", "trim_vocab.enabled=false",
+                                   ["test_csv=t.csv", "cv.seeds=[42,7]", "cv.variants={}", "trim_vocab.enabled=false",
                                     "dapt.enabled=false", "tfidf.enabled=true", "cv.final=false",
                                     "predict.model=folds"])
     steps = {s.name: s for s in plan(cfg, tmp_path)}
@@ -132,6 +140,34 @@ def test_seeds_share_the_first_split_and_each_is_a_model_of_the_blend(tmp_path):
     assert probs == f"{tmp_path}/probs/merged.csv,{tmp_path}/probs/merged.csv"
 
 
+def test_a_variant_is_a_model_of_the_blend_on_the_first_cvs_folds(tmp_path):
+    """``cv.variants``: one more CV per name, on top of the first CV's overrides (DAPT adapter, seed), its split
+    pinned, predicted with its own final model and blended; a variant that does not load is named before any step."""
+    cue = 'data.text_template="Review: {text}\\n\\nTrends:"'
+    cfg = PipelineConfig.from_yaml(ROOT / "configs" / "gemma-3-270m" / "pipeline.yaml",
+                                   ["test_csv=t.csv", f"cv.variants={{cue: ['{cue}']}}", "trim_vocab.enabled=false"])
+    steps = {s.name: s for s in plan(cfg, tmp_path)}
+    assert [n for n in steps if n.startswith(("cv", "predict"))] == ["cv", "cv-cue", "predict cv+final",
+                                                                     "predict cv-cue+final"]
+    argv = steps["cv-cue"].argv
+    assert argv[-7:] == ["--set", "cv.seed=42", "--set", cue, "--set", f"output_dir={tmp_path}/cv-cue", "--final"]
+    assert f"lora.init_adapter={tmp_path}/dapt" in argv and steps["cv-cue"].needs == ("dapt",)
+    assert "cv.seed=42" not in steps["cv"].argv
+    predict = steps["predict cv-cue+final"].argv
+    assert predict[predict.index("--adapter") + 1] == f"{tmp_path}/cv-cue,{tmp_path}/cv-cue/final/last"
+    blend = steps["blend"].argv
+    assert blend[blend.index("--oof") + 1] == f"{tmp_path}/cv/oof.csv,{tmp_path}/cv-cue/oof.csv"
+    assert blend[blend.index("--folds") + 1] == f"{tmp_path}/cv/folds.csv"
+    assert set(steps["blend"].needs) >= {"cv", "cv-cue", "predict cv+final", "predict cv-cue+final"}
+    # on top of a seed other than the config's: the variant keeps it (and the pin once)
+    seeded = {s.name: s for s in plan(PipelineConfig.from_yaml(None, [
+        "cv.seeds=[7]", "cv.variants={r8: [lora.r=8]}"]), tmp_path)}
+    assert [a for a in seeded["cv-r8"].argv if a.startswith(("train.seed", "cv.seed", "lora.r"))] == [
+        "train.seed=7", "cv.seed=42", "lora.r=8"]
+    with pytest.raises(ConfigError, match=r"cv.variants.x: .*unknown config key\(s\): train.lrr"):
+        plan(PipelineConfig.from_yaml(None, ["cv.variants={x: [train.lrr=1]}"]), tmp_path)
+
+
 @pytest.mark.parametrize("sets, match", [
     (["trian.enabled=true"], r"unknown config key\(s\): trian"),
     (["tfidf.enabld=true"], r"unknown config key\(s\): tfidf.enabld"),
@@ -142,6 +178,11 @@ def test_seeds_share_the_first_split_and_each_is_a_model_of_the_blend(tmp_path):
     (["runs=[a]", "dapt.enabled=true", "dapt.corpus=[c.csv]"], "runs .* leaves nothing to train"),
     (["dapt.enabled=true"], "dapt.enabled needs dapt.corpus or a test CSV"),
     (["cv.seeds=[1,1]", "tfidf.C=0"], r"cv.seeds must be distinct.*; tfidf.C must be > 0"),
+    (["cv.variants=[x]"], r"cv.variants must be a mapping"),
+    (["cv.variants={x: lora.r=8}"], r"cv.variants.x must be a list"),
+    (["cv.variants={seed7: [train.seed=7], a/b: [lora.r=8]}"], r"name 'seed7' .*; .*name 'a/b'"),
+    (["cv.variants={x: [cv.n_folds=3, train.lr]}"], r"cv.n_folds may not change.*; cv.variants.x: 'train.lr' is not"),
+    (["runs=[a]", "cv.variants={x: [lora.r=8]}"], "runs .* leaves nothing to train"),
 ])
 def test_bad_pipeline_config_is_named(sets, match):
     with pytest.raises(ConfigError, match=match):
